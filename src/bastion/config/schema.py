@@ -1,0 +1,314 @@
+"""The config file's models. Every model forbids unknown keys: typos must not pass silently.
+
+These models are the single source of truth for the config reference (docs/config.md) and
+for `bastion schema`. Cross-references (a route naming an upstream) are checked in
+`cross_check`, which returns problems with their key paths so the loader can report them
+together with the model's own errors.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bastion.config.types import Address, Duration, HostPort, Size
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- listeners -------------------------------------------------------------------------------
+
+
+class ListenerTimeouts(Model):
+    header: Duration = Field(10.0, description="Time a client has to send a complete request head.")
+    keepalive: Duration = Field(75.0, description="How long an idle keep-alive client connection stays open.")
+    body: Duration = Field(60.0, description="Longest gap between two reads of a request body.")
+    send: Duration = Field(60.0, description="Longest time a response write may stay blocked on a slow client.")
+
+
+class ListenerLimits(Model):
+    max_header_bytes: Size = Field(32 * 1024, ge=1024, description="Request line + headers; over it: 431.")
+    max_uri_bytes: Size = Field(8 * 1024, ge=256, description="Request target; over it: 414.")
+    max_headers: int = Field(100, ge=1, le=10000, description="Number of header fields; over it: 431.")
+    max_requests_per_connection: int = Field(0, ge=0, description="0 means unlimited.")
+
+
+class Listener(Model):
+    name: str = Field(min_length=1)
+    bind: Address
+    protocol: Literal["http", "https", "tcp", "udp"] = "http"
+    timeouts: ListenerTimeouts = ListenerTimeouts()
+    limits: ListenerLimits = ListenerLimits()
+    backlog: int = Field(2048, ge=1)
+
+    @field_validator("protocol")
+    @classmethod
+    def _only_http_for_now(cls, value: str) -> str:
+        if value != "http":
+            raise ValueError(f"protocol {value!r} is not supported yet (only http)")
+        return value
+
+
+# --- upstreams -------------------------------------------------------------------------------
+
+
+class Target(Model):
+    address: Address
+    weight: int = Field(1, ge=0, le=10000, description="Share of traffic; 0 takes the target out of rotation.")
+    backup: bool = Field(False, description="Used only when no primary target is healthy.")
+
+
+class ActiveHealthCheck(Model):
+    type: Literal["http", "tcp"] = "http"
+    path: str = "/"
+    host: str | None = Field(None, description="Host header for http checks; default: the target address.")
+    statuses: list[int] = Field(default_factory=lambda: list(range(200, 400)), min_length=1)
+    interval: Duration = 5.0
+    timeout: Duration = 1.0
+    healthy: int = Field(2, ge=1, description="Consecutive successes to mark a target healthy.")
+    unhealthy: int = Field(2, ge=1, description="Consecutive failures to mark a target unhealthy.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+
+class PassiveHealthCheck(Model):
+    max_failures: int = Field(3, ge=1, description="Consecutive failures that eject a target.")
+    ejection: Duration = Field(10.0, description="How long an ejected target stays out.")
+
+
+class HealthCheck(Model):
+    active: ActiveHealthCheck | None = None
+    passive: PassiveHealthCheck | None = None
+
+
+class Sticky(Model):
+    cookie: str = Field("bastion_affinity", pattern=_TOKEN.pattern)
+    ttl: Duration = 3600.0
+
+
+class Retries(Model):
+    attempts: int = Field(1, ge=0, le=10, description="Retries after the first try (0 disables).")
+    on_statuses: list[Literal[502, 503, 504]] = Field(default_factory=list)
+    budget: float = Field(0.2, ge=0.0, le=1.0, description="Retries allowed as a share of live requests.")
+    min_retries_per_second: int = Field(10, ge=0, description="Retries always allowed, budget or not.")
+
+
+class UpstreamTimeouts(Model):
+    connect: Duration = 5.0
+    response: Duration = Field(60.0, description="From request sent to response head, and between body reads.")
+    idle: Duration = Field(60.0, description="How long an idle pooled connection is kept.")
+
+
+class Queue(Model):
+    size: int = Field(0, ge=0, description="Requests that may wait for a connection slot; 0: none.")
+    timeout: Duration = 1.0
+
+
+class Upstream(Model):
+    balance: Literal["round_robin", "least_connections", "p2c_ewma", "consistent_hash", "random"] = "round_robin"
+    hash_on: str = Field("ip", description="consistent_hash key: ip | path | header:NAME | cookie:NAME | query:NAME")
+    targets: list[Target] = Field(min_length=1)
+    health_check: HealthCheck = HealthCheck()
+    sticky: Sticky | None = None
+    retries: Retries = Retries()
+    timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    max_connections: int = Field(1000, ge=1, description="Open connections per target.")
+    max_idle_connections: int = Field(128, ge=0, description="Idle keep-alive connections kept per target.")
+    queue: Queue = Queue()
+    slow_start: Duration = Field(0.0, description="A target that joins or recovers ramps up over this window.")
+
+    @field_validator("hash_on")
+    @classmethod
+    def _hash_on(cls, value: str) -> str:
+        kind, _, name = value.partition(":")
+        if kind in ("ip", "path") and not name:
+            return value
+        if kind in ("header", "cookie", "query") and name:
+            return value
+        raise ValueError("must be ip, path, header:NAME, cookie:NAME or query:NAME")
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+class RouteMatch(Model):
+    hosts: list[str] = Field(default_factory=list, description="Exact or *.wildcard hosts; empty: any host.")
+    path: str | None = Field(None, description="Prefix at a segment boundary, or a template with {name}.")
+    path_regex: str | None = None
+    methods: list[str] = Field(default_factory=list)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        out = []
+        for host in value:
+            host = host.strip().lower()
+            bare = host[2:] if host.startswith("*.") else host
+            if not bare or "*" in bare or "/" in bare:
+                raise ValueError(f"not a host or *.wildcard host: {host!r}")
+            out.append(host)
+        return out
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        out = [m.upper() for m in value]
+        for method in out:
+            if not _TOKEN.match(method):
+                raise ValueError(f"not an HTTP method: {method!r}")
+        return out
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _TOKEN.match(name):
+                raise ValueError(f"not a header name: {name!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_path_kind(self) -> RouteMatch:
+        if self.path is not None and self.path_regex is not None:
+            raise ValueError("give path or path_regex, not both")
+        return self
+
+
+PluginEntry = dict[str, Any]
+"""`{NAME: {...config}}`; validated against the plugin registry when the snapshot is built."""
+
+
+class Route(Model):
+    name: str = Field(min_length=1)
+    match: RouteMatch = RouteMatch()
+    upstream: str
+    strip_prefix: str | None = None
+    preserve_host: bool = Field(True, description="Send the client's Host upstream (else the target's).")
+    plugins: list[PluginEntry] = Field(default_factory=list)
+
+    @field_validator("strip_prefix")
+    @classmethod
+    def _strip_prefix(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or value == "/"):
+            raise ValueError("must start with / and be longer than /")
+        return value.rstrip("/") if value else value
+
+
+# --- consumers -------------------------------------------------------------------------------
+
+
+class KeyCredential(Model):
+    key: str = Field(min_length=1)
+
+
+class BasicCredential(Model):
+    username: str = Field(min_length=1)
+    password_hash: str = Field(description="bcrypt ($2b$...) or argon2 ($argon2id$...) hash.")
+
+
+class JwtCredential(Model):
+    subject: str = Field(min_length=1)
+
+
+class Credentials(Model):
+    key_auth: list[KeyCredential] = Field(default_factory=list)
+    basic_auth: list[BasicCredential] = Field(default_factory=list)
+    jwt: list[JwtCredential] = Field(default_factory=list)
+
+
+class Consumer(Model):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._~-]+$")
+    groups: list[str] = Field(default_factory=list)
+    credentials: Credentials = Credentials()
+
+
+# --- the rest ---------------------------------------------------------------------------------
+
+
+class Admin(Model):
+    bind: Address = HostPort("127.0.0.1", 9901)
+
+
+class Cluster(Model):
+    redis: str = Field(pattern=r"^rediss?://")
+
+
+class Log(Model):
+    access: bool = Field(True, description="One JSON line per request on stdout.")
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(Model):
+    version: Literal[1]
+    listeners: list[Listener] = Field(min_length=1)
+    upstreams: dict[str, Upstream] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    plugins: list[PluginEntry] = Field(default_factory=list)
+    consumers: list[Consumer] = Field(default_factory=list)
+    admin: Admin = Admin()
+    cluster: Cluster | None = None
+    log: Log = Log()
+    drain_timeout: Duration = Field(30.0, description="How long shutdown waits for in-flight requests.")
+
+
+Loc = tuple[str | int, ...]
+
+
+def cross_check(config: Config) -> list[tuple[Loc, str]]:
+    """Problems a single model cannot see: names that must be unique or must exist."""
+    problems: list[tuple[Loc, str]] = []
+
+    def unique(items: list[Any], attr: str, section: Loc) -> None:
+        seen: set[Any] = set()
+        for index, item in enumerate(items):
+            value = getattr(item, attr)
+            if value in seen:
+                problems.append(((*section, index, attr), f"duplicate {attr} {value!s}"))
+            seen.add(value)
+
+    unique(config.listeners, "name", ("listeners",))
+    unique(config.listeners, "bind", ("listeners",))
+    unique(config.routes, "name", ("routes",))
+    unique(config.consumers, "name", ("consumers",))
+    for name, upstream in config.upstreams.items():
+        unique(upstream.targets, "address", ("upstreams", name, "targets"))
+        if upstream.balance != "consistent_hash" and "hash_on" in upstream.model_fields_set:
+            problems.append((("upstreams", name, "hash_on"), "only used with balance: consistent_hash"))
+    for index, route in enumerate(config.routes):
+        if route.upstream not in config.upstreams:
+            known = ", ".join(sorted(config.upstreams)) or "none defined"
+            problems.append((("routes", index, "upstream"), f"no upstream named {route.upstream!r} ({known})"))
+        prefix = route.strip_prefix
+        path = route.match.path
+        if prefix and path and "{" not in path and not (path == prefix or path.startswith(prefix + "/")):
+            problems.append((("routes", index, "strip_prefix"), f"{prefix!r} is not a prefix of path {path!r}"))
+    return problems
