@@ -1,0 +1,156 @@
+"""`bastion demo`: three origins as subprocesses, the gateway in the foreground.
+
+The origins run as `python -m bastion.demo.origin` in their own process group, so a Ctrl-C
+in the terminal reaches only the gateway; when the gateway returns we stop the origins
+ourselves. The gateway gets the main thread (and its signal handlers) via `run_gateway`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+
+_START_TIMEOUT = 10.0
+
+
+class _DemoError(Exception):
+    """A demo origin could not start; the message says which."""
+
+
+@dataclass(frozen=True)
+class _DemoOrigin:
+    name: str
+    env: str
+    default_port: int
+
+    @property
+    def port(self) -> int:
+        return int(os.environ[self.env])
+
+
+ORIGINS = (
+    _DemoOrigin("users-a", "BASTION_DEMO_USERS_A_PORT", 9101),
+    _DemoOrigin("users-b", "BASTION_DEMO_USERS_B_PORT", 9102),
+    _DemoOrigin("orders", "BASTION_DEMO_ORDERS_PORT", 9103),
+)
+GATEWAY_ENV, GATEWAY_DEFAULT = "BASTION_DEMO_PORT", 8080
+ADMIN_ENV, ADMIN_DEFAULT = "BASTION_DEMO_ADMIN_PORT", 9901
+
+
+def _pin_ports() -> None:
+    """Fix every demo port in the environment, so demo.yaml and the origins agree."""
+    for env, default in [(o.env, o.default_port) for o in ORIGINS] + [(GATEWAY_ENV, GATEWAY_DEFAULT)]:
+        value = os.environ.setdefault(env, str(default))
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise ValueError(f"{env}={value!r} is not a port number")
+    os.environ.setdefault(ADMIN_ENV, str(ADMIN_DEFAULT))
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes], deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _start_origins() -> list[subprocess.Popen[bytes]]:
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for origin in ORIGINS:
+            command = [sys.executable, "-m", "bastion.demo.origin", "--port", str(origin.port), "--name", origin.name]
+            processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, process_group=0))
+        deadline = time.monotonic() + _START_TIMEOUT
+        for origin, process in zip(ORIGINS, processes, strict=True):
+            if not _wait_listening(origin.port, process, deadline):
+                raise _DemoError(f"demo origin {origin.name} did not start on 127.0.0.1:{origin.port}")
+    except BaseException:
+        _stop(processes)
+        raise
+    return processes
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _banner(config: str) -> str:
+    gw = f"http://127.0.0.1:{os.environ[GATEWAY_ENV]}"
+    origins = ", ".join(f"{o.name} :{o.port}" for o in ORIGINS)
+    lines = [
+        f"Bastion demo: gateway on {gw}, origins {origins}",
+        f"config: {config}",
+        "",
+        "Try:",
+        f"  curl -s {gw}/users/42                 # round robin: users-a twice, then users-b once",
+        f"  curl -s {gw}/v1/users/42              # strip_prefix: the origin sees /users/42",
+        f"  curl -s {gw}/orders/7                 # template route /orders/{{id}}",
+        f"  curl -si {gw}/nope                    # 404: no route matches",
+        f"  curl -si -X DELETE {gw}/orders/7      # 405: GET only (see the Allow header)",
+        "",
+        "The origins echo what reached them as JSON. Ctrl-C stops everything.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo() -> int:
+    """Run the demo until Ctrl-C; return the process exit code."""
+    try:
+        _pin_ports()
+    except ValueError as exc:
+        print(f"bastion demo: {exc}", file=sys.stderr)
+        return 1
+    busy = [p for p in [int(os.environ[GATEWAY_ENV])] + [o.port for o in ORIGINS] if not _port_free(p)]
+    if busy:
+        names = ", ".join(str(p) for p in busy)
+        print(
+            f"bastion demo: port {names} already in use on 127.0.0.1; "
+            f"pick others with {GATEWAY_ENV}, {', '.join(o.env for o in ORIGINS)}",
+            file=sys.stderr,
+        )
+        return 1
+
+    from bastion.app import run_gateway
+
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        processes = _start_origins()
+        with resources.as_file(resources.files("bastion.demo") / "demo.yaml") as config:
+            print(_banner(str(config)), flush=True)
+            return run_gateway(str(config))
+    except KeyboardInterrupt:  # Ctrl-C before the gateway installed its own handlers
+        return 0
+    except _DemoError as exc:
+        print(f"bastion demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _stop(processes)
