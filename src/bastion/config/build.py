@@ -1,0 +1,159 @@
+"""Validated config -> Snapshot: everything the hot path needs, built once, never mutated.
+
+A snapshot holds the compiled router, one RouteRuntime per route (its upstream and its
+plugin chains already ordered and split by hook) and the upstreams. Building has no side
+effects beyond claiming TargetStates from the registry, so a snapshot that fails to build is
+simply dropped and the running one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from bastion.config.schema import Config, Loc, PluginEntry, Route
+from bastion.errors import ConfigError
+from bastion.http.router import Router
+from bastion.observability.logs import AccessLog
+from bastion.pipeline import Plugin
+from bastion.plugins import PLUGINS
+from bastion.upstream.runtime import UpstreamRuntime
+from bastion.upstream.targets import TargetRegistry
+
+if TYPE_CHECKING:
+    from bastion.config.loader import LoadedConfig
+
+log = logging.getLogger("bastion.config")
+
+
+def _overrides(plugin: Plugin, hook: str) -> bool:
+    return getattr(type(plugin), hook) is not getattr(Plugin, hook)
+
+
+class RouteRuntime:
+    __slots__ = (
+        "name",
+        "config",
+        "upstream",
+        "strip_prefix",
+        "preserve_host",
+        "plugins",
+        "request_plugins",
+        "response_plugins",
+        "log_plugins",
+    )
+
+    def __init__(self, route: Route, upstream: UpstreamRuntime, plugins: Sequence[Plugin]) -> None:
+        self.name = route.name
+        self.config = route
+        self.upstream = upstream
+        self.strip_prefix = route.strip_prefix
+        self.preserve_host = route.preserve_host
+        self.plugins = tuple(plugins)
+        self.request_plugins = tuple(p for p in plugins if _overrides(p, "on_request"))
+        self.response_plugins = tuple(p for p in reversed(plugins) if _overrides(p, "on_response"))
+        self.log_plugins = tuple(p for p in plugins if _overrides(p, "on_log"))
+
+
+class Snapshot:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        routes: list[RouteRuntime],
+        upstreams: dict[str, UpstreamRuntime],
+        plugins: list[Plugin],
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.routes = routes
+        self.upstreams = upstreams
+        self.plugins = plugins  # every distinct instance, for start/close
+        self.access_log: AccessLog | None = AccessLog() if config.log.access else None
+
+    async def start(self) -> None:
+        for plugin in self.plugins:
+            await plugin.start()
+
+    async def close(self) -> None:
+        for plugin in self.plugins:
+            try:
+                await plugin.close()
+            except Exception:
+                log.exception("plugin %s failed to close", plugin.name)
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    def target_keys(self) -> set[str]:
+        return {t.key for u in self.upstreams.values() for t in u.targets}
+
+
+class PluginBuilder:
+    """Instantiates plugin entries, collecting every error with its location."""
+
+    def __init__(self, loaded: LoadedConfig) -> None:
+        self.loaded = loaded
+        self.problems: list[str] = []
+        self.instances: list[Plugin] = []
+
+    def build(self, entries: Sequence[PluginEntry], loc: Loc) -> list[Plugin]:
+        plugins: list[Plugin] = []
+        for index, entry in enumerate(entries):
+            here = (*loc, index)
+            if not isinstance(entry, dict) or len(entry) != 1:
+                self.problems.append(self.loaded.where(here, "a plugin entry is {NAME: {...config}}"))
+                continue
+            ((name, raw),) = entry.items()
+            cls = PLUGINS.get(name)
+            if cls is None:
+                known = ", ".join(sorted(PLUGINS)) or "none"
+                self.problems.append(self.loaded.where((*here, name), f"unknown plugin (known: {known})"))
+                continue
+            try:
+                config = cls.Config.model_validate(raw if raw is not None else {})
+                plugin = cls(config)
+            except ValidationError as exc:
+                for error in exc.errors():
+                    message = str(error["msg"]).removeprefix("Value error, ")
+                    self.problems.append(self.loaded.where((*here, name, *error["loc"]), message))
+                continue
+            except (ValueError, TypeError) as exc:
+                self.problems.append(self.loaded.where((*here, name), str(exc)))
+                continue
+            plugins.append(plugin)
+            self.instances.append(plugin)
+        return plugins
+
+
+def order_plugins(global_plugins: Sequence[Plugin], route_plugins: Sequence[Plugin]) -> list[Plugin]:
+    """Global then route, in list order, but every authentication before authorization, etc."""
+    return sorted([*global_plugins, *route_plugins], key=lambda p: p.stage)
+
+
+def build_snapshot(loaded: LoadedConfig, registry: TargetRegistry, extra: dict[str, Any] | None = None) -> Snapshot:
+    """Build a Snapshot or raise ConfigError with every problem found."""
+    config = loaded.config
+    builder = PluginBuilder(loaded)
+    global_plugins = builder.build(config.plugins, ("plugins",))
+    route_plugins = [builder.build(route.plugins, ("routes", i, "plugins")) for i, route in enumerate(config.routes)]
+    if builder.problems:
+        raise ConfigError(builder.problems)
+    upstreams = {
+        name: UpstreamRuntime(name, upstream, [registry.claim(name, upstream, t) for t in upstream.targets])
+        for name, upstream in config.upstreams.items()
+    }
+    routes = [
+        RouteRuntime(route, upstreams[route.upstream], order_plugins(global_plugins, route_plugins[i]))
+        for i, route in enumerate(config.routes)
+    ]
+    return Snapshot(config, Router(config.routes), routes, upstreams, builder.instances)
+
+
+async def close_later(snapshot: Snapshot, delay: float) -> None:
+    """Retire a replaced snapshot once the requests still using it are likely done."""
+    await asyncio.sleep(delay)
+    await snapshot.close()

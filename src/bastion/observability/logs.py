@@ -1,0 +1,55 @@
+"""Access log: one JSON line per request on stdout, written in batches.
+
+Lines are collected during a loop iteration and written with one `write` call on the next,
+so logging costs an append per request rather than a system call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bastion.config.build import Snapshot
+    from bastion.http.exchange import Exchange
+
+
+class AccessLog:
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = sys.stdout.fileno() if fd is None else fd
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def record(self, exchange: Exchange, snapshot: Snapshot) -> None:
+        self.write(exchange.log_record())
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._lines.append(json.dumps(record, separators=(",", ":")))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._lines:
+            data = ("\n".join(self._lines) + "\n").encode()
+            self._lines.clear()
+            try:
+                os.write(self.fd, data)
+            except BlockingIOError:
+                sys.stdout.write(data.decode())
+            except OSError:
+                pass
+
+
+def setup_logging(level: str) -> None:
+    """Structured-enough process logs on stderr (the access log owns stdout)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

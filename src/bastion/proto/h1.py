@@ -1,0 +1,422 @@
+"""HTTP/1.1 on the client side: framing, limits, timeouts, keep-alive and pipelining.
+
+httptools (llhttp, strict mode) parses; llhttp already refuses the classic smuggling shapes
+(Content-Length with Transfer-Encoding, conflicting or malformed Content-Length, a
+Transfer-Encoding that does not end in chunked). This layer adds the limits (URI 414,
+headers 431, counted on raw bytes so a header that never ends is caught too), Host checks,
+hop-by-hop filtering and the request id, then hands each request to an Exchange.
+
+Pipelined requests are answered in order: one exchange is active; the heads that arrive
+behind it wait in a queue and their bodies in their own bounded buffers. Reading from the
+socket is paused by counted reasons (a full body buffer, a slow upstream); it resumes when
+every reason is released.
+
+One timer per connection enforces every read deadline: for a request head, for the gap
+between body chunks, and for an idle keep-alive connection. Moving the deadline is an
+assignment; the timer re-arms itself lazily when it fires early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from bastion.config.schema import Listener
+from bastion.errors import BadRequest, GatewayError, HeadersTooLarge, URITooLong
+from bastion.http.exchange import Exchange, status_line
+from bastion.http.model import HeaderList, Headers, Request
+from bastion.http.paths import split_target
+from bastion.upstream.conn import HOP_BY_HOP, connection_tokens
+
+if TYPE_CHECKING:
+    from bastion.app import Gateway
+
+log = logging.getLogger("bastion.h1")
+
+# Request fields the gateway owns toward the upstream: dropped from what the client sent and
+# set by the exchange (X-Request-Id kept when valid; X-Consumer only ever set by auth).
+_DROP_REQUEST = HOP_BY_HOP | frozenset(
+    (b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"x-consumer")
+)
+_SPECIAL = frozenset(
+    (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id")
+)
+_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
+_ID_PREFIX = os.urandom(6).hex()
+_request_counter = 0
+
+
+def new_request_id() -> str:
+    """A unique id: a random per-process prefix and a counter (cheaper than uuid4)."""
+    global _request_counter
+    _request_counter += 1
+    return f"{_ID_PREFIX}{_request_counter:010x}"
+
+
+def split_host(value: str) -> str:
+    """'API.example.com:8080' -> 'api.example.com'; '[::1]:80' -> '::1'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.partition(":")[0]
+
+
+class H1Server(asyncio.Protocol):
+    __slots__ = (
+        "gateway",
+        "settings",
+        "transport",
+        "parser",
+        "client_ip",
+        "client_port",
+        "keep_alive",
+        "requests",
+        "_loop",
+        "_active",
+        "_task",
+        "_queue",
+        "_receiving",
+        "_read_pauses",
+        "_closed",
+        "_broken",
+        "_discard_body",
+        "_in_head",
+        "_head_bytes",
+        "_url",
+        "_url_bytes",
+        "_headers",
+        "_header_bytes",
+        "_special",
+        "_deadline",
+        "_timer",
+        "_send_timer",
+        "_max_uri",
+        "_max_head",
+        "_max_headers",
+    )
+
+    def __init__(self, gateway: Gateway, settings: Listener) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.client_port = 0
+        self.keep_alive = True
+        self.requests = 0
+        self._loop = asyncio.get_running_loop()
+        self._active: Exchange | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._queue: deque[Exchange] = deque()
+        self._receiving: Exchange | None = None
+        self._read_pauses = 0
+        self._closed = False
+        self._broken = False
+        self._discard_body = False
+        self._in_head = False
+        self._head_bytes = 0
+        self._url: list[bytes] = []
+        self._url_bytes = 0
+        self._headers: HeaderList = []
+        self._header_bytes = 0
+        self._special: dict[bytes, list[bytes]] = {}
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        limits = settings.limits
+        self._max_uri = limits.max_uri_bytes
+        self._max_head = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_ip, self.client_port = peer[0], peer[1]
+        self.gateway.connections.add(self)
+        self._set_deadline(self.settings.timeouts.header)
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._protocol_error(cause if isinstance(cause, GatewayError) else BadRequest())
+            if not isinstance(cause, GatewayError):
+                log.error("request parsing failed", exc_info=cause)
+            return
+        except httptools.HttpParserUpgrade:
+            # Upgrades (WebSocket) are not supported yet: the request was forwarded without
+            # its Upgrade header; whatever the client sends after it is not HTTP/1.1 for us.
+            self._broken = True
+            self.keep_alive = False
+            return
+        except httptools.HttpParserError as exc:
+            self._protocol_error(BadRequest(f"The request is malformed: {exc}."))
+            return
+        if self._in_head and self._head_bytes > self._max_head:
+            self._protocol_error(HeadersTooLarge())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.gateway.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        self._queue.clear()
+        if self._active is not None:
+            self._active.client_lost()
+
+    def pause_writing(self) -> None:
+        if self._active is not None:
+            self._active.client_paused(True)
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self.settings.timeouts.send, self.abort)
+
+    def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        if self._active is not None:
+            self._active.client_paused(False)
+
+    # --- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = []
+        self._url_bytes = 0
+        self._headers = []
+        self._header_bytes = 0
+        self._special = {}
+        if self._active is None:
+            self._set_deadline(self.settings.timeouts.header)
+
+    def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
+        if self._url_bytes > self._max_uri:
+            raise URITooLong()
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_head or len(self._headers) >= self._max_headers:
+            raise HeadersTooLarge()
+        name = name.lower()
+        if name in _SPECIAL:
+            self._special.setdefault(name, []).append(value)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        request, expect_continue = self._build_request()
+        exchange = Exchange(self, request, expect_continue)
+        self.requests += 1
+        limit = self.settings.limits.max_requests_per_connection
+        if limit and self.requests >= limit:
+            exchange.keep_alive = False
+        if not exchange.body_complete:
+            self._receiving = exchange
+            self._set_deadline(self.settings.timeouts.body)
+        elif self._active is None:
+            self._deadline = 0.0
+        if self._active is None:
+            self._start(exchange)
+        else:
+            self._queue.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        receiving = self._receiving
+        if receiving is not None and not self._discard_body:
+            if self._deadline:
+                self._deadline = self._loop.time() + self.settings.timeouts.body
+            receiving.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        receiving = self._receiving
+        if receiving is not None:
+            self._receiving = None
+            self._deadline = 0.0
+            if not self._discard_body:
+                receiving.end_body()
+        self._discard_body = False
+
+    # --- request assembly --------------------------------------------------------------------
+
+    def _build_request(self) -> tuple[Request, bool]:
+        parser = self.parser
+        special = self._special
+        method = parser.get_method().decode("ascii")
+        version = parser.get_http_version()
+        path, query, authority = split_target(b"".join(self._url))
+        if path == "*" and method != "OPTIONS":
+            raise BadRequest("The request target * is only valid for OPTIONS.")
+        hosts = special.get(b"host")
+        if hosts is not None and len(hosts) > 1:
+            raise BadRequest("The request has more than one Host header.")
+        headers = self._headers
+        if authority is not None:
+            headers = [item for item in headers if item[0] != b"host"]
+            headers.append((b"host", authority.encode("latin-1")))
+            host = split_host(authority)
+        elif hosts is not None:
+            host = split_host(hosts[0].decode("latin-1"))
+        elif version == "1.1":
+            raise BadRequest("The request has no Host header.")
+        else:
+            host = ""
+        drop = _DROP_REQUEST
+        connection = special.get(b"connection")
+        if connection is not None:
+            drop = drop | connection_tokens(connection)
+        kept = [item for item in headers if item[0] not in drop]
+        request = Request(method, path, query, Headers(kept), version, host, self.client_ip, self.client_port)
+        request.keep_alive = parser.should_keep_alive() and self.keep_alive
+        if b"transfer-encoding" in special:
+            request.chunked = True
+        else:
+            lengths = special.get(b"content-length")
+            if lengths is not None:
+                request.content_length = int(lengths[0])
+        ids = special.get(b"x-request-id")
+        if ids is not None and _VALID_REQUEST_ID.match(ids[0]):
+            request.request_id = ids[0].decode("ascii")
+        else:
+            request.request_id = new_request_id()
+        expect = special.get(b"expect")
+        expect_continue = False
+        if expect is not None:
+            if expect[0].lower() != b"100-continue":
+                raise BadRequest("The only expectation supported is 100-continue.")
+            expect_continue = version == "1.1" and request.has_body
+        return request, expect_continue
+
+    # --- exchanges ---------------------------------------------------------------------------
+
+    def _start(self, exchange: Exchange) -> None:
+        self._active = exchange
+        self._task = self._loop.create_task(exchange.run(self.gateway.snapshot))
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        """Called by the exchange when its response is complete (or failed)."""
+        if exchange is not self._active:
+            return
+        self._active = None
+        self._task = None
+        if self._closed:
+            return
+        if not exchange.keep_alive or not self.keep_alive:
+            self._close()
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+        elif self._receiving is None and not self._in_head:
+            self._set_deadline(self.settings.timeouts.keepalive)
+
+    def _protocol_error(self, error: GatewayError) -> None:
+        """The byte stream is broken: answer once (in order), then close."""
+        self._broken = True
+        self._queue.clear()
+        receiving = self._receiving
+        if receiving is not None and receiving is self._active:
+            receiving.keep_alive = False
+            receiving.upstream_failed(error)
+            return
+        if self._active is not None:
+            self._active.keep_alive = False
+            return
+        self.send_error(error, new_request_id())
+        self._close()
+
+    def send_error(self, error: GatewayError, request_id: str) -> None:
+        body = json.dumps({"error": error.word, "message": error.message, "request_id": request_id}).encode()
+        parts = [status_line(error.status)]
+        for name, value in error.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (
+            b"content-type: application/json\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\nx-request-id: ",
+            request_id.encode(),
+            b"\r\nconnection: close\r\n\r\n",
+            body,
+        )
+        self.write(b"".join(parts))
+
+    # --- used by the exchange ----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self._closed:
+            transport.write(data)
+
+    def pause_reading(self) -> None:
+        self._read_pauses += 1
+        if self._read_pauses == 1 and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._read_pauses -= 1
+        if self._read_pauses == 0 and self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    def stop_reading_body(self) -> None:
+        """Discard the rest of the current request body (it was refused)."""
+        self._discard_body = True
+        self._broken = True
+
+    def abort(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """Shutdown: finish the current response, then close; close now if idle."""
+        self.keep_alive = False
+        if self._active is None and self._receiving is None:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._closed and self.transport is not None:
+            self._closed = True
+            self.transport.close()
+
+    # --- read deadlines ------------------------------------------------------------------------
+
+    def _set_deadline(self, seconds: float) -> None:
+        self._deadline = self._loop.time() + seconds
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._deadline or self._closed:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        # The client was too slow: a head or body that stalled, or an idle keep-alive.
+        receiving = self._receiving
+        if receiving is not None and receiving is self._active:
+            receiving.keep_alive = False
+            receiving.upstream_failed(BadRequest("The client sent the request body too slowly."))
+            self._broken = True
+            return
+        self._close()
