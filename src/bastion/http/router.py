@@ -279,7 +279,7 @@ class _Table:
             lengths = self.prefix_lengths
             end = len(path)
             while end >= 0:
-                if True:
+                if end in lengths:
                     group = self.prefixes.get(path[:end])
                     if group is not None:
                         entry = _pick(group, method, headers, allowed)
