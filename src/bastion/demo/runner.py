@@ -110,7 +110,7 @@ def _banner(config: str) -> str:
         f"config: {config}",
         "",
         "Try:",
-        f"  curl -s {gw}/users/42                 # round robin: users-a twice, then users-b once",
+        f"  curl -s {gw}/users/42                 # round robin, weights 2:1: users-a, users-b, users-a, ...",
         f"  curl -s {gw}/v1/users/42              # strip_prefix: the origin sees /users/42",
         f"  curl -s {gw}/orders/7                 # template route /orders/{{id}}",
         f"  curl -si {gw}/nope                    # 404: no route matches",
