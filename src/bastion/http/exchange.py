@@ -20,7 +20,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from bastion.errors import GatewayError, PayloadTooLarge, UpstreamConnectError, UpstreamConnectTimeout
+from bastion.errors import (
+    GatewayError,
+    PayloadTooLarge,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from bastion.http.model import Headers, Request, Response
 from bastion.pipeline import Context, Reply
 from bastion.upstream.conn import UpstreamConnection
@@ -257,6 +264,7 @@ class Exchange:
         await self._forward(route, ctx)
 
     async def _forward(self, route: RouteRuntime, ctx: Context) -> None:
+        """Pick a target, send, wait for the response head; retry while the policy allows."""
         upstream = route.upstream
         request = self.request
         tried: list[TargetState] = []
@@ -265,10 +273,11 @@ class Exchange:
         while True:
             attempt += 1
             target = upstream.pick(request, tried)
+            started = time.monotonic()
             try:
                 conn = await target.pool.acquire()
-            except (UpstreamConnectError, UpstreamConnectTimeout):
-                target.failures += 1
+            except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
+                upstream.report_failure(target, exc)
                 tried.append(target)
                 if upstream.may_retry(request, attempt, sent=False):
                     continue
@@ -280,23 +289,40 @@ class Exchange:
                 self._send(route, target, conn)
                 while self._response is None:
                     await self._wait()
-                break
-            except GatewayError:
+            except GatewayError as exc:
                 self._detach(target, reusable=False)
                 replayable = not request.has_body
-                if reused and replayable and stale_retries < 3 and self._response is None:
+                if reused and replayable and stale_retries < 3 and not isinstance(exc, UpstreamTimeout):
                     # A pooled connection the upstream had already closed: not the target's fault.
                     stale_retries += 1
                     attempt -= 1
-                    self._error = None
+                    self._reset_attempt()
                     continue
-                target.failures += 1
+                upstream.report_failure(target, exc)
                 tried.append(target)
-                if self._response is None and replayable and upstream.may_retry(request, attempt, sent=True):
-                    self._error = None
+                if replayable and upstream.may_retry(request, attempt, sent=True):
+                    self._reset_attempt()
                     continue
                 raise
+            status = self._response.status
+            if upstream.retry_statuses and status in upstream.retry_statuses and not request.has_body:
+                upstream.report_failure(target, UpstreamError(f"The upstream answered {status}."))
+                if upstream.may_retry(request, attempt, sent=True):
+                    self._detach(target, reusable=False)
+                    tried.append(target)
+                    self._reset_attempt()
+                    continue
+            else:
+                upstream.report_success(target, time.monotonic() - started)
+            break
         await self._relay_response(route, ctx, target)
+
+    def _reset_attempt(self) -> None:
+        """Forget a failed try's response state before the next one."""
+        self._error = None
+        self._response = None
+        self._pending = None
+        self._upstream_done = False
 
     def _send(self, route: RouteRuntime, target: TargetState, conn: UpstreamConnection) -> None:
         request = self.request
@@ -361,6 +387,9 @@ class Exchange:
         response = self._response
         assert response is not None
         ctx.response = response
+        extra = route.upstream.response_headers(self.request, target)
+        if extra:
+            response.headers.items.extend(extra)
         for plugin in route.response_plugins:
             await plugin.on_response(ctx, response)
         if self._error is not None:

@@ -45,9 +45,7 @@ log = logging.getLogger("bastion.h1")
 _DROP_REQUEST = HOP_BY_HOP | frozenset(
     (b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"x-consumer")
 )
-_SPECIAL = frozenset(
-    (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id")
-)
+_SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id"))
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 _ID_PREFIX = os.urandom(6).hex()
 _request_counter = 0

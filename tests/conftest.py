@@ -1,0 +1,49 @@
+"""Shared fixtures: origins and gateways on loopback, torn down after each test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.demo.origin import OriginHandle, start_origin_thread
+from support import GatewayThread, free_port, simple_config, write_config
+
+
+@pytest.fixture
+def origins() -> Iterator[Callable[..., OriginHandle]]:
+    """Factory: `origins("a")` starts an origin named a; all stop after the test."""
+    started: list[OriginHandle] = []
+
+    def start(name: str = "origin") -> OriginHandle:
+        handle = start_origin_thread(name)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayThread]]:
+    """Factory: `gateway(config_dict)` or `gateway(targets=[port, ...], **extra)`."""
+    started: list[GatewayThread] = []
+
+    def start(config: dict[str, Any] | None = None, targets: list[int] | None = None, **extra: Any) -> GatewayThread:
+        port = free_port()
+        if config is None:
+            config = simple_config(port, targets or [], **extra)
+        else:
+            for listener in config["listeners"]:
+                listener["bind"] = listener["bind"].replace(":PORT", f":{port}")
+        path = write_config(tmp_path / f"gw{len(started)}.yaml", config)
+        handle = GatewayThread(path, port)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()

@@ -1,0 +1,223 @@
+"""Test support: a real gateway on loopback (in a thread or as a process) and plain clients.
+
+Every server binds 127.0.0.1 on a free port; every client is the standard library talking
+over real sockets, so tests see exactly what a user's client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bastion.app import Gateway, new_event_loop
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def simple_config(port: int, targets: list[int], **extra: Any) -> dict[str, Any]:
+    """One listener, one upstream `app` over `targets`, one catch-all route `all`."""
+    config: dict[str, Any] = {
+        "version": 1,
+        "listeners": [{"name": "web", "bind": f"127.0.0.1:{port}"}],
+        "upstreams": {"app": {"targets": [{"address": f"127.0.0.1:{t}"} for t in targets]}},
+        "routes": [{"name": "all", "match": {"path": "/"}, "upstream": "app"}],
+        "log": {"access": False},
+    }
+    config.update(extra)
+    return config
+
+
+class GatewayThread:
+    """A Gateway running on its own uvloop in a background thread."""
+
+    def __init__(self, config_path: Path, port: int) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.loop = new_event_loop()
+        self.gateway = Gateway(str(config_path))
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(self.gateway.start())
+            except BaseException as exc:
+                ready.set_exception(exc)
+                return
+            ready.set_result(None)
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="gateway", daemon=True)
+        self.thread.start()
+        ready.result(10)
+
+    def call(self, coro: Any, timeout: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def reload(self) -> bool:
+        return bool(self.call(self.gateway.reload()))
+
+    def stop(self, drain: float = 1.0) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.call(self.gateway.shutdown(drain), timeout=drain + 10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+class GatewayProcess:
+    """`bastion run` as a child process, for signals, workers and the real CLI."""
+
+    def __init__(self, config_path: Path, port: int, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bastion", "run", str(config_path), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
+        wait_listening(port, proc=self.proc)
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, out.decode(), err.decode()
+
+
+def wait_listening(port: int, timeout: float = 10, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited early: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class Reply:
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(
+    port: int,
+    method: str = "GET",
+    path: str = "/",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    conn: http.client.HTTPConnection | None = None,
+    timeout: float = 10,
+) -> Reply:
+    """One request (on `conn` when given, to reuse a keep-alive connection)."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return Reply(resp.status, resp.getheaders(), data)
+    finally:
+        if own:
+            conn.close()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
+    """Send raw bytes, return everything received until the server closes (or timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_until_close:
+                break
+        return b"".join(chunks)
+
+
+def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Parse back-to-back HTTP/1.1 responses with Content-Length or chunked bodies."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            n = int(headers["content-length"])
+            body, data = rest[:n], rest[n:]
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line, 16)
+                if size == 0:
+                    _, _, rest = rest.partition(b"\r\n")
+                    break
+                body += rest[:size]
+                rest = rest[size + 2 :]
+            data = rest
+        else:
+            body, data = rest, b""
+        out.append((status, headers, body))
+    return out
