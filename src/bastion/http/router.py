@@ -224,7 +224,7 @@ def _key_getter(positions: tuple[int, ...]) -> Callable[[Sequence[str]], Hashabl
 class _Table:
     """The routes reachable through one host pattern, indexed by path (see the module header)."""
 
-    __slots__ = ("templates", "prefixes", "prefix_lengths", "regexes")
+    __slots__ = ("templates", "prefixes", "prefix_lengths", "prefix_longest", "prefix_shortest", "regexes")
 
     def __init__(self, routes: list[_Route], prio: dict[int, int]) -> None:
         routes = sorted(routes, key=lambda r: prio[r.index])
@@ -252,6 +252,8 @@ class _Table:
         }
         self.prefixes = {k: tuple(v) for k, v in prefixes.items()}
         self.prefix_lengths = frozenset(len(k) for k in prefixes)
+        self.prefix_longest = max(self.prefix_lengths, default=0)
+        self.prefix_shortest = min(self.prefix_lengths, default=0)
         self.regexes = tuple(regexes)
 
     def search(self, method: str, path: str, headers: Headers, allowed: set[str] | None) -> Match | None:
@@ -261,11 +263,11 @@ class _Table:
                 segments = path[1:].split("/")
                 for level in levels:
                     group: _Group | None = None
-                    for getter, index, params in level:
+                    for getter, index, holes in level:
                         found = index.get(getter(segments))
                         if found is None:
                             continue
-                        for position in params:
+                        for position in holes:
                             if not segments[position]:
                                 break
                         else:
@@ -274,11 +276,16 @@ class _Table:
                     if group is not None:
                         entry = _pick(group, method, headers, allowed)
                         if entry is not None:
-                            return entry[1], {name: segments[i] for name, i in entry[4]}
+                            params: Params = {}
+                            for name, i in entry[4]:  # a plain loop: cheaper than a comprehension here
+                                params[name] = segments[i]
+                            return entry[1], params
         if self.prefixes:
             lengths = self.prefix_lengths
             end = len(path)
-            while end >= 0:
+            if end > self.prefix_longest:  # jump to the longest cut any prefix could match
+                end = path.rfind("/", 0, self.prefix_longest + 1)
+            while end >= self.prefix_shortest:
                 if end in lengths:
                     group = self.prefixes.get(path[:end])
                     if group is not None:
@@ -293,7 +300,10 @@ class _Table:
                 if entry is not None:
                     if not regex.groupindex:
                         return entry[1], None
-                    return entry[1], {k: v for k, v in found_re.groupdict().items() if v is not None}
+                    groups = found_re.groupdict()
+                    if None in groups.values():  # an optional group that did not take part
+                        groups = {k: v for k, v in groups.items() if v is not None}
+                    return entry[1], groups
         return None
 
 
