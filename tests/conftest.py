@@ -36,9 +36,10 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayThread]]:
         port = free_port()
         if config is None:
             config = simple_config(port, targets or [], **extra)
-        else:
-            for listener in config["listeners"]:
-                listener["bind"] = listener["bind"].replace(":PORT", f":{port}")
+        for listener in config["listeners"][:1]:
+            host, _, bound = listener["bind"].rpartition(":")
+            if bound in ("PORT", "0"):
+                listener["bind"] = f"{host}:{port}"
         path = write_config(tmp_path / f"gw{len(started)}.yaml", config)
         handle = GatewayThread(path, port)
         started.append(handle)

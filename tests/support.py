@@ -221,3 +221,49 @@ def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
             body, data = rest, b""
         out.append((status, headers, body))
     return out
+
+
+class CannedOrigin:
+    """A raw upstream that answers every request with fixed bytes: for malformed or unusual
+    responses that a well-behaved origin never sends. It records what it received."""
+
+    def __init__(self, response: bytes, close: bool = False) -> None:
+        self.response = response
+        self.close_after = close
+        self.received: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                if b"\r\n\r\n" in buf:
+                    self.received.append(buf)
+                    buf = b""
+                    conn.sendall(self.response)
+                    if self.close_after:
+                        return
+
+    def stop(self) -> None:
+        self.sock.close()

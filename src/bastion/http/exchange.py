@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from bastion.errors import (
     GatewayError,
+    NoHealthyTarget,
     PayloadTooLarge,
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -270,15 +271,22 @@ class Exchange:
         tried: list[TargetState] = []
         attempt = 0
         stale_retries = 0
+        last_error: GatewayError | None = None
         while True:
             attempt += 1
-            target = upstream.pick(request, tried)
+            try:
+                target = upstream.pick(request, tried)
+            except NoHealthyTarget:
+                if last_error is not None:
+                    raise last_error from None  # no other target to retry on: the real failure
+                raise
             started = time.monotonic()
             try:
                 conn = await target.pool.acquire()
             except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
                 upstream.report_failure(target, exc)
                 tried.append(target)
+                last_error = exc
                 if upstream.may_retry(request, attempt, sent=False):
                     continue
                 raise
@@ -300,13 +308,15 @@ class Exchange:
                     continue
                 upstream.report_failure(target, exc)
                 tried.append(target)
+                last_error = exc
                 if replayable and upstream.may_retry(request, attempt, sent=True):
                     self._reset_attempt()
                     continue
                 raise
             status = self._response.status
             if upstream.retry_statuses and status in upstream.retry_statuses and not request.has_body:
-                upstream.report_failure(target, UpstreamError(f"The upstream answered {status}."))
+                last_error = UpstreamError(f"The upstream answered {status}.")
+                upstream.report_failure(target, last_error)
                 if upstream.may_retry(request, attempt, sent=True):
                     self._detach(target, reusable=False)
                     tried.append(target)
