@@ -287,7 +287,12 @@ class H1Server(asyncio.Protocol):
         kept = [item for item in headers if item[0] not in drop]
         request = Request(method, path, query, Headers(kept), version, host, self.client_ip, self.client_port)
         request.keep_alive = parser.should_keep_alive() and self.keep_alive
-        if b"transfer-encoding" in special:
+        codings = special.get(b"transfer-encoding")
+        if codings is not None:
+            # RFC 9112 section 6.3: a request whose last coding is not chunked has no reliable
+            # length; llhttp lets `identity` through, so the rule is enforced here too.
+            if b",".join(codings).rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                raise BadRequest("The request's Transfer-Encoding does not end in chunked.")
             request.chunked = True
         else:
             lengths = special.get(b"content-length")

@@ -1,0 +1,140 @@
+"""The client-side HTTP/1.1 protocol fed bytes through a fake transport: no sockets.
+
+The gateway behind it has routes but no reachable upstream, so every routed request ends in
+a gateway-made response; what is tested is framing, ordering, limits and connection state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bastion.config.build import build_snapshot
+from bastion.config.loader import load_config_text
+from bastion.config.schema import Listener
+from bastion.proto.h1 import H1Server
+from bastion.upstream.targets import TargetRegistry
+from support import split_responses
+
+CONFIG = """
+version: 1
+listeners: [{name: web, bind: "127.0.0.1:1", limits: {max_header_bytes: 2KB, max_uri_bytes: 512}}]
+upstreams: {app: {targets: [{address: "127.0.0.1:1"}], retries: {attempts: 0}}}
+routes: [{name: get-only, match: {path: /only, methods: [GET]}, upstream: app}]
+log: {access: false}
+"""
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: Any) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+
+class FakeGateway:
+    def __init__(self) -> None:
+        self.snapshot = build_snapshot(load_config_text(CONFIG), TargetRegistry())
+        self.connections: set[Any] = set()
+
+
+async def _serve(chunks: list[bytes]) -> FakeTransport:
+    gateway = FakeGateway()
+    listener: Listener = gateway.snapshot.config.listeners[0]
+    server = H1Server(gateway, listener)  # type: ignore[arg-type]
+    transport = FakeTransport()
+    server.connection_made(transport)
+    for chunk in chunks:
+        server.data_received(chunk)
+        await asyncio.sleep(0)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    server.connection_lost(None)
+    return transport
+
+
+def serve(*chunks: bytes) -> FakeTransport:
+    return asyncio.run(_serve(list(chunks)))
+
+
+def test_pipelined_requests_fed_byte_by_byte_are_answered_in_order() -> None:
+    data = (
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nDELETE /only HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    transport = serve(*[data[i : i + 1] for i in range(len(data))])
+    statuses = [status for status, _, _ in split_responses(bytes(transport.data))]
+    assert statuses == [404, 405, 404]
+    assert not transport.closed
+
+
+def test_connection_close_request_closes_after_its_response() -> None:
+    transport = serve(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    responses = split_responses(bytes(transport.data))
+    assert [r[0] for r in responses] == [404]
+    assert responses[0][1]["connection"] == "close"
+    assert transport.closed
+
+
+def test_http10_without_keep_alive_closes() -> None:
+    transport = serve(b"GET /a HTTP/1.0\r\n\r\n")
+    assert bytes(transport.data).startswith(b"HTTP/1.1 404")
+    assert transport.closed
+
+
+def test_upstream_unreachable_is_502_and_keeps_the_connection() -> None:
+    transport = serve(b"GET /only HTTP/1.1\r\nHost: x\r\n\r\n")
+    ((status, headers, body),) = split_responses(bytes(transport.data))
+    assert status == 502
+    assert headers["content-type"] == "application/json"
+    assert b'"upstream_connect_failed"' in body
+    assert not transport.closed
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GET /" + b"a" * 600 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 3000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n", 400),
+        (b"GET /%2f HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # TLS to a plain listener
+    ],
+)
+def test_bad_requests_are_answered_once_and_closed(data: bytes, status: int) -> None:
+    transport = serve(data, b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    responses = split_responses(bytes(transport.data))
+    assert [r[0] for r in responses] == [status]
+    assert responses[0][1]["connection"] == "close"
+    assert transport.closed
+
+
+def test_header_that_never_ends_is_cut_at_the_limit() -> None:
+    transport = serve(b"GET / HTTP/1.1\r\nHost: x\r\nX: ", *[b"z" * 512] * 10)
+    assert bytes(transport.data).startswith(b"HTTP/1.1 431")
+    assert transport.closed
