@@ -95,7 +95,12 @@ class HealthCheck(Model):
 
 class Sticky(Model):
     cookie: str = Field("bastion_affinity", pattern=_TOKEN.pattern)
-    ttl: Duration = 3600.0
+    ttl: Duration = Field(3600.0, description="Cookie lifetime (Max-Age); 0: a session cookie.")
+    secret: str | None = Field(
+        None,
+        min_length=16,
+        description="Key for the opaque cookie values; set it to keep pins across restarts and gateways.",
+    )
 
 
 class Retries(Model):
