@@ -1,15 +1,24 @@
 """The gateway's lifecycle: load config -> build snapshot -> listen -> swap on reload -> drain.
 
 `Gateway` owns the listening servers, the live client connections, the target registry
-(connection pools and health that outlive snapshots) and the current Snapshot, which every
-new request reads once. A reload builds a complete new snapshot off the hot path and swaps
-the reference; if building fails, the old snapshot keeps serving.
+(connection pools and health that outlive snapshots), the active health checkers and the
+current Snapshot, which every new request reads once. A reload (SIGHUP, a change to the
+config file, or `reload()`) parses the file in a thread, builds a complete new snapshot and
+swaps the reference; if anything fails, the old snapshot keeps serving and the reason is
+logged. Requests in flight finish on the snapshot they started with; keep-alive client
+connections stay open and their next request reads the new one.
+
+Shutdown (SIGTERM/SIGINT) stops accepting, lets in-flight requests finish up to the drain
+timeout, then cuts what is left; a second signal cuts at once. With `--workers N` a
+supervisor (workers.py) runs N of these processes on SO_REUSEPORT listeners.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -21,24 +30,56 @@ from bastion.config.schema import Listener
 from bastion.errors import ConfigError
 from bastion.observability.logs import setup_logging
 from bastion.proto.h1 import H1Server
+from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
 
 log = logging.getLogger("bastion")
 
 SWEEP_INTERVAL = 1.0
+WATCH_INTERVAL = 1.0
+
+
+def file_fingerprint(path: str) -> tuple[int, int, str] | None:
+    """What tells a changed config file apart: size, mtime and a hash of the content."""
+    try:
+        stat = os.stat(path)
+        with open(path, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns, digest
 
 
 class Gateway:
-    def __init__(self, config_path: str, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        reuse_port: bool = False,
+        *,
+        worker: int = 0,
+        workers: int = 1,
+        watch: float | None = None,
+    ) -> None:
+        """`worker`/`workers`: this process's place among the workers (spreads health checks);
+        `watch`: poll the config file every so many seconds and reload when it changes."""
         self.config_path = config_path
         self.reuse_port = reuse_port
+        self.worker = worker
+        self.watch = watch
         self.registry = TargetRegistry()
+        self.health = HealthMonitor(worker, workers)
         self.connections: set[H1Server] = set()
         self.servers: dict[str, asyncio.Server] = {}  # by bind address
         self.listeners: dict[str, Listener] = {}  # by bind address, current settings
+        self.reloads = 0
+        self.rejected_reloads = 0
         self._snapshot: Snapshot | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._fingerprint: tuple[int, int, str] | None = None
+        self._drain_deadline = 0.0
+        self._stopping = False
 
     @property
     def snapshot(self) -> Snapshot:
@@ -50,11 +91,23 @@ class Gateway:
         return build_snapshot(load_config(self.config_path), self.registry)
 
     async def start(self, snapshot: Snapshot | None = None) -> None:
+        self._fingerprint = file_fingerprint(self.config_path)
         snapshot = snapshot or self.build()
         await snapshot.start()
-        self._snapshot = snapshot
+        self._go_live(snapshot)
         await self._bind(snapshot)
         self._spawn(self._sweep())
+        if self.watch:
+            self._spawn(self._watch(self.watch))
+
+    def _go_live(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` the one new requests use, and point the live target state at it."""
+        for upstream in snapshot.upstreams.values():
+            upstream.activate()
+        self._snapshot = snapshot
+        self.registry.running = True
+        self.registry.retain_only(snapshot.target_keys())
+        self.health.sync(snapshot.upstreams)
 
     async def _bind(self, snapshot: Snapshot) -> None:
         """Open listeners that are new, close those that are gone, update settings of the rest."""
@@ -88,8 +141,22 @@ class Gateway:
 
     async def reload(self) -> bool:
         """Build the config again and swap it in; on any error keep the running one."""
+        async with self._reload_lock:
+            if self._stopping:
+                return False
+            ok = await self._reload()
+            if ok:
+                self.reloads += 1
+            else:
+                self.rejected_reloads += 1
+            return ok
+
+    async def _reload(self) -> bool:
+        self._fingerprint = file_fingerprint(self.config_path)
         try:
-            snapshot = self.build()
+            # Parsing and validating happen in a thread so the event loop keeps serving.
+            loaded = await asyncio.to_thread(load_config, self.config_path)
+            snapshot = build_snapshot(loaded, self.registry)
             await snapshot.start()
         except ConfigError as exc:
             log.error("reload rejected, the running config stays:\n%s", "\n".join(exc.problems))
@@ -103,16 +170,29 @@ class Gateway:
             log.error("reload rejected, cannot listen: %s", exc)
             await snapshot.close()
             return False
-        old, self._snapshot = self._snapshot, snapshot
-        keep = snapshot.target_keys()
-        self.registry.retain_only(keep)
+        old = self._snapshot
+        self._go_live(snapshot)
         if old is not None:
             self._spawn(close_later(old, snapshot.config.drain_timeout))
         log.info("config reloaded from %s", self.config_path)
         return True
 
+    async def _watch(self, interval: float) -> None:
+        """Reload when the config file's content changes (polling: no extra dependency)."""
+        while True:
+            await asyncio.sleep(interval)
+            seen = file_fingerprint(self.config_path)
+            if seen is None or seen == self._fingerprint:
+                continue
+            if self._fingerprint is not None and seen[2] == self._fingerprint[2]:
+                self._fingerprint = seen  # touched, not changed
+                continue
+            log.info("config file %s changed, reloading", self.config_path)
+            await self.reload()
+
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish up to `timeout`, then cut the rest."""
+        self._stopping = True
         if timeout is None:
             timeout = self.snapshot.config.drain_timeout if self._snapshot else 0.0
         for server in self.servers.values():
@@ -121,11 +201,14 @@ class Gateway:
         for conn in list(self.connections):
             conn.drain()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.connections and loop.time() < deadline:
+        self._drain_deadline = loop.time() + timeout
+        while self.connections and loop.time() < self._drain_deadline:
             await asyncio.sleep(0.02)
+        if self.connections:
+            log.warning("drain timeout: closing %d connections still busy", len(self.connections))
         for conn in list(self.connections):
             conn.abort()
+        await self.health.close()
         for task in list(self._tasks):
             task.cancel()
         for state in self.registry.targets.values():
@@ -133,6 +216,10 @@ class Gateway:
         if self._snapshot is not None:
             await self._snapshot.close()
         self._stopped.set()
+
+    def hurry(self) -> None:
+        """End a running drain now (a second SIGTERM)."""
+        self._drain_deadline = 0.0
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -151,19 +238,31 @@ class Gateway:
                 state.pool.sweep(now)
 
 
-async def serve(config_path: str, snapshot: Snapshot | None = None, reuse_port: bool = False) -> int:
-    """Run one gateway process until SIGTERM/SIGINT; SIGHUP reloads."""
-    gateway = Gateway(config_path, reuse_port=reuse_port)
+async def serve(
+    config_path: str,
+    snapshot: Snapshot | None = None,
+    reuse_port: bool = False,
+    *,
+    worker: int = 0,
+    workers: int = 1,
+    watch: float | None = WATCH_INTERVAL,
+) -> int:
+    """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file) reloads."""
+    gateway = Gateway(config_path, reuse_port=reuse_port, worker=worker, workers=workers, watch=watch)
     await gateway.start(snapshot)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 
     def stop() -> None:
-        if not stopping:
-            log.info("shutting down: draining in-flight requests")
-            stopping.append(loop.create_task(gateway.shutdown()))
+        if stopping:
+            log.warning("second stop signal: closing every connection now")
+            gateway.hurry()
+            return
+        log.info("shutting down: draining in-flight requests")
+        stopping.append(loop.create_task(gateway.shutdown()))
 
     def reload() -> None:
+        log.info("SIGHUP: reloading %s", config_path)
         gateway._spawn(gateway.reload())
 
     loop.add_signal_handler(signal.SIGTERM, stop)
@@ -184,7 +283,10 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_gateway(config_path: str, workers: int | None = None) -> int:
-    """The `bastion run` command: validate, then serve in the foreground. Returns the exit code."""
+    """The `bastion run` command: validate, then serve in the foreground. Returns the exit code.
+
+    One worker runs in this process; more run under a supervisor (bastion.workers).
+    """
     try:
         loaded = load_config(config_path)
     except ConfigError as exc:
@@ -192,5 +294,9 @@ def run_gateway(config_path: str, workers: int | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(loaded.config.log.level)
+    if workers is not None and workers > 1:
+        from bastion.workers import supervise
+
+        return supervise(config_path, workers)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(serve(config_path))

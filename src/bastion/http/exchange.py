@@ -287,7 +287,7 @@ class Exchange:
                 upstream.report_failure(target, exc)
                 tried.append(target)
                 last_error = exc
-                if upstream.may_retry(request, attempt, sent=False):
+                if upstream.may_retry(request, attempt, sent=False, tried=tried, error=exc):
                     continue
                 raise
             reused = conn.served > 0
@@ -309,7 +309,7 @@ class Exchange:
                 upstream.report_failure(target, exc)
                 tried.append(target)
                 last_error = exc
-                if replayable and upstream.may_retry(request, attempt, sent=True):
+                if replayable and upstream.may_retry(request, attempt, sent=True, tried=tried, error=exc):
                     self._reset_attempt()
                     continue
                 raise
@@ -317,7 +317,7 @@ class Exchange:
             if upstream.retry_statuses and status in upstream.retry_statuses and not request.has_body:
                 last_error = UpstreamError(f"The upstream answered {status}.")
                 upstream.report_failure(target, last_error)
-                if upstream.may_retry(request, attempt, sent=True):
+                if upstream.may_retry(request, attempt, sent=True, tried=[*tried, target], error=last_error):
                     self._detach(target, reusable=False)
                     tried.append(target)
                     self._reset_attempt()

@@ -1,14 +1,25 @@
-"""Keep-alive connections to one target, with a cap on how many are open.
+"""Keep-alive connections to one target, with a cap on how many are open and a bounded queue.
 
-Bookkeeping is synchronous (which idle connection to reuse, whether one may be opened);
-only opening a connection awaits. Idle connections are reused last-in first-out, so a
-burst's extra connections age out instead of being kept warm by round-robin reuse. Expired
-idle connections are dropped when met and by `sweep`, which the gateway calls periodically.
+Bookkeeping is synchronous (which idle connection to reuse, whether one may be opened, who
+is next in the queue); only opening a connection and waiting in the queue await. Idle
+connections are reused last-in first-out, so a burst's extra connections age out instead of
+being kept warm by round-robin reuse. Expired idle connections are dropped when met and by
+`sweep`, which the gateway calls periodically.
+
+When `max_connections` are open and none is idle, a request may wait in a FIFO queue whose
+size and timeout are the upstream's (`WaitQueue`, shared by the upstream's pools). A freed
+slot is handed to the first waiter directly: a released connection as is, a closed one as a
+reserved slot (already counted in `open`) to connect with. A waiter that gives up for any
+reason (timeout, cancellation) leaves the queue, and passes on whatever it was handed in the
+meantime, so no slot is ever lost. Over the queue's size, or with no queue, `Overloaded` is
+raised at once: a fast 503 instead of a pile-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import deque
 from typing import Any
 
 from bastion.config.types import HostPort
@@ -26,14 +37,40 @@ class PoolLimits:
         self.connect_timeout = connect_timeout
 
 
+class WaitQueue:
+    """An upstream's queue bound: how many requests may wait for a slot, and for how long."""
+
+    __slots__ = ("size", "timeout", "waiting", "timeouts", "rejected")
+
+    def __init__(self, size: int = 0, timeout: float = 1.0) -> None:
+        self.size = size
+        self.timeout = timeout
+        self.waiting = 0
+        self.timeouts = 0
+        self.rejected = 0
+
+    def statistics(self) -> dict[str, Any]:
+        return {"size": self.size, "waiting": self.waiting, "timeouts": self.timeouts, "rejected": self.rejected}
+
+
+# What a waiter is handed: a connection to use, or None for a reserved slot to connect with.
+_Grant = UpstreamConnection | None
+
+
 class ConnectionPool:
-    def __init__(self, address: HostPort, limits: PoolLimits) -> None:
+    def __init__(self, address: HostPort, limits: PoolLimits, queue: WaitQueue | None = None) -> None:
         self.address = address
         self.limits = limits
+        self.queue = queue if queue is not None else WaitQueue()
         self.idle: list[UpstreamConnection] = []
-        self.open = 0  # connected or connecting
+        self.open = 0  # connected or connecting (reserved slots included)
         self.opened_total = 0
+        self.waiters: deque[asyncio.Future[_Grant]] = deque()
         self._closing = False
+
+    def saturated(self) -> bool:
+        """Would a request have to queue here now?"""
+        return self.open >= self.limits.max_connections and not self.idle
 
     def take_idle(self) -> UpstreamConnection | None:
         """A live idle connection, newest first, or None."""
@@ -49,17 +86,59 @@ class ConnectionPool:
         return None
 
     async def acquire(self) -> UpstreamConnection:
-        """An idle connection or a new one. Raises Overloaded or an upstream connect error."""
-        conn = self.take_idle()
-        if conn is not None:
-            return conn
-        if self.open >= self.limits.max_connections:
-            raise Overloaded()
-        return await self.connect()
+        """An idle connection, a new one, or one after waiting in the queue.
 
-    async def connect(self) -> UpstreamConnection:
+        Raises Overloaded (no slot and the queue is full or timed out) or a connect error.
+        """
+        if not self.waiters:
+            conn = self.take_idle()
+            if conn is not None:
+                return conn
+            if self.open < self.limits.max_connections:
+                return await self.connect()
+        grant = await self._wait_turn()
+        if grant is None:
+            return await self.connect(reserved=True)
+        return grant
+
+    async def _wait_turn(self) -> _Grant:
+        queue = self.queue
+        if queue.waiting >= queue.size:
+            queue.rejected += 1
+            raise Overloaded()
+        waiter: asyncio.Future[_Grant] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        queue.waiting += 1
+        try:
+            async with asyncio.timeout(queue.timeout):
+                return await waiter
+        except BaseException as exc:
+            self._leave(waiter)
+            if isinstance(exc, TimeoutError):
+                queue.timeouts += 1
+                raise Overloaded("The upstream is at its connection limit and the queue wait timed out.") from None
+            raise
+        finally:
+            queue.waiting -= 1
+
+    def _leave(self, waiter: asyncio.Future[_Grant]) -> None:
+        """A waiter gives up: out of the queue, and what it was handed goes to the next one."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+        if waiter.done() and not waiter.cancelled():
+            grant = waiter.result()
+            if grant is None:
+                self.open -= 1
+                self._slot_freed()
+            else:
+                self._reuse(grant)
+        elif not waiter.done():
+            waiter.cancel()
+
+    async def connect(self, reserved: bool = False) -> UpstreamConnection:
         """Open a new connection (counted against the limit while it connects)."""
-        self.open += 1
+        if not reserved:
+            self.open += 1
         counted = True
         loop = asyncio.get_running_loop()
         host, port = self.address
@@ -70,8 +149,6 @@ class ConnectionPool:
             raise UpstreamConnectTimeout() from None
         except OSError as exc:
             raise UpstreamConnectError(f"The upstream refused the connection ({exc.strerror or exc}).") from None
-        except BaseException:
-            raise
         else:
             counted = False
             self.opened_total += 1
@@ -79,20 +156,48 @@ class ConnectionPool:
         finally:
             if counted:
                 self.open -= 1
+                self._slot_freed()
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Give a connection back after an exchange; close it unless it can serve again."""
         conn.detach()
-        if not reusable or conn.closed or self._closing or len(self.idle) >= self.limits.max_idle:
+        if not reusable or conn.closed or self._closing:
+            conn.close()  # connection_lost frees the slot for a waiter
+            return
+        self._reuse(conn)
+
+    def _reuse(self, conn: UpstreamConnection) -> None:
+        """A connection that can serve again: to the first waiter, else to the idle list."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if conn.closed:
+            return
+        if len(self.idle) >= self.limits.max_idle:
             conn.close()
             return
         conn.idle_since = asyncio.get_running_loop().time()
         self.idle.append(conn)
 
+    def _slot_freed(self) -> None:
+        """One fewer connection is open: let the first waiter open one in its place."""
+        waiters = self.waiters
+        while waiters and self.open < self.limits.max_connections:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.open += 1  # reserved for the waiter, which connects with reserved=True
+                waiter.set_result(None)
+                return
+
     def connection_lost(self, conn: UpstreamConnection) -> None:
         self.open -= 1
         if conn in self.idle:
             self.idle.remove(conn)
+        if self.waiters:
+            self._slot_freed()
 
     def sweep(self, now: float) -> None:
         """Close idle connections past their idle timeout."""
@@ -112,4 +217,9 @@ class ConnectionPool:
             conn.close()
 
     def statistics(self) -> dict[str, Any]:
-        return {"open": self.open, "idle": len(self.idle), "opened_total": self.opened_total}
+        return {
+            "open": self.open,
+            "idle": len(self.idle),
+            "waiting": len(self.waiters),
+            "opened_total": self.opened_total,
+        }

@@ -1,0 +1,215 @@
+"""`bastion run --workers N`: a supervisor process and N worker processes.
+
+The supervisor has no event loop and serves no traffic. It forks N workers; each runs the
+whole gateway (`app.serve`) on its own uvloop with its own listening sockets bound with
+SO_REUSEPORT, so the kernel spreads new connections over the workers and one worker's crash
+never closes another's sockets.
+
+The supervisor blocks the signals it handles and takes them with `sigtimedwait`, so there is
+no handler racing with the main loop:
+
+- SIGHUP, or a change to the config file (polled every second): the file is validated once
+  here; a valid file is announced to every worker with SIGHUP (each builds and swaps its own
+  snapshot), an invalid one is logged and the running config stays.
+- SIGTERM / SIGINT: forwarded to every worker, which drains and exits; after the drain timeout
+  (plus a grace period) a worker still alive is killed. A second signal is forwarded too
+  (workers then cut their connections at once). The supervisor exits 0.
+- A worker that exits while the supervisor is not stopping is replaced, at once the first
+  time, then with a doubling delay (up to 10 s) while replacements keep dying young.
+
+State that is per process: connection pools, passive health, latency scores, retry budgets,
+rate-limit counters of the memory store. Active health checks are spread: each worker probes
+every `interval x N`, offset by its index, so a target sees one probe per `interval` in total
+(see docs/load-balancing.md). The sticky-session key is created here and inherited, so every
+worker (and every replacement) sets and understands the same cookie values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+from bastion.config.loader import load_config
+from bastion.errors import ConfigError
+from bastion.upstream.runtime import STICKY_SECRET_ENV
+
+log = logging.getLogger("bastion.workers")
+
+HANDLED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD))
+TICK = 0.2
+WATCH_INTERVAL = 1.0
+STOP_GRACE = 5.0
+YOUNG = 5.0  # a worker that dies sooner than this counts toward the respawn backoff
+MAX_BACKOFF = 10.0
+
+
+class Slot:
+    """One worker position: the current process and its crash history."""
+
+    __slots__ = ("index", "pid", "started", "quick_deaths", "respawn_at")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pid = 0
+        self.started = 0.0
+        self.quick_deaths = 0
+        self.respawn_at = 0.0
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM if the supervisor dies, so no orphan keeps serving an old config."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_worker(config_path: str, index: int, count: int) -> int:
+    """A worker's life: the gateway on SO_REUSEPORT listeners, until SIGTERM."""
+    from bastion.app import new_event_loop, serve
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(serve(config_path, reuse_port=True, worker=index, workers=count, watch=None))
+
+
+class Supervisor:
+    def __init__(self, config_path: str, count: int) -> None:
+        self.config_path = config_path
+        self.count = count
+        self.slots = [Slot(i) for i in range(count)]
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.killed = False
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def spawn(self, slot: Slot) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+                for signum in HANDLED:
+                    signal.signal(signum, signal.SIG_DFL)
+                _die_with_parent()
+                code = run_worker(self.config_path, slot.index, self.count)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        slot.pid = pid
+        slot.started = time.monotonic()
+        log.info("worker %d started (pid %d)", slot.index, pid)
+
+    def signal_all(self, signum: int) -> None:
+        for slot in self.slots:
+            if slot.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signum)
+
+    def reap(self) -> None:
+        """Collect exited workers; schedule replacements unless stopping."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            slot.pid = 0
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                log.info("worker %d (pid %d) exited (%d)", slot.index, pid, code)
+                continue
+            now = time.monotonic()
+            slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < YOUNG else 0
+            delay = 0.0 if slot.quick_deaths == 0 else min(0.25 * 2 ** (slot.quick_deaths - 1), MAX_BACKOFF)
+            slot.respawn_at = now + delay
+            log.error("worker %d (pid %d) died (%d); replacing it in %.2gs", slot.index, pid, code, delay)
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def reload(self, why: str) -> None:
+        """Validate once here; announce a valid config to every worker."""
+        try:
+            load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload (%s) rejected, the running config stays:\n%s", why, "\n".join(exc.problems))
+            return
+        log.info("reloading (%s): signalling %d workers", why, self.count)
+        self.signal_all(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.stopping:
+            log.warning("second stop signal: workers close their connections now")
+            self.signal_all(signal.SIGTERM)
+            return
+        self.stopping = True
+        drain = 30.0
+        with contextlib.suppress(ConfigError):
+            drain = load_config(self.config_path).config.drain_timeout
+        self.stop_deadline = time.monotonic() + drain + STOP_GRACE
+        log.info("shutting down: %d workers drain", sum(1 for s in self.slots if s.pid))
+        self.signal_all(signal.SIGTERM)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from bastion.app import file_fingerprint
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        for slot in self.slots:
+            self.spawn(slot)
+        fingerprint = file_fingerprint(self.config_path)
+        next_watch = time.monotonic() + WATCH_INTERVAL
+        while True:
+            info = signal.sigtimedwait(HANDLED, TICK)
+            if info is not None:
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                    self.stop()
+                elif info.si_signo == signal.SIGHUP and not self.stopping:
+                    fingerprint = file_fingerprint(self.config_path)
+                    self.reload("SIGHUP")
+            self.reap()
+            now = time.monotonic()
+            if self.stopping:
+                if not any(s.pid for s in self.slots):
+                    log.info("stopped")
+                    return 0
+                if now >= self.stop_deadline and not self.killed:
+                    log.error("workers still running after the drain timeout: killing them")
+                    self.killed = True
+                    self.signal_all(signal.SIGKILL)
+                continue
+            for slot in self.slots:
+                if not slot.pid and now >= slot.respawn_at:
+                    self.spawn(slot)
+            if now >= next_watch:
+                next_watch = now + WATCH_INTERVAL
+                seen = file_fingerprint(self.config_path)
+                if seen is not None and fingerprint is not None and seen[2] != fingerprint[2]:
+                    self.reload("config file changed")
+                if seen is not None:
+                    fingerprint = seen
+
+
+def supervise(config_path: str, count: int) -> int:
+    """Run `count` workers under a supervisor until SIGTERM/SIGINT; returns the exit code."""
+    os.environ.setdefault(STICKY_SECRET_ENV, os.urandom(32).hex())
+    log.info("supervisor (pid %d): %d workers on SO_REUSEPORT listeners", os.getpid(), count)
+    return Supervisor(config_path, count).run()
