@@ -88,6 +88,16 @@ def check(config: str) -> None:
     """Validate CONFIG; print a summary, or every problem with file:line and key path."""
     loaded = _load_or_exit(config)
     cfg = loaded.config
+    try:  # plugin configs and consumers are checked when the snapshot is built
+        from bastion.config.build import check_config
+
+        check_config(loaded)
+    except ConfigError as exc:
+        for line in exc.problems:
+            click.echo(line, err=True)
+        count = len(exc.problems)
+        click.echo(f"{count} {'problem' if count == 1 else 'problems'} in {config}", err=True)
+        sys.exit(1)
     click.echo(f"{config}:")
     click.echo(f"  listeners ({len(cfg.listeners)}):")
     for row in _table(["name", "protocol", "bind"], [[lst.name, lst.protocol, str(lst.bind)] for lst in cfg.listeners])[

@@ -19,8 +19,11 @@ from bastion.config.schema import Config, Loc, PluginEntry, Route
 from bastion.errors import ConfigError
 from bastion.http.router import Router
 from bastion.observability.logs import AccessLog
-from bastion.pipeline import Plugin
+from bastion.pipeline import BuildEnv, Plugin, PluginProblems
 from bastion.plugins import PLUGINS
+from bastion.plugins.consumers import ConsumerIndex
+from bastion.store.base import Store
+from bastion.store.memory import LocalStore, MemoryStore, table_path
 from bastion.upstream.runtime import UpstreamRuntime
 from bastion.upstream.targets import TargetRegistry
 
@@ -67,12 +70,16 @@ class Snapshot:
         routes: list[RouteRuntime],
         upstreams: dict[str, UpstreamRuntime],
         plugins: list[Plugin],
+        consumers: ConsumerIndex | None = None,
+        store: Store | None = None,
     ) -> None:
         self.config = config
         self.router = router
         self.routes = routes
         self.upstreams = upstreams
         self.plugins = plugins  # every distinct instance, for start/close
+        self.consumers = consumers if consumers is not None else ConsumerIndex()
+        self.store = store if store is not None else LocalStore()
         self.access_log: AccessLog | None = AccessLog() if config.log.access else None
 
     async def start(self) -> None:
@@ -85,6 +92,10 @@ class Snapshot:
                 await plugin.close()
             except Exception:
                 log.exception("plugin %s failed to close", plugin.name)
+        try:
+            await self.store.close()
+        except Exception:
+            log.exception("the store failed to close")
         if self.access_log is not None:
             self.access_log.flush()
 
@@ -93,14 +104,22 @@ class Snapshot:
 
 
 class PluginBuilder:
-    """Instantiates plugin entries, collecting every error with its location."""
+    """Instantiates plugin entries, collecting every error with its location.
 
-    def __init__(self, loaded: LoadedConfig) -> None:
+    Each plugin gets a `BuildEnv`: the consumers index and the store are shared by the
+    whole snapshot, the scope says whether the entry is global or belongs to a route.
+    """
+
+    def __init__(self, loaded: LoadedConfig, consumers: ConsumerIndex, store: Store) -> None:
         self.loaded = loaded
+        self.consumers = consumers
+        self.store = store
         self.problems: list[str] = []
         self.instances: list[Plugin] = []
+        self.locations: dict[int, Loc] = {}  # id(plugin) -> its entry's key path
 
-    def build(self, entries: Sequence[PluginEntry], loc: Loc) -> list[Plugin]:
+    def build(self, entries: Sequence[PluginEntry], loc: Loc, scope: str = "") -> list[Plugin]:
+        env = BuildEnv(self.consumers, self.store, scope, self.loaded.path)
         plugins: list[Plugin] = []
         for index, entry in enumerate(entries):
             here = (*loc, index)
@@ -114,19 +133,31 @@ class PluginBuilder:
                 self.problems.append(self.loaded.where((*here, name), f"unknown plugin (known: {known})"))
                 continue
             try:
-                config = cls.Config.model_validate(raw if raw is not None else {})
-                plugin = cls(config)
+                plugin = cls.create(raw, env)
             except ValidationError as exc:
                 for error in exc.errors():
                     message = str(error["msg"]).removeprefix("Value error, ")
                     self.problems.append(self.loaded.where((*here, name, *error["loc"]), message))
+                continue
+            except PluginProblems as exc:
+                for sub, message in exc.problems:
+                    self.problems.append(self.loaded.where((*here, name, *sub), message))
                 continue
             except (ValueError, TypeError) as exc:
                 self.problems.append(self.loaded.where((*here, name), str(exc)))
                 continue
             plugins.append(plugin)
             self.instances.append(plugin)
+            self.locations[id(plugin)] = (*here, name)
         return plugins
+
+    def check_chain(self, chain: Sequence[Plugin], route: str) -> None:
+        """Let each plugin object to the chain it ended up in (reported once per plugin and route)."""
+        for plugin in chain:
+            problem = plugin.check_chain(chain)
+            if problem is not None:
+                where = self.locations.get(id(plugin), ())
+                self.problems.append(self.loaded.where(where, f"{problem} (route {route!r})"))
 
 
 def order_plugins(global_plugins: Sequence[Plugin], route_plugins: Sequence[Plugin]) -> list[Plugin]:
@@ -134,23 +165,46 @@ def order_plugins(global_plugins: Sequence[Plugin], route_plugins: Sequence[Plug
     return sorted([*global_plugins, *route_plugins], key=lambda p: p.stage)
 
 
+class _Built:
+    """The config-dependent parts of a snapshot that need no sockets: consumers and plugin chains."""
+
+    def __init__(self, loaded: LoadedConfig) -> None:
+        config = loaded.config
+        self.consumers, consumer_problems = ConsumerIndex.build(config.consumers)
+        self.store = MemoryStore(table_path(loaded.path))
+        builder = PluginBuilder(loaded, self.consumers, self.store)
+        builder.problems.extend(loaded.where(loc, message) for loc, message in consumer_problems)
+        global_plugins = builder.build(config.plugins, ("plugins",))
+        route_plugins = [
+            builder.build(route.plugins, ("routes", i, "plugins"), route.name) for i, route in enumerate(config.routes)
+        ]
+        self.chains = [order_plugins(global_plugins, route_plugins[i]) for i in range(len(config.routes))]
+        if not builder.problems:
+            for route, chain in zip(config.routes, self.chains, strict=True):
+                builder.check_chain(chain, route.name)
+        if builder.problems:
+            raise ConfigError(list(dict.fromkeys(builder.problems)))
+        self.instances = builder.instances
+
+
+def check_config(loaded: LoadedConfig) -> None:
+    """Validate what only building can: plugin configs, consumers, chains. Raises ConfigError.
+
+    No side effects (no sockets, no shared memory): this is what `bastion check` runs.
+    """
+    _Built(loaded)
+
+
 def build_snapshot(loaded: LoadedConfig, registry: TargetRegistry, extra: dict[str, Any] | None = None) -> Snapshot:
     """Build a Snapshot or raise ConfigError with every problem found."""
     config = loaded.config
-    builder = PluginBuilder(loaded)
-    global_plugins = builder.build(config.plugins, ("plugins",))
-    route_plugins = [builder.build(route.plugins, ("routes", i, "plugins")) for i, route in enumerate(config.routes)]
-    if builder.problems:
-        raise ConfigError(builder.problems)
+    built = _Built(loaded)
     upstreams = {
         name: UpstreamRuntime(name, upstream, [registry.claim(name, upstream, t) for t in upstream.targets])
         for name, upstream in config.upstreams.items()
     }
-    routes = [
-        RouteRuntime(route, upstreams[route.upstream], order_plugins(global_plugins, route_plugins[i]))
-        for i, route in enumerate(config.routes)
-    ]
-    return Snapshot(config, Router(config.routes), routes, upstreams, builder.instances)
+    routes = [RouteRuntime(route, upstreams[route.upstream], built.chains[i]) for i, route in enumerate(config.routes)]
+    return Snapshot(config, Router(config.routes), routes, upstreams, built.instances, built.consumers, built.store)
 
 
 async def close_later(snapshot: Snapshot, delay: float) -> None:

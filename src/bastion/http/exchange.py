@@ -30,7 +30,7 @@ from bastion.errors import (
     UpstreamTimeout,
 )
 from bastion.http.model import Headers, Request, Response
-from bastion.pipeline import Context, Reply
+from bastion.pipeline import Context, Reply, plugin_failed
 from bastion.upstream.conn import UpstreamConnection
 from bastion.upstream.targets import TargetState
 
@@ -255,7 +255,12 @@ class Exchange:
         ctx.upstream_name = route.upstream.name
         if route.request_plugins:
             for ran, plugin in enumerate(route.request_plugins):
-                reply = await plugin.on_request(ctx)
+                try:
+                    reply = await plugin.on_request(ctx)
+                except GatewayError:
+                    raise
+                except Exception as exc:
+                    raise plugin_failed(plugin, "request", exc, request.request_id) from exc
                 if reply is not None:
                     await self._reply(route, ctx, reply, ran + 1)
                     return
@@ -401,7 +406,12 @@ class Exchange:
         if extra:
             response.headers.items.extend(extra)
         for plugin in route.response_plugins:
-            await plugin.on_response(ctx, response)
+            try:
+                await plugin.on_response(ctx, response)
+            except GatewayError:
+                raise
+            except Exception as exc:
+                raise plugin_failed(plugin, "response", exc, self.request.request_id) from exc
         if self._error is not None:
             raise self._error
         self._write_head(response, self._resp_length)
@@ -474,10 +484,16 @@ class Exchange:
         response = Response(reply.status, reply.headers)
         ctx.response = response
         hooks = route.response_plugins
-        ran_plugins = set(route.request_plugins[:ran])
+        # Every plugin up to the one that replied, in chain order (with or without a request hook).
+        ran_plugins = set(route.plugins[: route.plugins.index(route.request_plugins[ran - 1]) + 1])
         for plugin in hooks:
             if plugin in ran_plugins:
-                await plugin.on_response(ctx, response)
+                try:
+                    await plugin.on_response(ctx, response)
+                except GatewayError:
+                    raise
+                except Exception as exc:
+                    raise plugin_failed(plugin, "response", exc, self.request.request_id) from exc
         body = reply.body
         if body.startswith(b'{"error":') and reply.status >= 400:
             body = self._with_request_id(body)

@@ -1,0 +1,80 @@
+"""The consumers of a config, indexed for the authentication plugins.
+
+Built once per snapshot. API keys are indexed by their SHA-256 digest: looking a presented
+key up by digest reveals nothing useful through timing (an attacker cannot steer the digest),
+and the final comparison uses hmac.compare_digest. Password hashes are checked for a known
+format here, so a typo is a config error with its line, not a 401 at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+
+from bastion.config.schema import Consumer, Loc
+
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+ARGON2_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
+
+Where = Callable[[Loc, str], str]
+
+
+def key_digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+class ConsumerIndex:
+    """Consumers by name, API key, basic-auth username and JWT subject."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Consumer] = {}
+        self._keys: dict[bytes, tuple[Consumer, bytes]] = {}
+        self.passwords: dict[str, tuple[Consumer, bytes]] = {}
+        self.subjects: dict[str, Consumer] = {}
+
+    @classmethod
+    def build(cls, consumers: Sequence[Consumer]) -> tuple[ConsumerIndex, list[tuple[Loc, str]]]:
+        """The index and the problems found (duplicate credentials, unknown hash formats)."""
+        index = cls()
+        problems: list[tuple[Loc, str]] = []
+        for i, consumer in enumerate(consumers):
+            index.by_name[consumer.name] = consumer
+            creds = consumer.credentials
+            base: Loc = ("consumers", i, "credentials")
+            for j, cred in enumerate(creds.key_auth):
+                raw = cred.key.encode()
+                digest = key_digest(raw)
+                other = index._keys.get(digest)
+                if other is not None:
+                    # Never echo the key itself: this message ends up in logs.
+                    problems.append(((*base, "key_auth", j, "key"), f"key already used by consumer {other[0].name!r}"))
+                    continue
+                index._keys[digest] = (consumer, raw)
+            for j, basic in enumerate(creds.basic_auth):
+                loc: Loc = (*base, "basic_auth", j)
+                if basic.username in index.passwords:
+                    owner = index.passwords[basic.username][0].name
+                    problems.append(((*loc, "username"), f"username already used by consumer {owner!r}"))
+                    continue
+                if not basic.password_hash.startswith(BCRYPT_PREFIXES + ARGON2_PREFIXES):
+                    problems.append(((*loc, "password_hash"), "not a bcrypt ($2b$...) or argon2 ($argon2id$...) hash"))
+                    continue
+                index.passwords[basic.username] = (consumer, basic.password_hash.encode())
+            for j, token in enumerate(creds.jwt):
+                if token.subject in index.subjects:
+                    owner = index.subjects[token.subject].name
+                    problems.append(((*base, "jwt", j, "subject"), f"subject already used by consumer {owner!r}"))
+                    continue
+                index.subjects[token.subject] = consumer
+        return index, problems
+
+    def by_key(self, key: bytes) -> Consumer | None:
+        """The consumer owning this API key, or None."""
+        found = self._keys.get(key_digest(key))
+        if found is None or not hmac.compare_digest(found[1], key):
+            return None
+        return found[0]
+
+    def __len__(self) -> int:
+        return len(self.by_name)
