@@ -157,6 +157,8 @@ class PeakEwma(Balancer):
     cost = peak-EWMA latency x (in_flight + 1) / weight. Two random choices avoid the herd a
     global minimum causes (every gateway worker rushing to the same "best" target) while still
     steering away from slow or busy targets. A target without samples yet costs a nominal 1 ms.
+    Weights scale the cost, so under load a weight-3 target carries about three times the
+    requests of a weight-1 target of the same speed; equal costs are shared by weight.
     """
 
     COLD = 0.001
@@ -169,7 +171,11 @@ class PeakEwma(Balancer):
         if len(chosen) == 1:
             return self.targets[chosen[0]]
         a, b = self.rng.sample(chosen, 2)
-        return self.targets[a] if self._cost(a, now) <= self._cost(b, now) else self.targets[b]
+        cost_a, cost_b = self._cost(a, now), self._cost(b, now)
+        if cost_a == cost_b:  # e.g. an idle upstream: share by weight
+            weight_a = self.effective_weight(a, now)
+            return self.targets[a if self.rng.random() * (weight_a + self.effective_weight(b, now)) < weight_a else b]
+        return self.targets[a] if cost_a < cost_b else self.targets[b]
 
     def _cost(self, i: int, now: float) -> float:
         target = self.targets[i]
