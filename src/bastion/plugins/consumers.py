@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Sequence
+
+import argon2
 
 from bastion.config.schema import Consumer, Loc
 
@@ -18,6 +21,22 @@ BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 ARGON2_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
 
 Where = Callable[[Loc, str], str]
+
+
+_BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
+
+
+def valid_hash(text: str) -> bool:
+    """Is this a well-formed bcrypt or argon2 hash (so a typo fails at load, not at login)?"""
+    if text.startswith(BCRYPT_PREFIXES):
+        return _BCRYPT.match(text) is not None
+    if text.startswith(ARGON2_PREFIXES):
+        try:
+            argon2.extract_parameters(text)
+        except (argon2.exceptions.InvalidHashError, ValueError):
+            return False
+        return True
+    return False
 
 
 def key_digest(key: bytes) -> bytes:
@@ -57,7 +76,7 @@ class ConsumerIndex:
                     owner = index.passwords[basic.username][0].name
                     problems.append(((*loc, "username"), f"username already used by consumer {owner!r}"))
                     continue
-                if not basic.password_hash.startswith(BCRYPT_PREFIXES + ARGON2_PREFIXES):
+                if not valid_hash(basic.password_hash):
                     problems.append(((*loc, "password_hash"), "not a bcrypt ($2b$...) or argon2 ($argon2id$...) hash"))
                     continue
                 index.passwords[basic.username] = (consumer, basic.password_hash.encode())
