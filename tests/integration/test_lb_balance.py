@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from lb_support import Load, SlowOrigin, lb_config, origin_of, tally
-from support import GatewayThread, write_config
 
 from bastion.demo.origin import OriginHandle
+from support import GatewayThread, write_config
 
 
 @pytest.fixture

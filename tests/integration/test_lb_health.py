@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 from lb_support import Load, lb_config, origin_of, set_health, tally, wait_for
-from support import GatewayThread, free_port, request
 
 from bastion.demo.origin import OriginHandle
+from support import GatewayThread, free_port, request
 
 FAST_CHECKS = {"type": "http", "path": "/healthz", "interval": "50ms", "timeout": "200ms", "healthy": 1, "unhealthy": 1}
 
