@@ -226,7 +226,7 @@ def test_chunked_body_over_the_limit_while_streaming(gateway: Start, origin: Ori
     small = raw_exchange(gw.port, head + chunk + b"0\r\n\r\n", timeout=3.0, read_until_close=False)
     assert split_responses(small)[0][0] == 200
     big = raw_exchange(gw.port, head + chunk + chunk + b"0\r\n\r\n", timeout=3.0)
-    status, headers, body = split_responses(big)[0]
+    status, _, body = split_responses(big)[0]
     assert status == 413
     assert b"body_too_large" in body
 
