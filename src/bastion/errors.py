@@ -49,6 +49,10 @@ class PayloadTooLarge(GatewayError):
     status, word, message = 413, "body_too_large", "The request body is over the limit."
 
 
+class ExpectationFailed(GatewayError):
+    status, word, message = 417, "expectation_failed", "The only expectation supported is 100-continue."
+
+
 class URITooLong(GatewayError):
     status, word, message = 414, "uri_too_long", "The request URI is over the limit."
 

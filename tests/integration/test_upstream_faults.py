@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 import time
 
@@ -126,3 +127,14 @@ def _client_connections(gw):
         return len(gw.gateway.connections)
 
     return run()
+
+
+def test_client_leaving_never_causes_a_resend(origins, gateway):
+    origin = origins()
+    gw = gateway(targets=[origin.port])
+    assert request(gw.port, path="/plain").status == 200  # warm the pool: the next try reuses it
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"POST /delay/300 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(0.1)
+    time.sleep(0.6)
+    assert origin.call(lambda: origin.origin.requests) == 2

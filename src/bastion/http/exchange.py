@@ -95,6 +95,7 @@ class Exchange:
         "_waiter",
         "_error",
         "_limit",
+        "_client_gone",
     )
 
     def __init__(self, server: H1Server, request: Request, expect_continue: bool) -> None:
@@ -125,6 +126,7 @@ class Exchange:
         self._waiter: asyncio.Future[None] | None = None
         self._error: GatewayError | None = None
         self._limit: int | None = None
+        self._client_gone = False
 
     # --- request body from the client ----------------------------------------------------------
 
@@ -212,6 +214,7 @@ class Exchange:
     def client_lost(self) -> None:
         """The client went away: nothing more to relay."""
         self.keep_alive = False
+        self._client_gone = True
         self.upstream_failed(GatewayError("The client closed the connection."))
 
     def _wake(self) -> None:
@@ -304,6 +307,8 @@ class Exchange:
                     await self._wait()
             except GatewayError as exc:
                 self._detach(target, reusable=False)
+                if self._client_gone:
+                    raise  # nobody is waiting for an answer: never send the request again
                 replayable = not request.has_body
                 if reused and replayable and stale_retries < 3 and not isinstance(exc, UpstreamTimeout):
                     # A pooled connection the upstream had already closed: not the target's fault.
@@ -341,21 +346,24 @@ class Exchange:
 
     def _send(self, route: RouteRuntime, target: TargetState, conn: UpstreamConnection) -> None:
         request = self.request
-        conn.start(self, self._upstream_head(route, target), request.method == "HEAD", route.upstream.response_timeout)
-        self.conn = conn
+        head = self._upstream_head(route, target)
         if self._body:
-            for chunk in self._body:
-                self._write_upstream_body(conn, chunk)
+            # One write for the head and whatever body arrived before the connection did.
+            chunked = self._to_upstream_chunked
+            framed = [b"%x\r\n%s\r\n" % (len(c), c) for c in self._body] if chunked else self._body
+            head = b"".join((head, *framed))
             self._body = []
             self._body_buffered = 0
         elif self.expect_continue and not self.body_complete and self.bytes_in == 0:
             self.server.write(_CONTINUE)
+        if self.body_complete and request.chunked:
+            head += b"0\r\n\r\n"
+        conn.start(self, head, request.method == "HEAD", route.upstream.response_timeout)
+        self.conn = conn
         if self._paused_client:
             self._paused_client = False
             self.server.resume_reading()
         if self.body_complete:
-            if request.chunked:
-                conn.write(b"0\r\n\r\n")
             conn.arm_response_timeout()
 
     def _upstream_head(self, route: RouteRuntime, target: TargetState) -> bytes:
@@ -384,13 +392,10 @@ class Exchange:
         parts += (b"via: ", _VIA if via is None else via + b", " + _VIA, b"\r\n")
         if not route.preserve_host:
             parts += (b"host: ", str(target.address).encode(), b"\r\n")
-        parts += (
-            b"x-forwarded-proto: http\r\nx-forwarded-host: ",
-            request.headers.get_raw(b"host") or b"",
-            b"\r\nx-request-id: ",
-            request.request_id.encode(),
-            b"\r\n",
-        )
+        host = request.headers.get_raw(b"host")
+        if host:
+            parts += (b"x-forwarded-host: ", host, b"\r\n")
+        parts += (b"x-forwarded-proto: http\r\nx-request-id: ", request.request_id.encode(), b"\r\n")
         if request.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         elif request.content_length is not None:
@@ -414,15 +419,13 @@ class Exchange:
                 raise plugin_failed(plugin, "response", exc, self.request.request_id) from exc
         if self._error is not None:
             raise self._error
-        self._write_head(response, self._resp_length)
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            for chunk in pending:
-                self._write_client_body(chunk)
+        pending, self._pending = self._pending, None
+        finished = self._upstream_done
+        self._write_head(response, self._resp_length, pending, finished)
         while not self._upstream_done:
             await self._wait()
-        self._end_client_body()
+        if not finished:
+            self._end_client_body()
         reusable = self._upstream_keep_alive and self.body_complete
         if not self.body_complete:
             self.keep_alive = False  # the client's unsent body would be read as the next request
@@ -438,7 +441,10 @@ class Exchange:
 
     # --- writing to the client -----------------------------------------------------------------
 
-    def _write_head(self, response: Response, length: int | None) -> None:
+    def _write_head(
+        self, response: Response, length: int | None, body: list[bytes] | None = None, last: bool = False
+    ) -> None:
+        """Write the response head, with `body` (and the end, if `last`) in the same write."""
         request = self.request
         status = response.status
         self.status = status
@@ -466,6 +472,13 @@ class Exchange:
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         self._head_written = True
+        framing = self._framing
+        if body and framing != _FRAME_NONE:
+            for chunk in body:
+                self.bytes_out += len(chunk)
+                parts += (b"%x\r\n%s\r\n" % (len(chunk), chunk),) if framing == _FRAME_CHUNKED else (chunk,)
+        if last and framing == _FRAME_CHUNKED:
+            parts.append(b"0\r\n\r\n")
         self.server.write(b"".join(parts))
 
     def _write_client_body(self, data: bytes) -> None:
@@ -515,11 +528,7 @@ class Exchange:
         headers.remove(b"transfer-encoding")
         if body and b"content-type" not in headers:
             headers.add(b"content-type", b"application/json")
-        length = len(body)
-        self._write_head(response, length)
-        if self._framing != _FRAME_NONE and body:
-            self.bytes_out += length
-            self.server.write(body)
+        self._write_head(response, len(body), [body] if body else None, True)
 
     def _fail(self, error: GatewayError) -> None:
         """Answer with the contract's JSON error, or cut the connection if it is too late."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from bastion.config.schema import Listener
-from bastion.errors import BadRequest, GatewayError, HeadersTooLarge, URITooLong
+from bastion.errors import BadRequest, ExpectationFailed, GatewayError, HeadersTooLarge, URITooLong
 from bastion.http.exchange import Exchange, status_line
 from bastion.http.model import HeaderList, Headers, Request
 from bastion.http.paths import split_target
@@ -307,7 +307,7 @@ class H1Server(asyncio.Protocol):
         expect_continue = False
         if expect is not None:
             if expect[0].lower() != b"100-continue":
-                raise BadRequest("The only expectation supported is 100-continue.")
+                raise ExpectationFailed()
             expect_continue = version == "1.1" and request.has_body
         return request, expect_continue
 

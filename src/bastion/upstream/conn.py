@@ -38,6 +38,10 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Response fields the gateway sets itself toward the client.
+_DROP_RESPONSE = HOP_BY_HOP | frozenset((b"x-request-id",))
+
+
 class UpstreamListener(Protocol):
     """What a connection reports to the exchange using it."""
 
@@ -226,9 +230,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers = []
             self._connection = []
             return
-        drop = HOP_BY_HOP
+        drop = _DROP_RESPONSE
         if self._connection:
-            drop = HOP_BY_HOP | connection_tokens(self._connection)
+            drop = _DROP_RESPONSE | connection_tokens(self._connection)
         headers = [item for item in self._headers if item[0] not in drop]
         self._head_seen = True
         keep_alive = self.parser.should_keep_alive()
