@@ -335,3 +335,30 @@ def test_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("BASTION_TEST_WEIGHT", "9")
     loaded = load_config_text(with_weight("${BASTION_TEST_WEIGHT}"), "gw.yaml")
     assert loaded.config.upstreams["users"].targets[0].weight == 9
+
+
+def test_bad_route_template_is_reported_with_its_line() -> None:
+    text = """version: 1
+listeners: [{name: w, bind: "127.0.0.1:1"}]
+upstreams: {u: {targets: [{address: "127.0.0.1:2"}]}}
+routes:
+  - name: r
+    match:
+      path: "/a/{x}y"
+    upstream: u
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "gw.yaml")
+    (problem,) = info.value.problems
+    assert problem.startswith("gw.yaml:7: routes[0].match.path: segment '{x}y'")
+
+
+def test_only_one_path_kind_per_route() -> None:
+    text = """version: 1
+listeners: [{name: w, bind: "127.0.0.1:1"}]
+upstreams: {u: {targets: [{address: "127.0.0.1:2"}]}}
+routes: [{name: r, upstream: u, match: {path: /a, path_exact: /a}}]
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "gw.yaml")
+    assert "give one of path, path_exact or path_regex" in info.value.problems[0]

@@ -626,3 +626,19 @@ def test_statistics_describe_the_compiled_shape() -> None:
         "prefixes": 6,
         "regexes": 1,
     }
+
+
+def test_exact_path_matches_only_itself_and_outranks_prefixes() -> None:
+    router = Router([route("api", path="/health"), route("probe", path_exact="/health")])
+    assert winner(router, "GET", "h", "/health") == "probe"
+    assert winner(router, "GET", "h", "/health/deep") == "api"
+    assert winner(router, "GET", "h", "/health/") == "api"
+    row = next(r for r in router.table() if r.name == "probe")
+    assert row.path == "exact /health"
+
+
+def test_exact_path_braces_are_literal() -> None:
+    router = Router([route("lit", path_exact="/a/{b}")])
+    assert winner(router, "GET", "h", "/a/{b}") == "lit"
+    with pytest.raises(NotFound):
+        router.match("GET", "h", "/a/x", Headers())

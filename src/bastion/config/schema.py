@@ -151,6 +151,7 @@ class Upstream(Model):
 class RouteMatch(Model):
     hosts: list[str] = Field(default_factory=list, description="Exact or *.wildcard hosts; empty: any host.")
     path: str | None = Field(None, description="Prefix at a segment boundary, or a template with {name}.")
+    path_exact: str | None = Field(None, description="This path only: no prefix, no params.")
     path_regex: str | None = None
     methods: list[str] = Field(default_factory=list)
     headers: dict[str, str] = Field(default_factory=dict)
@@ -167,7 +168,7 @@ class RouteMatch(Model):
             out.append(host)
         return out
 
-    @field_validator("path")
+    @field_validator("path", "path_exact")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith("/"):
@@ -203,8 +204,8 @@ class RouteMatch(Model):
 
     @model_validator(mode="after")
     def _one_path_kind(self) -> RouteMatch:
-        if self.path is not None and self.path_regex is not None:
-            raise ValueError("give path or path_regex, not both")
+        if sum(p is not None for p in (self.path, self.path_exact, self.path_regex)) > 1:
+            raise ValueError("give one of path, path_exact or path_regex")
         return self
 
 
@@ -308,7 +309,12 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         unique(upstream.targets, "address", ("upstreams", name, "targets"))
         if upstream.balance != "consistent_hash" and "hash_on" in upstream.model_fields_set:
             problems.append((("upstreams", name, "hash_on"), "only used with balance: consistent_hash"))
+    from bastion.http.router import path_problem  # the router owns template syntax
+
     for index, route in enumerate(config.routes):
+        problem = path_problem(route.match.path) if route.match.path else None
+        if problem:
+            problems.append((("routes", index, "match", "path"), problem))
         if route.upstream not in config.upstreams:
             known = ", ".join(sorted(config.upstreams)) or "none defined"
             problems.append((("routes", index, "upstream"), f"no upstream named {route.upstream!r} ({known})"))

@@ -115,18 +115,24 @@ class _Route:
         self.prefix = ""
         if match.path_regex is not None:
             self.kind, self.path = "regex", match.path_regex
+            self.label = "regex"
             self.regex = re.compile(match.path_regex)
-        elif match.path is not None and ("{" in match.path or "}" in match.path):
-            self.kind, self.path = "template", match.path
+        elif match.path_exact is not None or (match.path is not None and ("{" in match.path or "}" in match.path)):
+            # An exact path is a template without params: same table, same precedence tier.
+            exact = match.path_exact is not None
+            self.path = match.path_exact if match.path_exact is not None else str(match.path)
+            self.kind = "template"
+            self.label = "exact" if exact else "template"
             segments: list[str | None] = []
-            for segment in match.path[1:].split("/"):
-                found = _PARAM.fullmatch(segment)
+            for segment in self.path[1:].split("/"):
+                found = None if exact else _PARAM.fullmatch(segment)
                 segments.append(None if found else segment)
                 if found:
                     self.param_names += (found.group(1),)
             self.segments = tuple(segments)
         else:
             self.kind, self.path = "prefix", match.path or "/"
+            self.label = "prefix"
             self.prefix = self.path.rstrip("/")
 
     @property
@@ -381,7 +387,7 @@ class Router:
                     order=order,
                     name=route.name,
                     hosts=", ".join(route.hosts) or "*",
-                    path=f"{route.kind} {route.path}",
+                    path=f"{route.label} {route.path}",
                     methods=", ".join(match.methods) or "*",
                     headers=", ".join(f"{k}: {v}" for k, v in match.headers.items()) or "*",
                     upstream=route.route.upstream,
@@ -421,7 +427,7 @@ class Router:
         if not fits:
             if route.kind == "prefix":
                 return f"path {path} does not start with {route.path} at a segment boundary", None
-            return f"path {path} does not fit {route.kind} {route.path}", None
+            return f"path {path} does not fit {route.label} {route.path}", None
         for name, want in route.headers:
             got = headers.get_raw(name)
             if got != want:
