@@ -246,10 +246,16 @@ async def serve(
     worker: int = 0,
     workers: int = 1,
     watch: float | None = WATCH_INTERVAL,
+    ready: Callable[[], None] | None = None,
 ) -> int:
-    """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file) reloads."""
+    """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file) reloads.
+
+    `ready` is called once the listeners are open (the worker supervisor waits for it).
+    """
     gateway = Gateway(config_path, reuse_port=reuse_port, worker=worker, workers=workers, watch=watch)
     await gateway.start(snapshot)
+    if ready is not None:
+        ready()
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 

@@ -53,12 +53,13 @@ MAX_BACKOFF = 10.0
 class Slot:
     """One worker position: the current process and its crash history."""
 
-    __slots__ = ("index", "pid", "started", "quick_deaths", "respawn_at")
+    __slots__ = ("index", "pid", "started", "ready", "quick_deaths", "respawn_at")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.pid = 0
         self.started = 0.0
+        self.ready = False
         self.quick_deaths = 0
         self.respawn_at = 0.0
 
@@ -72,12 +73,23 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_worker(config_path: str, index: int, count: int) -> int:
+def run_worker(config_path: str, index: int, count: int, ready_fd: int) -> int:
     """A worker's life: the gateway on SO_REUSEPORT listeners, until SIGTERM."""
     from bastion.app import new_event_loop, serve
 
+    def ready() -> None:
+        os.write(ready_fd, bytes((index,)))
+
+    class Tag(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg = f"worker {index}: {record.msg}"
+            return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(Tag())
+
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(config_path, reuse_port=True, worker=index, workers=count, watch=None))
+        return runner.run(serve(config_path, reuse_port=True, worker=index, workers=count, watch=None, ready=ready))
 
 
 class Supervisor:
@@ -88,6 +100,11 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = 0.0
         self.killed = False
+        self.ever_ready = False
+        self.exit_code = 0
+        # Workers report "listening" by writing their index here.
+        self.ready_read, self.ready_write = os.pipe()
+        os.set_blocking(self.ready_read, False)
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -102,7 +119,8 @@ class Supervisor:
                 for signum in HANDLED:
                     signal.signal(signum, signal.SIG_DFL)
                 _die_with_parent()
-                code = run_worker(self.config_path, slot.index, self.count)
+                os.close(self.ready_read)
+                code = run_worker(self.config_path, slot.index, self.count, self.ready_write)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -111,7 +129,18 @@ class Supervisor:
                 os._exit(code)
         slot.pid = pid
         slot.started = time.monotonic()
+        slot.ready = False
         log.info("worker %d started (pid %d)", slot.index, pid)
+
+    def collect_ready(self) -> None:
+        try:
+            data = os.read(self.ready_read, 256)
+        except BlockingIOError:
+            return
+        for index in data:
+            if index < len(self.slots) and self.slots[index].pid:
+                self.slots[index].ready = True
+                self.ever_ready = True
 
     def signal_all(self, signum: int) -> None:
         for slot in self.slots:
@@ -136,9 +165,16 @@ class Supervisor:
             if self.stopping:
                 log.info("worker %d (pid %d) exited (%d)", slot.index, pid, code)
                 continue
+            if not slot.ready and not self.ever_ready:
+                # Not one worker ever came up (a port in use, a config that cannot be built):
+                # respawning would only loop. Give up like a single process would.
+                log.error("worker %d (pid %d) failed to start (%d); stopping", slot.index, pid, code)
+                self.exit_code = 1
+                self.stop()
+                continue
             now = time.monotonic()
             slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < YOUNG else 0
-            delay = 0.0 if slot.quick_deaths == 0 else min(0.25 * 2 ** (slot.quick_deaths - 1), MAX_BACKOFF)
+            delay = 0.0 if slot.quick_deaths <= 1 else min(0.25 * 2 ** (slot.quick_deaths - 1), MAX_BACKOFF)
             slot.respawn_at = now + delay
             log.error("worker %d (pid %d) died (%d); replacing it in %.2gs", slot.index, pid, code, delay)
 
@@ -185,12 +221,13 @@ class Supervisor:
                 elif info.si_signo == signal.SIGHUP and not self.stopping:
                     fingerprint = file_fingerprint(self.config_path)
                     self.reload("SIGHUP")
+            self.collect_ready()
             self.reap()
             now = time.monotonic()
             if self.stopping:
                 if not any(s.pid for s in self.slots):
                     log.info("stopped")
-                    return 0
+                    return self.exit_code
                 if now >= self.stop_deadline and not self.killed:
                     log.error("workers still running after the drain timeout: killing them")
                     self.killed = True
