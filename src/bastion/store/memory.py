@@ -231,12 +231,13 @@ class LocalStore(Store):
         new_tat, result = gcra(tats.get(key), now, limit, period, burst, cost)
         if new_tat is not None:
             if len(tats) >= self.sweep_at and key not in tats:
-                self._sweep(now)
+                tats = self._sweep(now)
             tats[key] = new_tat
         return result
 
-    def _sweep(self, now: int) -> None:
+    def _sweep(self, now: int) -> dict[str, int]:
         self._tats = {k: t for k, t in self._tats.items() if t > now}
+        return self._tats
 
     def statistics(self) -> dict[str, Any]:
         return {"name": self.name, "keys": len(self._tats)}

@@ -1,0 +1,247 @@
+"""The plugin framework without sockets: ordering, hook splitting, build-time errors, Context, Reply."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from click.testing import CliRunner
+
+from bastion.cli import cli
+from bastion.config.build import RouteRuntime, check_config, order_plugins
+from bastion.config.loader import load_config_text
+from bastion.config.schema import Consumer
+from bastion.errors import ConfigError
+from bastion.http.model import Headers, Request, Response
+from bastion.pipeline import BuildEnv, Context, Plugin, PluginError, Reply, plugin_failed
+from bastion.plugins import PLUGINS, register
+from bastion.plugins.consumers import ConsumerIndex
+from bastion.store.memory import LocalStore
+
+ENV = BuildEnv(ConsumerIndex(), LocalStore())
+GOOD_HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+
+HEAD = """\
+version: 1
+listeners: [{ name: web, bind: "127.0.0.1:8080" }]
+upstreams: { app: { targets: [{ address: "127.0.0.1:9001" }] } }
+routes:
+  - name: all
+    match: { path: / }
+    upstream: app
+"""
+
+
+def problems(text: str) -> list[str]:
+    loaded = load_config_text(HEAD + textwrap.dedent(text), "gw.yaml")
+    with pytest.raises(ConfigError) as caught:
+        check_config(loaded)
+    return caught.value.problems
+
+
+class Recorder(Plugin):
+    def __init__(self, label: str, stage: int) -> None:
+        super().__init__(None, ENV)
+        self.label = label
+        self.stage = stage  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+def test_stages_order_auth_before_authz_and_traffic_global_before_route() -> None:
+    g_rate = Recorder("g_rate", Plugin.TRAFFIC)
+    g_auth = Recorder("g_auth", Plugin.AUTHENTICATION)
+    g_tx = Recorder("g_tx", Plugin.TRANSFORM)
+    r_acl = Recorder("r_acl", Plugin.AUTHORIZATION)
+    r_auth = Recorder("r_auth", Plugin.AUTHENTICATION)
+    r_ip = Recorder("r_ip", Plugin.NETWORK)
+    ordered = order_plugins([g_rate, g_auth, g_tx], [r_acl, r_auth, r_ip])
+    assert [p.label for p in ordered] == ["r_ip", "g_auth", "r_auth", "r_acl", "g_rate", "g_tx"]  # type: ignore[attr-defined]
+
+
+class OnlyRequest(Plugin):
+    async def on_request(self, ctx: Context) -> Reply | None:
+        return None
+
+
+class OnlyResponse(Plugin):
+    async def on_response(self, ctx: Context, response: Response) -> None:
+        return None
+
+
+class OnlyLog(Plugin):
+    def on_log(self, ctx: Context, record: dict[str, Any]) -> None:
+        return None
+
+
+def test_route_runtime_keeps_only_overriding_plugins_per_hook() -> None:
+    loaded = load_config_text(HEAD, "gw.yaml")
+    route = loaded.config.routes[0]
+    a, b, c, d = OnlyRequest(None, ENV), OnlyResponse(None, ENV), OnlyLog(None, ENV), OnlyResponse(None, ENV)
+    runtime = RouteRuntime(route, None, [a, b, c, d])  # type: ignore[arg-type]
+    assert runtime.request_plugins == (a,)
+    assert runtime.response_plugins == (d, b)  # reverse
+    assert runtime.log_plugins == (c,)
+
+
+def test_a_route_without_plugins_has_empty_chains() -> None:
+    loaded = load_config_text(HEAD, "gw.yaml")
+    runtime = RouteRuntime(loaded.config.routes[0], None, [])  # type: ignore[arg-type]
+    assert runtime.request_plugins == runtime.response_plugins == runtime.log_plugins == ()
+
+
+# --- build-time errors --------------------------------------------------------------------------
+
+
+def test_unknown_plugin_names_the_known_ones() -> None:
+    (problem,) = problems("plugins:\n  - kee_auth: {}\n")
+    assert problem.startswith("gw.yaml:9: plugins[0].kee_auth: unknown plugin (known: acl, basic_auth,")
+    assert "key_auth" in problem
+
+
+def test_plugin_config_errors_have_lines_and_key_paths() -> None:
+    found = problems(
+        """\
+        plugins:
+          - rate_limit: { limit: 0, per: often, colour: red }
+          - key_auth:
+              in: ["header:X-Api-Key", "body:key"]
+          - jwt: { secret: short }
+          - {}
+          - { acl: {}, cors: {} }
+        """
+    )
+    text = "\n".join(found)
+    assert "gw.yaml:9: plugins[0].rate_limit.limit: Input should be greater than or equal to 1" in text
+    assert "gw.yaml:9: plugins[0].rate_limit.per: not a duration: 'often'" in text
+    assert "gw.yaml:9: plugins[0].rate_limit.colour: Extra inputs are not permitted" in text
+    assert re.search(r"gw\.yaml:11: plugins\[1\]\.key_auth\.in: .*'body:key'", text)
+    assert "gw.yaml:12: plugins[2].jwt.secret: an HMAC secret must be at least 32 bytes" in text
+    assert "gw.yaml:13: plugins[3]: a plugin entry is {NAME: {...config}}" in text
+    assert "gw.yaml:14: plugins[4]: a plugin entry is {NAME: {...config}}" in text
+
+
+def test_route_plugin_errors_point_into_the_route() -> None:
+    text = HEAD.replace("    upstream: app\n", "    upstream: app\n    plugins:\n      - body_limit: { max: lots }\n")
+    loaded = load_config_text(text, "gw.yaml")
+    with pytest.raises(ConfigError) as caught:
+        check_config(loaded)
+    assert caught.value.problems == [
+        "gw.yaml:9: routes[0].plugins[0].body_limit.max: not a size: 'lots' (use 512KB, 8MB, 1GB or a number of bytes)"
+    ]
+
+
+def test_consumer_problems_never_show_the_key() -> None:
+    found = problems(
+        f"""\
+        consumers:
+          - name: a
+            credentials:
+              key_auth: [{{ key: topsecret-1 }}]
+              basic_auth: [{{ username: u, password_hash: "{GOOD_HASH}" }}, {{ username: v, password_hash: "md5:a" }}]
+          - name: b
+            credentials:
+              key_auth: [{{ key: topsecret-1 }}]
+              basic_auth: [{{ username: u, password_hash: "$2b$04$abc" }}]
+              jwt: [{{ subject: s }}, {{ subject: s }}]
+        """
+    )
+    text = "\n".join(found)
+    assert "topsecret" not in text
+    assert "gw.yaml:15: consumers[1].credentials.key_auth[0].key: key already used by consumer 'a'" in text
+    assert "gw.yaml:12: consumers[0].credentials.basic_auth[1].password_hash: not a bcrypt" in text
+    assert "consumers[1].credentials.basic_auth[0].username: username already used by consumer 'a'" in text
+    assert "consumers[1].credentials.jwt[1].subject: subject already used by consumer 'b'" in text
+
+
+def test_acl_without_authentication_is_refused() -> None:
+    (problem,) = problems("plugins:\n  - acl: { allow_groups: [x] }\n")
+    assert problem == (
+        "gw.yaml:9: plugins[0].acl: acl needs an authentication plugin (key_auth, basic_auth or jwt) "
+        "before it (route 'all')"
+    )
+
+
+def test_jwt_refuses_none_and_mixed_key_types() -> None:
+    secret = "x" * 32
+    text = "\n".join(
+        problems(
+            f"""\
+            plugins:
+              - jwt: {{ secret: "{secret}", algorithms: [none] }}
+              - jwt: {{ secret: "{secret}", algorithms: [RS256] }}
+              - jwt: {{ jwks_uri: "https://id.test/jwks", algorithms: [HS256] }}
+              - jwt: {{ secret: "{secret}", jwks_uri: "https://id.test/jwks" }}
+              - jwt: {{ jwks_uri: "ftp://id.test/jwks" }}
+              - jwt: {{ public_key: "not a pem" }}
+            """
+        )
+    )
+    assert 'plugins[0].jwt: algorithm "none" is never accepted' in text
+    assert "plugins[1].jwt: RS256 cannot be verified with a secret (key confusion)" in text
+    assert "plugins[2].jwt: HS256 cannot be verified with public keys (key confusion)" in text
+    assert "plugins[3].jwt: give exactly one of secret, public_key, jwks_uri" in text
+    assert "plugins[4].jwt.jwks_uri: must be an http:// or https:// URL" in text
+    assert "plugins[5].jwt: not a PEM public key" in text
+
+
+def test_bastion_check_reports_plugin_problems(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(HEAD + "plugins:\n  - rate_limit: { limit: 5, per: 1m, key: cookie }\n")
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:9: plugins[0].rate_limit.key: must be consumer, ip, route or header:NAME" in result.output
+    assert "1 problem in" in result.output
+    path.write_text(HEAD + "plugins:\n  - rate_limit: { limit: 5, per: 1m }\n")
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_register_needs_a_name() -> None:
+    class Nameless(Plugin):
+        pass
+
+    with pytest.raises(ValueError, match="has no name"):
+        register(Nameless)
+    assert "Nameless" not in PLUGINS
+
+
+# --- Context, Reply, failures --------------------------------------------------------------------
+
+
+def request(headers: list[tuple[bytes, bytes]] | None = None) -> Request:
+    return Request("GET", "/", "", Headers(list(headers or [])), client_ip="192.0.2.1")
+
+
+def test_authenticate_sets_exactly_one_x_consumer() -> None:
+    ctx = Context(request([(b"x-consumer", b"forged"), (b"accept", b"*/*")]), "r", None)
+    assert ctx.client_ip == "192.0.2.1"
+    ctx.authenticate(Consumer(name="first"))
+    ctx.authenticate(Consumer(name="second"))
+    assert ctx.request.headers.get_all("x-consumer") == ["second"]
+    assert ctx.consumer is not None and ctx.consumer.name == "second"
+    assert ctx.request.headers.get("accept") == "*/*"
+
+
+def test_reply_error_is_the_contract_shape() -> None:
+    reply = Reply.error(403, "forbidden", "No.", Headers([(b"x-a", b"1")]))
+    assert reply.status == 403
+    assert json.loads(reply.body) == {"error": "forbidden", "message": "No."}
+    assert reply.headers.get("x-a") == "1"
+    assert Reply(204).headers.items == []
+
+
+def test_plugin_failed_logs_the_plugin_and_makes_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    class Named(Plugin):
+        name = "named"
+
+    error = plugin_failed(Named(None, ENV), "request", RuntimeError("x"), "req-1")
+    assert isinstance(error, PluginError)
+    assert (error.status, error.word) == (500, "plugin_error")
+    assert "plugin named failed in its request hook (request req-1)" in caplog.text
