@@ -137,18 +137,35 @@ class LeastConnections(RoundRobin):
 
     def pick(self, request: Request, exclude: Sequence[TargetState] = ()) -> TargetState | None:
         now = self.clock()
-        chosen = self.candidates(now, exclude)
-        if not chosen:
-            return None
-        if len(chosen) == 1:
-            return self.targets[chosen[0]]
-        targets = self.targets
-        loads = [targets[i].in_flight / max(self.effective_weight(i, now), 1e-9) for i in chosen]
-        least = min(loads)
-        tied = [i for i, load in zip(chosen, loads, strict=True) if load == least]
-        if len(tied) == 1:
-            return targets[tied[0]]
+        tied, any_primary = self._least(self.primary, now, exclude)
+        if not tied and not any_primary:
+            tied, _ = self._least(self.backup, now, exclude)
+        if len(tied) <= 1:
+            return self.targets[tied[0]] if tied else None
         return self._pick_tier(tied, now, ())
+
+    def _least(self, tier: list[int], now: float, exclude: Sequence[TargetState]) -> tuple[list[int], bool]:
+        """The least-loaded candidates of a tier, and whether any of the tier is available."""
+        targets = self.targets
+        weights = self.weights
+        least = float("inf")
+        tied: list[int] = []
+        available = False
+        for i in tier:
+            target = targets[i]
+            if not target.healthy or target.ejected_until > now:
+                continue
+            available = True
+            if exclude and target in exclude:
+                continue
+            weight = weights[i] if now >= target.ramp_until else weights[i] * target.ramp(now)
+            load = target.in_flight / weight
+            if load < least:
+                least = load
+                tied = [i]
+            elif load == least:
+                tied.append(i)
+        return tied, available
 
 
 class PeakEwma(Balancer):
