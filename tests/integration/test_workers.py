@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -71,6 +72,45 @@ def test_sigterm_drains_an_in_flight_request_then_exits_0(origins: Callable[...,
     code, _, err = proc.stop()
     assert code == 0, err
     assert "draining" in err
+
+
+def cut_request(port: int, path: str, out: list[str]) -> threading.Thread:
+    """A request expected to be cut: records its status or the error that ended it."""
+
+    def run() -> None:
+        try:
+            out.append(str(request(port, "GET", path).status))
+        except (OSError, http.client.HTTPException) as exc:
+            out.append(type(exc).__name__)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_the_drain_ends_at_drain_timeout_or_at_a_second_signal(
+    second_signal: bool, origins: Callable[..., OriginHandle], tmp_path: Path
+) -> None:
+    a = origins("a")
+    port = free_port()
+    config = lb_config([{"address": a.address}], port=port)
+    config["drain_timeout"] = "30s" if second_signal else "300ms"
+    proc, _ = start(tmp_path, config)
+    outcome: list[str] = []
+    thread = cut_request(port, "/delay/5000", outcome)
+    wait_for(lambda: a.call(lambda: a.origin.connections) >= 1)
+    time.sleep(0.1)
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    if second_signal:
+        time.sleep(0.2)
+        proc.signal(signal.SIGTERM)
+    assert proc.proc.wait(5) == 0
+    assert time.monotonic() - started < 2.0  # not the 5 s the request wanted, nor the 30 s drain
+    thread.join(5)
+    assert outcome and outcome[0] != "200"  # cut: it could not have completed
+    proc.stop()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
