@@ -138,6 +138,13 @@ def test_headers_only_on_limited_routes(gateway: Start, origin: OriginHandle) ->
     assert request(quiet.port).header("RateLimit-Limit") is None
 
 
+def test_counters_survive_a_reload(gateway: Start, origin: OriginHandle) -> None:
+    gw = gateway(targets=[origin.port], plugins=[{"rate_limit": {"limit": 2, "per": "1h", "key": "ip"}}])
+    assert statuses(gw.port, 2) == [200, 200]
+    assert gw.reload()
+    assert statuses(gw.port, 1) == [429]
+
+
 def test_rate_limit_holds_across_workers(tmp_path: Path, origin: OriginHandle) -> None:
     """Two worker processes on one port share one counter table: 5 per minute means 5."""
     port = free_port()

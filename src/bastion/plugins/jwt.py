@@ -27,7 +27,7 @@ from bastion.config.types import Duration
 from bastion.http.model import Headers
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
 from bastion.plugins import register
-from bastion.plugins.common import Source, header_name, quoted
+from bastion.plugins.common import PROTECTED_HEADERS, Source, header_name, quoted
 from bastion.plugins.jwks import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Key, KeySet, load_pem
 
 log = logging.getLogger("bastion.plugins.jwt")
@@ -74,7 +74,7 @@ class JwtConfig(PluginConfig):
     @classmethod
     def _forward(cls, value: dict[str, str]) -> dict[str, str]:
         for name, claim in value.items():
-            if header_name(name) in (b"x-consumer", b"authorization", b"host", b"content-length"):
+            if header_name(name) in PROTECTED_HEADERS or header_name(name) == _AUTHORIZATION:
                 raise ValueError(f"{name} cannot carry a claim")
             if not claim:
                 raise ValueError(f"{name}: empty claim name")
