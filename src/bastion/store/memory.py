@@ -30,6 +30,8 @@ falls back to a process-local table and says so in the log (limits are then per 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -205,6 +207,18 @@ def detach(table: SharedTable) -> None:
         table.users -= 1
         if table.users == 0:
             _tables.pop(table.path, None)
+            table.close()
+
+
+@atexit.register
+def _detach_all() -> None:
+    """At exit, close what is still attached (a snapshot retired without close) so the last
+    process out still deletes the file."""
+    with _tables_lock:
+        tables = list(_tables.values())
+        _tables.clear()
+    for table in tables:
+        with contextlib.suppress(OSError, BufferError, ValueError):
             table.close()
 
 
