@@ -48,6 +48,20 @@ def _load_or_exit(path: str) -> LoadedConfig:
         sys.exit(1)
 
 
+def _built_or_exit(loaded: LoadedConfig) -> None:
+    """Check what only building finds (plugin configs, consumers), or print every problem and exit 1."""
+    from bastion.config.build import check_config
+
+    try:
+        check_config(loaded)
+    except ConfigError as exc:
+        for line in exc.problems:
+            click.echo(line, err=True)
+        count = len(exc.problems)
+        click.echo(f"{count} {'problem' if count == 1 else 'problems'} in {loaded.path}", err=True)
+        sys.exit(1)
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Plain-text columns, each as wide as its widest cell."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
@@ -76,7 +90,7 @@ def cli() -> None:
 )
 def run(config: str, workers: int) -> None:
     """Run the gateway in the foreground (SIGHUP reloads, SIGTERM drains and exits)."""
-    _load_or_exit(config)
+    _built_or_exit(_load_or_exit(config))
     from bastion.app import run_gateway
 
     sys.exit(run_gateway(config, workers))
@@ -88,16 +102,7 @@ def check(config: str) -> None:
     """Validate CONFIG; print a summary, or every problem with file:line and key path."""
     loaded = _load_or_exit(config)
     cfg = loaded.config
-    try:  # plugin configs and consumers are checked when the snapshot is built
-        from bastion.config.build import check_config
-
-        check_config(loaded)
-    except ConfigError as exc:
-        for line in exc.problems:
-            click.echo(line, err=True)
-        count = len(exc.problems)
-        click.echo(f"{count} {'problem' if count == 1 else 'problems'} in {config}", err=True)
-        sys.exit(1)
+    _built_or_exit(loaded)
     click.echo(f"{config}:")
     click.echo(f"  listeners ({len(cfg.listeners)}):")
     for row in _table(["name", "protocol", "bind"], [[lst.name, lst.protocol, str(lst.bind)] for lst in cfg.listeners])[
