@@ -203,6 +203,15 @@ def test_bastion_check_reports_plugin_problems(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+def test_bastion_run_refuses_plugin_problems_before_starting(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(HEAD + "plugins:\n  - body_limit: { max: lots }\n")
+    result = CliRunner().invoke(cli, ["run", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:9: plugins[0].body_limit.max: not a size" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_register_needs_a_name() -> None:
     class Nameless(Plugin):
         pass
