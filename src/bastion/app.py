@@ -75,6 +75,7 @@ class Gateway:
         self.rejected_reloads = 0
         self._snapshot: Snapshot | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retired: list[Snapshot] = []  # replaced by a reload, closed after a delay
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._fingerprint: tuple[int, int, str] | None = None
@@ -173,6 +174,7 @@ class Gateway:
         old = self._snapshot
         self._go_live(snapshot)
         if old is not None:
+            self._retired.append(old)
             self._spawn(close_later(old, snapshot.config.drain_timeout))
         log.info("config reloaded from %s", self.config_path)
         return True
@@ -213,8 +215,10 @@ class Gateway:
             task.cancel()
         for state in self.registry.targets.values():
             state.pool.close()
-        if self._snapshot is not None:
-            await self._snapshot.close()
+        for retired in [*self._retired, self._snapshot]:
+            if retired is not None:
+                await retired.close()  # no-op for those already closed
+        self._retired.clear()
         self._stopped.set()
 
     def hurry(self) -> None:

@@ -17,8 +17,9 @@ no handler racing with the main loop:
 - A worker that exits while the supervisor is not stopping is replaced, at once the first
   time, then with a doubling delay (up to 10 s) while replacements keep dying young.
 
-State that is per process: connection pools, passive health, latency scores, retry budgets,
-rate-limit counters of the memory store. Active health checks are spread: each worker probes
+State that is per process: connection pools, passive health, latency scores, retry budgets.
+Rate-limit counters are shared: the memory store keeps them in one shared-memory table that
+every worker maps (see docs/plugins.md). Active health checks are spread: each worker probes
 every `interval x N`, offset by its index, so a target sees one probe per `interval` in total
 (see docs/load-balancing.md). The sticky-session key is created here and inherited, so every
 worker (and every replacement) sets and understands the same cookie values.

@@ -87,5 +87,6 @@ def test_access_log_line_per_request(origins, tmp_path):
     assert line["bytes_in"] == 3
     assert line["bytes_out"] > 0
     assert line["target"] == f"127.0.0.1:{origin.port}"
+    assert line["consumer"] is None
     for key in ("time", "request_id", "client", "duration_ms"):
         assert key in line

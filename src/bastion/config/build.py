@@ -81,12 +81,17 @@ class Snapshot:
         self.consumers = consumers if consumers is not None else ConsumerIndex()
         self.store = store if store is not None else LocalStore()
         self.access_log: AccessLog | None = AccessLog() if config.log.access else None
+        self.closed = False
 
     async def start(self) -> None:
         for plugin in self.plugins:
             await plugin.start()
 
     async def close(self) -> None:
+        """Close plugins and the store; a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         for plugin in self.plugins:
             try:
                 await plugin.close()
@@ -208,6 +213,8 @@ def build_snapshot(loaded: LoadedConfig, registry: TargetRegistry, extra: dict[s
 
 
 async def close_later(snapshot: Snapshot, delay: float) -> None:
-    """Retire a replaced snapshot once the requests still using it are likely done."""
+    """Retire a replaced snapshot once the requests still using it are likely done.
+
+    If this task is cancelled (the gateway stops first), the gateway closes it instead."""
     await asyncio.sleep(delay)
     await snapshot.close()

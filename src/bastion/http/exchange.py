@@ -559,6 +559,10 @@ class Exchange:
                     log.exception("plugin %s failed in its log hook", plugin.name)
         self.server.exchange_finished(self)
 
+    def _consumer_name(self) -> str | None:
+        consumer = self.ctx.consumer if self.ctx is not None else None
+        return consumer.name if consumer is not None else None
+
     def log_record(self) -> dict[str, Any]:
         request = self.request
         target = self.target
@@ -573,6 +577,7 @@ class Exchange:
             "route": route.name if route is not None else None,
             "upstream": route.upstream.name if route is not None else None,
             "target": str(target.address) if target is not None else None,
+            "consumer": self._consumer_name(),
             "status": self.status,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
