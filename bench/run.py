@@ -7,10 +7,15 @@ alternate the order of the proxies (bastion first, then nginx first, ...) so slo
 the machine does not favour either; each number reported is the median over the rounds.
 
 Scenarios are data (`SCENARIOS`): a new row is a `Scenario(...)` with the plugins and
-consumers to add to Bastion's config and the nginx directives that do the same work.
+consumers to add to Bastion's config and the nginx directives that do the same work. A row
+whose plugins the gateway does not register (`bastion.plugins.PLUGINS`, probed in a
+subprocess) is printed as skipped. Besides the wrk rows there are two memory rows: "idle
+connections" (RSS with 10,000 idle keep-alive clients, held by `idle_clients.py`) and "soak"
+(RSS sampled during 60 s of full load). The run ends with the targets of issue 5, PASS/FAIL.
 
     python bench/run.py                      # 3 rounds of 10 s per scenario and proxy
     python bench/run.py --rounds 5 --duration 20s --workers 1
+    python bench/run.py --bastion "PYTHONPATH=/tmp/wt/src python -m bastion" --soak 0
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import json
 import os
 import platform
 import re
+import resource
+import selectors
+import shlex
 import shutil
 import socket
 import statistics
@@ -29,14 +37,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXIES = ("bastion", "nginx")
+MB = 1024 * 1024  # memory is reported in MiB, written "MB"
+SOAK_SAMPLE = 5.0  # seconds between RSS samples in the soak
+SOAK_WARMUP = 10.0  # soak growth is counted from the first sample at or after this
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,9 @@ class Scenario:
 
     name: str
     connections: int
-    kind: str = "throughput"  # "throughput": compare rps; "latency": compare p50 (and show direct)
+    # "throughput": compare rps; "latency": compare p50 (and show direct); "idle": RSS with
+    # `connections` idle keep-alive clients; "soak": Bastion's RSS during one long wrk run
+    kind: str = "throughput"
     path: str = "/plain"
     route_plugins: list[dict[str, Any]] = field(default_factory=list)
     global_plugins: list[dict[str, Any]] = field(default_factory=list)
@@ -53,34 +66,45 @@ class Scenario:
     wrk_headers: list[str] = field(default_factory=list)
     nginx_location: str = ""  # extra directives in nginx's proxy `location /`
     nginx_http: str = ""  # extra directives in nginx's `http` block (e.g. limit_req_zone)
+    keepalive: float = 0.0  # client keep-alive timeout in seconds for both proxies; 0: defaults
 
+    def plugins(self) -> list[str]:
+        """Names of the plugins this row needs the gateway to have."""
+        return [name for entry in [*self.global_plugins, *self.route_plugins] for name in entry]
+
+
+PLAIN = Scenario("plain proxy", connections=64)
 
 SCENARIOS: list[Scenario] = [
-    Scenario("plain proxy", connections=64),
+    PLAIN,
     Scenario("added latency", connections=1, kind="latency"),
-    # When the plugins exist, uncomment (limits high enough that nothing is actually refused):
-    # Scenario(
-    #     "rate_limit + headers",
-    #     connections=64,
-    #     route_plugins=[
-    #         {"rate_limit": {"limit": 100_000_000, "per": "1m", "key": "ip"}},
-    #         {"request_headers": {"set": {"X-Env": "bench"}}},
-    #         {"response_headers": {"set": {"X-Frame-Options": "DENY"}, "remove": ["Server"]}},
-    #     ],
-    #     nginx_http="limit_req_zone $binary_remote_addr zone=bench:1m rate=10000000r/s;",
-    #     nginx_location='limit_req zone=bench burst=1000000 nodelay; proxy_set_header X-Env bench; '
-    #     'add_header X-Frame-Options DENY; proxy_hide_header Server;',
-    # ),
-    # Scenario(
-    #     "key_auth + rate_limit",
-    #     connections=64,
-    #     route_plugins=[{"key_auth": {}}, {"rate_limit": {"limit": 100_000_000, "per": "1m", "key": "consumer"}}],
-    #     consumers=[{"name": "bench", "credentials": {"key_auth": [{"key": "bench-key"}]}}],
-    #     wrk_headers=["X-Api-Key: bench-key"],
-    #     nginx_http='map $http_x_api_key $bench_ok { "bench-key" 1; default 0; }\n'
-    #     "limit_req_zone $http_x_api_key zone=bench:1m rate=10000000r/s;",
-    #     nginx_location="if ($bench_ok = 0) { return 401; } limit_req zone=bench burst=1000000 nodelay;",
-    # ),
+    # Limits high enough that nothing is actually refused: the cost of the check is measured.
+    Scenario(
+        "rate_limit + headers",
+        connections=64,
+        route_plugins=[
+            {"rate_limit": {"limit": 100_000_000, "per": "1m", "key": "ip"}},
+            {"request_headers": {"set": {"X-Env": "bench"}}},
+            {"response_headers": {"set": {"X-Frame-Options": "DENY"}, "remove": ["Server"]}},
+        ],
+        nginx_http="limit_req_zone $binary_remote_addr zone=bench:1m rate=10000000r/s;",
+        nginx_location="limit_req zone=bench burst=1000000 nodelay; proxy_set_header X-Env bench; "
+        "add_header X-Frame-Options DENY; proxy_hide_header Server;",
+    ),
+    Scenario(
+        "key_auth + rate_limit",
+        connections=64,
+        route_plugins=[{"key_auth": {}}, {"rate_limit": {"limit": 100_000_000, "per": "1m", "key": "consumer"}}],
+        consumers=[{"name": "bench", "credentials": {"key_auth": [{"key": "bench-key"}]}}],
+        wrk_headers=["X-Api-Key: bench-key"],
+        nginx_http='map $http_x_api_key $bench_ok { "bench-key" 1; default 0; }\n'
+        "limit_req_zone $http_x_api_key zone=bench:1m rate=10000000r/s;",
+        nginx_location="if ($bench_ok = 0) { return 401; } limit_req zone=bench burst=1000000 nodelay;",
+    ),
+    # `connections` is --idle-connections; keep-alive long enough that none expires meanwhile.
+    Scenario("idle connections", connections=10_000, kind="idle", keepalive=600.0),
+    # The length is --soak; the load is the plain-proxy row's.
+    Scenario("soak", connections=PLAIN.connections, kind="soak"),
 ]
 
 
@@ -130,17 +154,152 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, log: 
     sys.exit(f"bench: {what} did not start listening on 127.0.0.1:{port}\n{tail}")
 
 
+# --- the gateway under test --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BastionCommand:
+    """How to start Bastion: `--bastion "[NAME=value ...] COMMAND"`, e.g.
+    `"PYTHONPATH=/tmp/wt/src python -m bastion"` to run a clean checkout."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> BastionCommand:
+        words = shlex.split(text)
+        env: dict[str, str] = {}
+        while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+            name, _, value = words.pop(0).partition("=")
+            env[name] = value
+        if not words:
+            raise argparse.ArgumentTypeError(f"no command in {text!r}")
+        return cls(words, env)
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
+    def python(self) -> list[str] | None:
+        """The interpreter that runs Bastion: `PYTHON -m bastion`, or a script's #! line."""
+        if self.argv[-2:] == ["-m", "bastion"]:
+            return self.argv[:-2]
+        script = shutil.which(self.argv[0])
+        if len(self.argv) == 1 and script:
+            with contextlib.suppress(OSError, UnicodeDecodeError), open(script, encoding="utf-8") as file:
+                first = file.readline()
+                if first.startswith("#!"):
+                    return shlex.split(first[2:])
+        return None
+
+
+PROBE = """
+import json
+out = {}
+try:
+    import bastion
+    out["file"] = bastion.__file__
+    import bastion.plugins
+    out["plugins"] = sorted(bastion.plugins.PLUGINS)
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out))
+"""
+
+
+def probe_bastion(command: BastionCommand) -> dict[str, Any]:
+    """Import `bastion.plugins` the way the gateway will: source file, plugins, commit or error."""
+    python = command.python()
+    if python is None:
+        return {"error": f"cannot tell which Python runs {shlex.join(command.argv)!r}; use 'PYTHON -m bastion'"}
+    try:
+        done = subprocess.run(
+            [*python, "-c", PROBE], capture_output=True, text=True, timeout=60, env=command.environ(), check=False
+        )
+        found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        return {"error": f"probe failed: {exc}"}
+    if "file" in found:
+        source = Path(found["file"]).parent
+        git = ["git", "-C", str(source)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, check=False)
+        if commit.returncode == 0:
+            state = "modified" if dirty.stdout.strip() else "clean"
+            found["commit"] = f"{commit.stdout.strip()} ({state} src)"
+    return found
+
+
+def missing_plugins(scenario: Scenario, probe: dict[str, Any]) -> list[str]:
+    available = set(probe.get("plugins", []))
+    return [name for name in scenario.plugins() if name not in available]
+
+
+# --- resources of a process tree -------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (the workers of `bastion run --workers N`, nginx's worker)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size summed over the process tree (VmRSS of each, from /proc/PID/status)."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+def open_files_limit(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return line.split()[3]
+    return "unknown"
+
+
+def raise_open_files(needed: int) -> Callable[[], None]:
+    """A preexec_fn: raise the soft RLIMIT_NOFILE of the child to `needed` (up to the hard limit).
+    Bastion does not raise its own limit (yet), and 10,000 clients need more than 1024 fds."""
+
+    def preexec() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+    return preexec
+
+
 # --- the processes ---------------------------------------------------------------------------
 
 
 NGINX_COMMON = """\
 worker_processes 1;
 pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log off;
     default_type text/plain;
-    keepalive_timeout 120s;
+    keepalive_timeout {keepalive}s;
     keepalive_requests 10000000;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
@@ -187,9 +346,12 @@ def bastion_config(port: int, admin_port: int, origin_ports: tuple[int, int], sc
     route: dict[str, Any] = {"name": "bench", "upstream": "origin"}
     if scenario.route_plugins:
         route["plugins"] = scenario.route_plugins
+    listener: dict[str, Any] = {"name": "bench", "bind": f"127.0.0.1:{port}"}
+    if scenario.keepalive:
+        listener["timeouts"] = {"keepalive": f"{scenario.keepalive:g}s"}
     config: dict[str, Any] = {
         "version": 1,
-        "listeners": [{"name": "bench", "bind": f"127.0.0.1:{port}"}],
+        "listeners": [listener],
         "upstreams": {
             "origin": {
                 "balance": "round_robin",
@@ -217,67 +379,102 @@ class Stack:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.origin_ports = (free_port(), free_port())
         self.ports: dict[str, int] = {}
+        self.pids: dict[str, int] = {}
 
-    def _spawn(self, name: str, cpus: str, command: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    def _spawn(
+        self, name: str, cpus: str, command: list[str], env: dict[str, str] | None = None, open_files: int = 0
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 [self.tools["taskset"], "-c", cpus, *command],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=env,
                 start_new_session=True,  # Ctrl-C reaches only us; we stop the children in close()
+                preexec_fn=raise_open_files(open_files) if open_files else None,
             )
         self.processes.append(process)
         return process, log
 
-    def _nginx(self, name: str, cpus: str, body: str, port: int) -> None:
+    def _nginx(self, name: str, cpus: str, body: str, port: int, scenario: Scenario | None = None) -> int:
         directory = self.workdir / name
         directory.mkdir(exist_ok=True)
         conf = directory / "nginx.conf"
-        conf.write_text(NGINX_COMMON.format(dir=directory, body=body))
+        clients = scenario.connections if scenario else 0
+        keepalive = scenario.keepalive if scenario and scenario.keepalive else 120.0
+        conf.write_text(
+            NGINX_COMMON.format(
+                dir=directory, body=body, worker_connections=max(4096, 2 * clients + 1024), keepalive=f"{keepalive:g}"
+            )
+        )
         command = [self.tools["nginx"], "-p", str(directory), "-e", "stderr", "-c", str(conf), "-g", "daemon off;"]
-        process, log = self._spawn(name, cpus, command)
+        process, log = self._spawn(name, cpus, command, open_files=open_files_needed(clients))
         wait_listening(port, process, name, log)
+        return process.pid
 
     def start_origin(self) -> None:
         port1, port2 = self.origin_ports
         self._nginx("origin", self.args.load_cpus, ORIGIN_HTTP.format(port1=port1, port2=port2), port1)
 
-    def start_proxies(self, scenario: Scenario) -> None:
+    def start_proxies(self, scenario: Scenario, proxies: tuple[str, ...] = PROXIES) -> None:
+        """Start the proxies of this row (`pids`, `ports`), and check each answers `200 hello`."""
         port1, port2 = self.origin_ports
-        self.ports["nginx"] = free_port()
-        body = PROXY_HTTP.format(
-            port=self.ports["nginx"],
-            port1=port1,
-            port2=port2,
-            http_extra=scenario.nginx_http,
-            location_extra=scenario.nginx_location,
-        )
-        self._nginx(f"nginx-{slug(scenario.name)}", self.args.proxy_cpus, body, self.ports["nginx"])
+        if "nginx" in proxies:
+            self.ports["nginx"] = free_port()
+            body = PROXY_HTTP.format(
+                port=self.ports["nginx"],
+                port1=port1,
+                port2=port2,
+                http_extra=scenario.nginx_http,
+                location_extra=scenario.nginx_location,
+            )
+            name = f"nginx-{slug(scenario.name)}"
+            self.pids["nginx"] = self._nginx(name, self.args.proxy_cpus, body, self.ports["nginx"], scenario)
 
-        self.ports["bastion"] = free_port()
-        config = bastion_config(self.ports["bastion"], free_port(), self.origin_ports, scenario)
-        path = self.workdir / f"bastion-{slug(scenario.name)}.json"
-        path.write_text(json.dumps(config, indent=2))
-        command = [sys.executable, "-m", "bastion", "run", str(path)]
-        if self.args.workers is not None:
-            command += ["--workers", str(self.args.workers)]
-        process, log = self._spawn(f"bastion-{slug(scenario.name)}", self.args.proxy_cpus, command)
-        wait_listening(self.ports["bastion"], process, "bastion", log)
+        if "bastion" in proxies:
+            self.ports["bastion"] = free_port()
+            config = bastion_config(self.ports["bastion"], free_port(), self.origin_ports, scenario)
+            path = self.workdir / f"bastion-{slug(scenario.name)}.json"
+            path.write_text(json.dumps(config, indent=2))
+            bastion: BastionCommand = self.args.bastion
+            command = [*bastion.argv, "run", str(path)]
+            if self.args.workers is not None:
+                command += ["--workers", str(self.args.workers)]
+            process, log = self._spawn(
+                f"bastion-{slug(scenario.name)}",
+                self.args.proxy_cpus,
+                command,
+                env=bastion.environ(),
+                open_files=open_files_needed(scenario.connections),
+            )
+            wait_listening(self.ports["bastion"], process, "bastion", log)
+            self.pids["bastion"] = process.pid
 
-        for proxy in PROXIES:
+        for proxy in proxies:
             check_answers(proxy, self.ports[proxy], scenario)
+
+    def alive(self, proxy: str) -> bool:
+        return any(p.pid == self.pids[proxy] and p.poll() is None for p in self.processes)
 
     def stop_proxies(self) -> None:
         keep = self.processes[:1]  # the origin
         for process in self.processes[1:]:
             stop(process)
         self.processes = keep
+        self.ports.clear()
+        self.pids.clear()
 
     def close(self) -> None:
         for process in reversed(self.processes):
             stop(process)
         self.processes = []
+
+
+def open_files_needed(clients: int) -> int:
+    """File descriptors for `clients` client connections, as many upstream ones, and slack;
+    0 (leave the limit alone) for the ordinary rows."""
+    return 2 * clients + 1024 if clients > 1000 else 0
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -360,7 +557,9 @@ def contenders(scenario: Scenario) -> list[str]:
     return [*PROXIES, "direct"] if scenario.kind == "latency" else list(PROXIES)
 
 
-def measure(tools: dict[str, str], stack: Stack, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+def measure_rounds(tools: dict[str, str], stack: Stack, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput and latency rows: alternating rounds of wrk, medians per contender."""
+    stack.start_proxies(scenario)
     ports = {**stack.ports, "direct": stack.origin_ports[0]}
     for proxy in PROXIES:  # warm up pools, caches and branch predictors before anything counts
         run_wrk(tools, args.load_cpus, ports[proxy], scenario, args.warmup)
@@ -384,11 +583,159 @@ def measure(tools: dict[str, str], stack: Stack, scenario: Scenario, args: argpa
     return {"scenario": asdict(scenario), "runs": runs, "medians": medians}
 
 
+class LineReader:
+    """JSON lines from a child's stdout, each awaited with a deadline."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        self.fd = process.stdout.fileno()
+        self.buffer = b""
+
+    def read(self, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select_readable(self.fd, remaining):
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+
+def select_readable(fd: int, timeout: float) -> bool:
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        return bool(selector.select(timeout))
+
+
+def hold_idle(stack: Stack, proxy: str, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+    """Open `scenario.connections` idle keep-alive clients to `proxy` from a separate process,
+    then read the proxy's RSS (summed over its processes) while they are held."""
+    pid = stack.pids[proxy]
+    result: dict[str, Any] = {"rss_before": rss_bytes(pid), "processes": len(process_tree(pid))}
+    result["open_files_limit"] = open_files_limit(pid)
+    command = [stack.tools["taskset"], "-c", args.load_cpus, sys.executable, str(ROOT / "bench" / "idle_clients.py")]
+    command += ["--port", str(stack.ports[proxy]), "--connections", str(scenario.connections), "--batch", "500"]
+    command += ["--path", scenario.path, "--timeout", f"{args.idle_timeout:g}"]
+    for header in scenario.wrk_headers:
+        command += ["--header", header]
+    client = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert client.stdin is not None
+    lines = LineReader(client)
+    try:
+        opened = lines.read(args.idle_timeout + 15)
+        if opened is None:
+            result["error"] = "the client process did not report (crashed or timed out)"
+            return result
+        result.update({key: opened[key] for key in ("opened", "failed", "seconds", "errors")})
+        time.sleep(2.0)  # let the proxy settle (timers, pools) before reading its memory
+        result["rss_with"] = rss_bytes(pid)
+        client.stdin.write(b"check\n")
+        client.stdin.flush()
+        checked = lines.read(30) or {}
+        result["open"] = checked.get("open", 0)
+        result["dropped"] = checked.get("dropped", result["opened"])
+        result["alive"] = stack.alive(proxy)
+        return result
+    finally:
+        with contextlib.suppress(OSError):
+            client.stdin.write(b"close\n")
+            client.stdin.close()
+        try:
+            client.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait()
+        stderr = client.stderr.read().decode(errors="replace") if client.stderr else ""
+        if client.returncode and stderr:
+            result.setdefault("error", stderr.strip()[-500:])
+
+
+def measure_idle(tools: dict[str, str], stack: Stack, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+    stack.start_proxies(scenario)
+    held = {}
+    for proxy in PROXIES:
+        held[proxy] = entry = hold_idle(stack, proxy, scenario, args)
+        if "rss_with" in entry:
+            print(
+                f"  {proxy:8} {entry['opened']} connections opened in {entry['seconds']:.1f} s"
+                f" ({entry['failed']} failed), {entry['open']} still open; RSS {entry['rss_before'] / MB:.1f} MB"
+                f" before, {entry['rss_with'] / MB:.1f} MB with them",
+                flush=True,
+            )
+        else:
+            print(f"  {proxy:8} failed: {entry.get('error')}", flush=True)
+        time.sleep(1.0)
+    return {"scenario": asdict(scenario), "idle": held}
+
+
+def measure_soak(tools: dict[str, str], stack: Stack, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+    """One long wrk run against Bastion alone; its RSS every `SOAK_SAMPLE` seconds."""
+    stack.start_proxies(scenario, proxies=("bastion",))
+    pid, seconds = stack.pids["bastion"], max(1, round(args.soak))
+    command = [tools["taskset"], "-c", args.load_cpus, tools["wrk"], "-t1", f"-c{scenario.connections}"]
+    command += [f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    for header in scenario.wrk_headers:
+        command += ["-H", header]
+    command.append(f"http://127.0.0.1:{stack.ports['bastion']}{scenario.path}")
+    started = time.monotonic()
+    samples: list[tuple[float, int]] = []
+    wrk = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        next_sample = started
+        while wrk.poll() is None and time.monotonic() < started + seconds + 30:
+            now = time.monotonic()
+            if now >= next_sample:
+                samples.append((round(now - started, 1), rss_bytes(pid)))
+                print(f"  {now - started:5.1f} s  RSS {samples[-1][1] / MB:6.1f} MB", flush=True)
+                next_sample += SOAK_SAMPLE
+            time.sleep(min(0.2, max(0.0, next_sample - time.monotonic())))
+        output, errors = wrk.communicate(timeout=30)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
+            wrk.wait()
+    samples.append((round(time.monotonic() - started, 1), rss_bytes(pid)))
+    if wrk.returncode != 0:
+        raise RuntimeError(f"wrk failed ({wrk.returncode}): {errors or output}")
+    result: dict[str, Any] = {**parse_wrk(output)}
+    alive = stack.alive("bastion")
+    if alive:
+        check_answers("bastion", stack.ports["bastion"], scenario)
+    warmup = min(SOAK_WARMUP, seconds / 2)  # a short --soak still has something to compare
+    warm = next((rss for at, rss in samples if at >= warmup), samples[-1][1])
+    end = samples[-1][1]
+    result.update({"samples": samples, "rss_warm": warm, "rss_end": end, "rss_peak": max(r for _, r in samples)})
+    result["alive"] = alive
+    print(f"  rps {result['rps']:.0f}, errors {result['errors']:.0f}, RSS {warm / MB:.1f} -> {end / MB:.1f} MB")
+    return {"scenario": asdict(scenario), "soak": result}
+
+
+Measure = Callable[[dict[str, str], Stack, Scenario, argparse.Namespace], dict[str, Any]]
+MEASURES: dict[str, Measure] = {
+    "throughput": measure_rounds,
+    "latency": measure_rounds,
+    "idle": measure_idle,
+    "soak": measure_soak,
+}
+
+
 def report(results: list[dict[str, Any]]) -> str:
+    """The wrk rows as a table; skipped rows say why."""
     header = ["scenario", "c", "proxy", "rps", "p50 ms", "p99 ms", "rps vs nginx", "p50 - nginx"]
     rows: list[list[str]] = []
     for entry in results:
-        scenario, medians = entry["scenario"], entry["medians"]
+        scenario = entry["scenario"]
+        if scenario["kind"] not in ("throughput", "latency"):
+            continue
+        if "skipped" in entry:
+            rows.append([scenario["name"], str(scenario["connections"]), entry["skipped"], "", "", "", "", ""])
+            continue
+        medians = entry["medians"]
         nginx = medians["nginx"]
         for name, m in medians.items():
             rows.append(
@@ -403,11 +750,142 @@ def report(results: list[dict[str, Any]]) -> str:
                     f"{m['p50'] - nginx['p50']:+.3f} ms",
                 ]
             )
+    return table(header, rows)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def report_memory(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for entry in results:
+        name = entry["scenario"]["name"]
+        if "skipped" in entry and entry["scenario"]["kind"] in ("idle", "soak"):
+            lines.append(f"{name}: {entry['skipped']}")
+        for proxy, held in entry.get("idle", {}).items():
+            if "rss_with" not in held:
+                lines.append(f"{name}, {proxy}: failed: {held.get('error')}")
+                continue
+            added = (held["rss_with"] - held["rss_before"]) / max(1, held["opened"])
+            lines.append(
+                f"{name}, {proxy}: {held['opened']} opened in {held['seconds']:.1f} s, {held['failed']} failed,"
+                f" {held['open']} still open at the end; RSS {held['rss_before'] / MB:.1f} MB before,"
+                f" {held['rss_with'] / MB:.1f} MB with them ({added / 1024:.1f} KB per connection);"
+                f" {held['processes']} process(es), open files limit {held['open_files_limit']}"
+                + (f"; errors {held['errors']}" if held["errors"] else "")
+            )
+        if "soak" in entry:
+            soak = entry["soak"]
+            samples = ", ".join(f"{at:.0f}s {rss / MB:.1f}" for at, rss in soak["samples"])
+            growth = (soak["rss_end"] - soak["rss_warm"]) / MB
+            lines.append(
+                f"{name}: {entry['scenario']['connections']} connections for {soak['samples'][-1][0]:.0f} s:"
+                f" {soak['rps']:.0f} rps, {soak['errors']:.0f} errors; RSS {soak['rss_warm'] / MB:.1f} MB after"
+                f" warm-up, {soak['rss_end'] / MB:.1f} MB at the end ({growth:+.1f} MB),"
+                f" peak {soak['rss_peak'] / MB:.1f} MB\n  RSS samples (MB): {samples}"
+            )
+    return "\n".join(lines)
+
+
+# --- the targets of issue 5 -----------------------------------------------------------------
+
+
+def rps_ratio(entry: dict[str, Any]) -> tuple[float, bool]:
+    medians = entry["medians"]
+    return medians["bastion"]["rps"] / medians["nginx"]["rps"], not any(m["errors"] for m in medians.values())
+
+
+def added_latency_us(entry: dict[str, Any]) -> tuple[float, bool]:
+    medians = entry["medians"]
+    clean = not any(m["errors"] for m in medians.values())
+    return (medians["bastion"]["p50"] - medians["nginx"]["p50"]) * 1000, clean
+
+
+def idle_rss_mb(entry: dict[str, Any]) -> tuple[float, bool]:
+    held = entry["idle"]["bastion"]
+    complete = "rss_with" in held and held["opened"] == entry["scenario"]["connections"] and not held["dropped"]
+    return held.get("rss_with", 0) / MB, complete and held["alive"]
+
+
+def soak_growth_mb(entry: dict[str, Any]) -> tuple[float, bool]:
+    soak = entry["soak"]
+    return (soak["rss_end"] - soak["rss_warm"]) / MB, not soak["errors"] and soak["alive"]
+
+
+@dataclass(frozen=True)
+class Target:
+    scenario: str
+    text: str
+    value: Callable[[dict[str, Any]], tuple[float, bool]]  # -> measured, and whether the run was clean
+    unit: str
+    limit: Callable[[dict[str, Any]], float]
+    at_least: bool = False  # the measured value must be >= limit (else <=)
+    connections: int = 0  # the row must have run with at least this many connections to count
+
+
+TARGETS = [
+    Target("plain proxy", "plain proxy rps >= 0.30x nginx", rps_ratio, "x", lambda e: 0.30, at_least=True),
+    Target("rate_limit + headers", "rate_limit + headers rps >= 0.20x nginx", rps_ratio, "x", lambda e: 0.20, True),
+    Target("key_auth + rate_limit", "key_auth + rate_limit rps >= 0.20x nginx", rps_ratio, "x", lambda e: 0.20, True),
+    Target("added latency", "added latency (c=1 p50 - nginx) <= 60 us", added_latency_us, " us", lambda e: 60.0),
+    Target(
+        "idle connections",
+        "10,000 idle keep-alive connections in <= 100 MB RSS",
+        idle_rss_mb,
+        " MB",
+        lambda e: 100.0,
+        connections=10_000,
+    ),
+    Target(
+        "soak",
+        "soak: no RSS growth after warm-up (<= max(5 MB, 5%)), no errors",
+        soak_growth_mb,
+        " MB",
+        lambda e: max(5.0, 0.05 * e["soak"]["rss_warm"] / MB),
+    ),
+]
+
+
+def report_targets(results: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """The targets table, and the verdict of each (PASS, FAIL or SKIP)."""
+    by_name = {entry["scenario"]["name"]: entry for entry in results}
+    rows, verdicts = [], []
+    for target in TARGETS:
+        entry = by_name.get(target.scenario)
+        if entry is None or "skipped" in entry:
+            reason = entry["skipped"] if entry else "not run"
+            rows.append([target.text, reason, "SKIP"])
+            verdicts.append("SKIP")
+            continue
+        if entry["scenario"]["connections"] < target.connections:
+            rows.append(
+                [target.text, f"not comparable: ran with {entry['scenario']['connections']} connections", "SKIP"]
+            )
+            verdicts.append("SKIP")
+            continue
+        try:
+            value, clean = target.value(entry)
+        except (KeyError, ZeroDivisionError) as exc:
+            rows.append([target.text, f"no measurement ({exc})", "FAIL"])
+            verdicts.append("FAIL")
+            continue
+        limit = target.limit(entry)
+        within = value >= limit if target.at_least else value <= limit
+        digits = 2 if target.unit == "x" else 1
+        measured = f"{value:.{digits}f}{target.unit} (limit {limit:.{digits}f}{target.unit})"
+        if target.scenario == "idle connections":
+            measured += f" for {entry['idle']['bastion'].get('open', 0)} connections"
+        if not clean:
+            measured += "; errors, dropped connections or a dead gateway"
+        verdict = "PASS" if within and clean else "FAIL"
+        rows.append([target.text, measured, verdict])
+        verdicts.append(verdict)
+    return table(["target", "measured", "result"], rows), verdicts
 
 
 def machine(tools: dict[str, str]) -> dict[str, str]:
@@ -441,6 +919,34 @@ def workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def select_scenarios(args: argparse.Namespace) -> list[Scenario]:
+    """The rows to run, with the command-line sizes applied."""
+    chosen = []
+    for scenario in SCENARIOS:
+        if args.only and scenario.name not in args.only:
+            continue
+        if scenario.kind == "idle":
+            if not args.idle_connections:
+                continue
+            scenario = replace(scenario, connections=args.idle_connections)
+        if scenario.kind == "soak" and not args.soak:
+            continue
+        chosen.append(scenario)
+    return chosen
+
+
+def planned_seconds(scenarios: list[Scenario], args: argparse.Namespace) -> float:
+    total = 0.0
+    for scenario in scenarios:
+        if scenario.kind == "idle":
+            total += 2 * 15  # opening 10,000 connections takes seconds; --idle-timeout bounds it
+        elif scenario.kind == "soak":
+            total += args.soak
+        else:
+            total += len(contenders(scenario)) * args.rounds * args.duration + 2 * args.warmup
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per scenario (default 3)")
@@ -450,29 +956,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="run only this scenario (repeatable)")
     parser.add_argument("--proxy-cpus", default="0", help="taskset CPU list for the proxies (default 0)")
     parser.add_argument("--load-cpus", default="1", help="taskset CPU list for origin and wrk (default 1)")
+    parser.add_argument(
+        "--bastion",
+        type=BastionCommand.parse,
+        default=BastionCommand([sys.executable, "-m", "bastion"], {}),
+        metavar="CMD",
+        help="command that starts bastion, with optional NAME=value prefixes, e.g. "
+        "'PYTHONPATH=/tmp/wt/src python -m bastion' (default: this Python, -m bastion)",
+    )
+    parser.add_argument(
+        "--idle-connections", type=int, default=10_000, help="idle keep-alive clients (default 10000; 0 skips)"
+    )
+    parser.add_argument(
+        "--idle-timeout", type=parse_seconds, default=60.0, help="give up opening them after (default 60s)"
+    )
+    parser.add_argument("--soak", type=parse_seconds, default=60.0, help="soak length (default 60s; 0 skips)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     parser.add_argument("--json", type=Path, default=None, help="also write raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with configs and logs")
     args = parser.parse_args(argv)
 
-    scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    scenarios = select_scenarios(args)
     if not scenarios:
         parser.error(f"no scenario named {args.only}; known: {', '.join(s.name for s in SCENARIOS)}")
     tools = ensure_tools()
     info = machine(tools)
-    total = sum(len(contenders(s)) * args.rounds * args.duration + 2 * args.warmup for s in scenarios)
+    probe = probe_bastion(args.bastion)
+    info["bastion"] = f"{shlex.join([*(f'{k}={v}' for k, v in args.bastion.env.items()), *args.bastion.argv])}"
+    info["bastion source"] = f"{probe.get('file', '?')} at {probe.get('commit', 'unknown commit')}"
     print(f"bench: {', '.join(f'{k} {v}' for k, v in info.items())}")
-    print(f"bench: {len(scenarios)} scenarios x {args.rounds} rounds, about {total / 60:.1f} min of load", flush=True)
+    if "error" in probe:
+        print(
+            f"bench: WARNING: bastion.plugins does not import ({probe['error']}); plugin rows are skipped.\n"
+            "bench: if the working tree is mid-edit, run a clean checkout instead:\n"
+            "  git worktree add --detach /tmp/bench-wt HEAD\n"
+            "  python bench/run.py --bastion 'PYTHONPATH=/tmp/bench-wt/src python -m bastion'",
+            flush=True,
+        )
+    total = planned_seconds(scenarios, args)
+    print(f"bench: {len(scenarios)} scenarios, about {total / 60:.1f} min of load", flush=True)
 
-    results = []
+    results: list[dict[str, Any]] = []
     with workdir(args.keep) as directory:
         stack = Stack(tools, directory, args)
         try:
             stack.start_origin()
             for scenario in scenarios:
+                missing = missing_plugins(scenario, probe)
+                if missing:
+                    plural = "s" if len(missing) > 1 else ""
+                    skipped = f"skipped: plugin{plural} {', '.join(missing)} not available"
+                    print(f"{scenario.name}: {skipped}", flush=True)
+                    results.append({"scenario": asdict(scenario), "skipped": skipped})
+                    continue
                 print(f"{scenario.name} (c={scenario.connections})", flush=True)
-                stack.start_proxies(scenario)
                 try:
-                    results.append(measure(tools, stack, scenario, args))
+                    results.append(MEASURES[scenario.kind](tools, stack, scenario, args))
                 finally:
                     stack.stop_proxies()
         except KeyboardInterrupt:
@@ -481,17 +1020,24 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.close()
 
-    table = report(results)
     print()
-    print(table)
-    errors = [(e["scenario"]["name"], name) for e in results for name, m in e["medians"].items() if m["errors"]]
+    print(report(results))
+    memory = report_memory(results)
+    if memory:
+        print()
+        print(memory)
+    errors = [(e["scenario"]["name"], name) for e in results for name, m in e.get("medians", {}).items() if m["errors"]]
     if errors:
         print(f"\nWARNING: errors or non-2xx responses in {errors}: those numbers are not comparable")
+    targets, verdicts = report_targets(results)
+    print()
+    print(targets)
     output = args.json or ROOT / "bench" / "results" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"machine": info, "args": sys.argv[1:], "results": results}, indent=2))
+    raw = {"machine": info, "args": sys.argv[1:], "results": results, "targets": verdicts}
+    output.write_text(json.dumps(raw, indent=2))
     print(f"\nraw results: {output}")
-    return 0
+    return 1 if args.check and "FAIL" in verdicts else 0
 
 
 if __name__ == "__main__":
