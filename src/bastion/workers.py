@@ -39,6 +39,7 @@ import traceback
 
 from bastion.config.loader import load_config
 from bastion.errors import ConfigError
+from bastion.store.memory import WORKERS_ENV
 from bastion.upstream.runtime import STICKY_SECRET_ENV
 
 log = logging.getLogger("bastion.workers")
@@ -249,5 +250,6 @@ class Supervisor:
 def supervise(config_path: str, count: int) -> int:
     """Run `count` workers under a supervisor until SIGTERM/SIGINT; returns the exit code."""
     os.environ.setdefault(STICKY_SECRET_ENV, os.urandom(32).hex())
+    os.environ[WORKERS_ENV] = str(count)  # the memory store shares rate-limit counters
     log.info("supervisor (pid %d): %d workers on SO_REUSEPORT listeners", os.getpid(), count)
     return Supervisor(config_path, count).run()

@@ -23,7 +23,7 @@ from bastion.pipeline import BuildEnv, Plugin, PluginProblems
 from bastion.plugins import PLUGINS
 from bastion.plugins.consumers import ConsumerIndex
 from bastion.store.base import Store
-from bastion.store.memory import LocalStore, MemoryStore, table_path
+from bastion.store.memory import LocalStore, default_store
 from bastion.upstream.runtime import UpstreamRuntime
 from bastion.upstream.targets import TargetRegistry
 
@@ -176,7 +176,7 @@ class _Built:
     def __init__(self, loaded: LoadedConfig) -> None:
         config = loaded.config
         self.consumers, consumer_problems = ConsumerIndex.build(config.consumers)
-        self.store = MemoryStore(table_path(loaded.path))
+        self.store = default_store(loaded.path)
         builder = PluginBuilder(loaded, self.consumers, self.store)
         builder.problems.extend(loaded.where(loc, message) for loc, message in consumer_problems)
         global_plugins = builder.build(config.plugins, ("plugins",))

@@ -1,4 +1,7 @@
-"""Single-machine stores: a table in shared memory (the default) and a process-local dict.
+"""Single-machine stores: a table in shared memory (for workers) and a process-local dict.
+
+A gateway of one process uses `LocalStore`: no file, no locks. Under the workers supervisor
+(`BASTION_WORKERS` > 1, see `default_store`) every worker uses the shared table below.
 
 With `--workers N`, N processes serve the same listeners; a rate limit must hold for the
 machine, not N times over. So the default store keeps its GCRA numbers in a file-backed
@@ -48,6 +51,7 @@ from bastion.store.base import NS, RateResult, Store, gcra
 
 log = logging.getLogger("bastion.store")
 
+WORKERS_ENV = "BASTION_WORKERS"  # set by the workers supervisor
 SLOTS = 1 << 16
 PROBE = 32
 _VERSION = 1
@@ -255,6 +259,19 @@ class LocalStore(Store):
 
     def statistics(self) -> dict[str, Any]:
         return {"name": self.name, "keys": len(self._tats)}
+
+
+_local_stores: dict[str, LocalStore] = {}
+
+
+def default_store(config_path: str) -> Store:
+    """The store a gateway uses without `cluster`: shared only when workers need sharing.
+
+    The process-local store is one per config file for the life of the process, so counters
+    survive a reload just as they do in the shared table."""
+    if int(os.environ.get(WORKERS_ENV, "1") or "1") > 1:
+        return MemoryStore(table_path(config_path))
+    return _local_stores.setdefault(os.path.realpath(config_path) if config_path else "", LocalStore())
 
 
 class MemoryStore(Store):
