@@ -199,7 +199,7 @@ try:
     import bastion
     out["file"] = bastion.__file__
     import bastion.plugins
-    out["plugins"] = sorted(bastion.plugins.PLUGINS)
+    out["plugins"] = [n for n in bastion.plugins.plugin_names() if bastion.plugins.plugin_class(n)]
 except Exception as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"
 print(json.dumps(out))

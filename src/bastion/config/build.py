@@ -20,7 +20,7 @@ from bastion.errors import ConfigError
 from bastion.http.router import Router
 from bastion.observability.logs import AccessLog
 from bastion.pipeline import BuildEnv, Plugin, PluginProblems
-from bastion.plugins import PLUGINS
+from bastion.plugins import plugin_class, plugin_names
 from bastion.plugins.consumers import ConsumerIndex
 from bastion.store.base import Store
 from bastion.store.memory import LocalStore, default_store
@@ -132,9 +132,9 @@ class PluginBuilder:
                 self.problems.append(self.loaded.where(here, "a plugin entry is {NAME: {...config}}"))
                 continue
             ((name, raw),) = entry.items()
-            cls = PLUGINS.get(name)
+            cls = plugin_class(name)
             if cls is None:
-                known = ", ".join(sorted(PLUGINS)) or "none"
+                known = ", ".join(plugin_names())
                 self.problems.append(self.loaded.where((*here, name), f"unknown plugin (known: {known})"))
                 continue
             try:

@@ -20,24 +20,33 @@ def register(cls: P) -> P:
     return cls
 
 
-BUILTIN_MODULES = (
-    "acl",
-    "basic_auth",
-    "body_limit",
-    "cors",
-    "headers",
-    "ip_filter",
-    "jwt",
-    "key_auth",
-    "python",
-    "rate_limit",
-)
+# Built-in plugin name -> the module that registers it. Modules are imported on first use, so
+# a gateway pays (in memory and start-up time) only for the plugins its config names: the
+# jwt and basic_auth modules bring in PyJWT, cryptography, bcrypt and argon2.
+BUILTINS = {
+    "acl": "acl",
+    "basic_auth": "basic_auth",
+    "body_limit": "body_limit",
+    "cors": "cors",
+    "request_headers": "headers",
+    "response_headers": "headers",
+    "ip_filter": "ip_filter",
+    "jwt": "jwt",
+    "key_auth": "key_auth",
+    "python": "python",
+    "rate_limit": "rate_limit",
+}
 
 
-def _load_builtins() -> None:
-    """Import every built-in plugin module so that each registers itself."""
-    for module in BUILTIN_MODULES:
-        importlib.import_module(f"bastion.plugins.{module}")
+def plugin_class(name: str) -> type[Plugin] | None:
+    """The plugin registered as `name`, importing its built-in module if needed."""
+    cls = PLUGINS.get(name)
+    if cls is None and name in BUILTINS:
+        importlib.import_module(f"bastion.plugins.{BUILTINS[name]}")
+        cls = PLUGINS.get(name)
+    return cls
 
 
-_load_builtins()
+def plugin_names() -> list[str]:
+    """Every plugin name a config may use (built-in or registered), sorted."""
+    return sorted(set(BUILTINS) | set(PLUGINS))
