@@ -35,7 +35,8 @@ from bastion.upstream.targets import TargetRegistry
 
 log = logging.getLogger("bastion")
 
-SWEEP_INTERVAL = 1.0
+SWEEP_INTERVAL = 1.0  # idle upstream connections past their idle timeout
+TICK_INTERVAL = 0.25  # client read deadlines: timeouts are enforced to within this
 WATCH_INTERVAL = 1.0
 
 
@@ -98,6 +99,7 @@ class Gateway:
         self._go_live(snapshot)
         await self._bind(snapshot)
         self._spawn(self._sweep())
+        self._spawn(self._tick())
         if self.watch:
             self._spawn(self._watch(self.watch))
 
@@ -233,6 +235,15 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _tick(self) -> None:
+        """Enforce client read deadlines: one pass over the connections, a few times a second."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_INTERVAL)
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.check_deadline(now)
+
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -292,6 +303,21 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def raise_open_files_limit() -> None:
+    """Every client and upstream connection is a file descriptor: take all the OS allows
+    (the soft limit is often 1024; nginx's worker_rlimit_nofile does the same)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("could not raise the open files limit: %s", exc)
+
+
 def run_gateway(config_path: str, workers: int | None = None) -> int:
     """The `bastion run` command: validate, then serve in the foreground. Returns the exit code.
 
@@ -304,6 +330,7 @@ def run_gateway(config_path: str, workers: int | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(loaded.config.log.level)
+    raise_open_files_limit()
     if workers is not None and workers > 1:
         from bastion.workers import supervise
 
