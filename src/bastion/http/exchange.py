@@ -222,23 +222,31 @@ class Exchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self) -> None:
-        """Until the next upstream event (head, end or failure)."""
-        if self._error is not None:
-            raise self._error
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-        if self._error is not None:
-            raise self._error
+    def _next_event(self) -> asyncio.Future[None]:
+        """A future resolved by the next upstream event (head, end or failure).
+
+        A plain function returning the future, not a coroutine: awaiting it directly saves a
+        coroutine object and a frame on every wait. Callers check `_error` after waking."""
+        waiter = self._waiter = self.server.loop.create_future()
+        return waiter
 
     # --- the exchange --------------------------------------------------------------------------
 
     async def run(self, snapshot: Snapshot) -> None:
+        # Routing, plugins and the response relay all run in this one coroutine frame (with
+        # _forward below it): every resume after an upstream event passes through each frame.
+        request = self.request
         try:
-            await self._serve(snapshot)
+            index, params = snapshot.router.match(request.method, request.host, request.path, request.headers)
+            route = self.route = snapshot.routes[index]
+            ctx = None
+            if route.plugins:
+                ctx = self.ctx = Context(request, route.name, params)
+                ctx.upstream_name = route.upstream.name
+                if await self._request_phase(route, ctx):
+                    return
+            target = await self._forward(route)
+            await self._relay_response(route, ctx, target)
         except GatewayError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -250,29 +258,25 @@ class Exchange:
         finally:
             self._finish(snapshot)
 
-    async def _serve(self, snapshot: Snapshot) -> None:
+    async def _request_phase(self, route: RouteRuntime, ctx: Context) -> bool:
+        """Run the request hooks; True when a plugin replied (and the reply was sent)."""
         request = self.request
-        index, params = snapshot.router.match(request.method, request.host, request.path, request.headers)
-        route = self.route = snapshot.routes[index]
-        ctx = self.ctx = Context(request, route.name, params)
-        ctx.upstream_name = route.upstream.name
-        if route.request_plugins:
-            for ran, plugin in enumerate(route.request_plugins):
-                try:
-                    reply = await plugin.on_request(ctx)
-                except GatewayError:
-                    raise
-                except Exception as exc:
-                    raise plugin_failed(plugin, "request", exc, request.request_id) from exc
-                if reply is not None:
-                    await self._reply(route, ctx, reply, ran + 1)
-                    return
-            self._limit = ctx.max_body
-            if self._limit is not None and self.bytes_in > self._limit:
-                raise PayloadTooLarge()
-        await self._forward(route, ctx)
+        for ran, plugin in enumerate(route.request_plugins):
+            try:
+                reply = await plugin.on_request(ctx)
+            except GatewayError:
+                raise
+            except Exception as exc:
+                raise plugin_failed(plugin, "request", exc, request.request_id) from exc
+            if reply is not None:
+                await self._reply(route, ctx, reply, ran + 1)
+                return True
+        self._limit = ctx.max_body
+        if self._limit is not None and self.bytes_in > self._limit:
+            raise PayloadTooLarge()
+        return False
 
-    async def _forward(self, route: RouteRuntime, ctx: Context) -> None:
+    async def _forward(self, route: RouteRuntime) -> TargetState:
         """Pick a target, send, wait for the response head; retry while the policy allows."""
         upstream = route.upstream
         request = self.request
@@ -304,7 +308,9 @@ class Exchange:
             try:
                 self._send(route, target, conn)
                 while self._response is None:
-                    await self._wait()
+                    if self._error is not None:
+                        raise self._error
+                    await self._next_event()
             except GatewayError as exc:
                 self._detach(target, reusable=False)
                 if self._client_gone:
@@ -334,8 +340,7 @@ class Exchange:
                     continue
             else:
                 upstream.report_success(target, time.monotonic() - started)
-            break
-        await self._relay_response(route, ctx, target)
+            return target
 
     def _reset_attempt(self) -> None:
         """Forget a failed try's response state before the next one."""
@@ -403,14 +408,16 @@ class Exchange:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    async def _relay_response(self, route: RouteRuntime, ctx: Context, target: TargetState) -> None:
+    async def _relay_response(self, route: RouteRuntime, ctx: Context | None, target: TargetState) -> None:
         response = self._response
         assert response is not None
-        ctx.response = response
+        if ctx is not None:
+            ctx.response = response
         extra = route.upstream.response_headers(self.request, target)
         if extra:
             response.headers.items.extend(extra)
         for plugin in route.response_plugins:
+            assert ctx is not None
             try:
                 await plugin.on_response(ctx, response)
             except GatewayError:
@@ -423,7 +430,9 @@ class Exchange:
         finished = self._upstream_done
         self._write_head(response, self._resp_length, pending, finished)
         while not self._upstream_done:
-            await self._wait()
+            if self._error is not None:
+                raise self._error
+            await self._next_event()
         if not finished:
             self._end_client_body()
         reusable = self._upstream_keep_alive and self.body_complete

@@ -76,7 +76,7 @@ class H1Server(asyncio.Protocol):
         "client_port",
         "keep_alive",
         "requests",
-        "_loop",
+        "loop",
         "_active",
         "_task",
         "_queue",
@@ -108,7 +108,7 @@ class H1Server(asyncio.Protocol):
         self.client_port = 0
         self.keep_alive = True
         self.requests = 0
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._active: Exchange | None = None
         self._task: asyncio.Task[None] | None = None
         self._queue: list[Exchange] = []  # pipelined requests behind the active one (rare, short)
@@ -181,7 +181,7 @@ class H1Server(asyncio.Protocol):
         if self._active is not None:
             self._active.client_paused(True)
         if self._send_timer is None:
-            self._send_timer = self._loop.call_later(self.settings.timeouts.send, self.abort)
+            self._send_timer = self.loop.call_later(self.settings.timeouts.send, self.abort)
 
     def resume_writing(self) -> None:
         if self._send_timer is not None:
@@ -243,7 +243,7 @@ class H1Server(asyncio.Protocol):
         receiving = self._receiving
         if receiving is not None and not self._discard_body:
             if self._deadline:
-                self._deadline = self._loop.time() + self.settings.timeouts.body
+                self._deadline = self.loop.time() + self.settings.timeouts.body
             receiving.feed_body(body)
 
     def on_message_complete(self) -> None:
@@ -314,7 +314,7 @@ class H1Server(asyncio.Protocol):
 
     def _start(self, exchange: Exchange) -> None:
         self._active = exchange
-        self._task = self._loop.create_task(exchange.run(self.gateway.snapshot))
+        self._task = self.loop.create_task(exchange.run(self.gateway.snapshot))
 
     def exchange_finished(self, exchange: Exchange) -> None:
         """Called by the exchange when its response is complete (or failed)."""
@@ -403,7 +403,7 @@ class H1Server(asyncio.Protocol):
     # --- read deadlines ------------------------------------------------------------------------
 
     def _set_deadline(self, seconds: float) -> None:
-        self._deadline = self._loop.time() + seconds
+        self._deadline = self.loop.time() + seconds
 
     def check_deadline(self, now: float) -> None:
         """Called by the gateway's ticker: act if the client missed its read deadline."""

@@ -82,6 +82,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_timer",
         "_deadline",
         "_timeout",
+        "_loop",
+        "_paused",
     )
 
     def __init__(self, pool: ConnectionPool) -> None:
@@ -102,6 +104,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._timeout = 0.0
+        self._loop = asyncio.get_running_loop()
+        self._paused = False
 
     # --- used by the pool and the exchange -------------------------------------------------
 
@@ -124,26 +128,30 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def arm_response_timeout(self) -> None:
-        """Start the response clock (request fully sent); each read pushes it back."""
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self._timeout
+        """Start the response clock (request fully sent); each read pushes it back.
+
+        The timer is re-armed lazily: while a pooled connection keeps serving, one timer
+        handle lives on and requests only move `_deadline`."""
+        self._deadline = self._loop.time() + self._timeout
         if self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def detach(self) -> None:
         """The exchange is done with this connection (it goes back to the pool or closes)."""
         self.listener = None
         self._deadline = 0.0
         self.served += 1
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        if self._paused:
+            self.resume_reading()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self._paused:
+            self._paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self._paused:
+            self._paused = False
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -169,7 +177,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         if self._deadline:
-            self._deadline = self.transport_time() + self._timeout
+            self._deadline = self._loop.time() + self._timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -273,12 +281,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if not self._deadline or self.closed:
             return
-        now = self.transport_time()
-        if now < self._deadline:
-            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._on_timer)
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         self._fail(UpstreamTimeout())
-
-    @staticmethod
-    def transport_time() -> float:
-        return asyncio.get_running_loop().time()
