@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from bastion.errors import (
@@ -45,16 +46,16 @@ BODY_BUFFER_HIGH = 64 * 1024
 
 _FRAME_NONE, _FRAME_LENGTH, _FRAME_CHUNKED, _FRAME_CLOSE = range(4)
 _NO_BODY_STATUSES = frozenset((204, 304))
-_STATUS_LINES: dict[int, bytes] = {}
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VIA = b"1.1 bastion"
 
 
 def status_line(status: int, reason: bytes = b"") -> bytes:
-    line = _STATUS_LINES.get(status) if not reason else None
+    """`HTTP/1.1 200 OK\r\n`, cached per (status, reason): upstreams repeat a handful of them."""
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
     if line is None:
-        from http import HTTPStatus
-
         if not reason:
             try:
                 reason = HTTPStatus(status).phrase.encode()
@@ -62,7 +63,7 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
                 reason = b"Unknown"
         line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
         if len(_STATUS_LINES) < 1000:
-            _STATUS_LINES[status] = line
+            _STATUS_LINES[key] = line
     return line
 
 

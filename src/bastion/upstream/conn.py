@@ -40,6 +40,7 @@ HOP_BY_HOP = frozenset(
 
 # Response fields the gateway sets itself toward the client.
 _DROP_RESPONSE = HOP_BY_HOP | frozenset((b"x-request-id",))
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))  # name no other field
 
 
 class UpstreamListener(Protocol):
@@ -239,7 +240,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._connection = []
             return
         drop = _DROP_RESPONSE
-        if self._connection:
+        if self._connection and not (len(self._connection) == 1 and self._connection[0].lower() in _PLAIN_CONNECTION):
             drop = _DROP_RESPONSE | connection_tokens(self._connection)
         headers = [item for item in self._headers if item[0] not in drop]
         self._head_seen = True
