@@ -8,7 +8,7 @@ the machine does not favour either; each number reported is the median over the 
 
 Scenarios are data (`SCENARIOS`): a new row is a `Scenario(...)` with the plugins and
 consumers to add to Bastion's config and the nginx directives that do the same work. A row
-whose plugins the gateway does not register (`bastion.plugins.PLUGINS`, probed in a
+whose plugins the gateway cannot load (`bastion.plugins.plugin_class`, probed in a
 subprocess) is printed as skipped. Besides the wrk rows there are two memory rows: "idle
 connections" (RSS with 10,000 idle keep-alive clients, held by `idle_clients.py`) and "soak"
 (RSS sampled during 60 s of full load). The run ends with the targets of issue 5, PASS/FAIL.
@@ -278,7 +278,7 @@ def open_files_limit(pid: int) -> str:
 
 def raise_open_files(needed: int) -> Callable[[], None]:
     """A preexec_fn: raise the soft RLIMIT_NOFILE of the child to `needed` (up to the hard limit).
-    Bastion does not raise its own limit (yet), and 10,000 clients need more than 1024 fds."""
+    10,000 clients need more than 1024 fds; nginx does not raise its own limit."""
 
     def preexec() -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from bastion.errors import (
     UpstreamTimeout,
 )
 from bastion.http.model import Headers, Request, Response
-from bastion.pipeline import Context, Reply, plugin_failed
+from bastion.pipeline import Context, Plugin, Reply, plugin_failed
 from bastion.upstream.conn import UpstreamConnection
 from bastion.upstream.targets import TargetState
 
@@ -417,14 +418,9 @@ class Exchange:
         extra = route.upstream.response_headers(self.request, target)
         if extra:
             response.headers.items.extend(extra)
-        for plugin in route.response_plugins:
+        if route.response_plugins:
             assert ctx is not None
-            try:
-                await plugin.on_response(ctx, response)
-            except GatewayError:
-                raise
-            except Exception as exc:
-                raise plugin_failed(plugin, "response", exc, self.request.request_id) from exc
+            await self._response_phase(route.response_plugins, ctx, response)
         if self._error is not None:
             raise self._error
         pending, self._pending = self._pending, None
@@ -506,23 +502,25 @@ class Exchange:
         """A plugin answered: run the response hooks of the plugins that ran, then send it."""
         response = Response(reply.status, reply.headers)
         ctx.response = response
-        hooks = route.response_plugins
         # Every plugin up to the one that replied, in chain order (with or without a request hook).
         ran_plugins = set(route.plugins[: route.plugins.index(route.request_plugins[ran - 1]) + 1])
-        for plugin in hooks:
-            if plugin in ran_plugins:
-                try:
-                    await plugin.on_response(ctx, response)
-                except GatewayError:
-                    raise
-                except Exception as exc:
-                    raise plugin_failed(plugin, "response", exc, self.request.request_id) from exc
+        await self._response_phase([p for p in route.response_plugins if p in ran_plugins], ctx, response)
         body = reply.body
         if body.startswith(b'{"error":') and reply.status >= 400:
             body = self._with_request_id(body)
         if reply.status >= 400 and self.request.has_body and not self.body_complete:
             self.keep_alive = False
         self._send_whole(response, body)
+
+    async def _response_phase(self, plugins: Sequence[Plugin], ctx: Context, response: Response) -> None:
+        """Run response hooks (already in reverse chain order); a plugin bug becomes a 500."""
+        for plugin in plugins:
+            try:
+                await plugin.on_response(ctx, response)
+            except GatewayError:
+                raise
+            except Exception as exc:
+                raise plugin_failed(plugin, "response", exc, self.request.request_id) from exc
 
     def _with_request_id(self, body: bytes) -> bytes:
         try:
