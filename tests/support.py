@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -91,37 +92,54 @@ class GatewayThread:
 
 
 class GatewayProcess:
-    """`bastion run` as a child process, for signals, workers and the real CLI."""
+    """`bastion run` as a child process, for signals, workers and the real CLI.
+
+    Its stdout and stderr go to files, so a test can poll what it logged so far (`output()`).
+    """
 
     def __init__(self, config_path: Path, port: int, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = port
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process handle
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process handle
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bastion", "run", str(config_path), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=self._out,
+            stderr=self._err,
             env={**os.environ, **(env or {})},
         )
-        wait_listening(port, proc=self.proc)
+        wait_listening(port, proc=self.proc, errors=self._err)
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
+
+    def output(self) -> tuple[str, str]:
+        """What the process has written to stdout and stderr so far."""
+        return _read_all(self._out), _read_all(self._err)
 
     def stop(self, timeout: float = 15) -> tuple[int, str, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            out, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, err = self.proc.communicate()
-        return self.proc.returncode, out.decode(), err.decode()
+            self.proc.wait()
+        out, err = self.output()
+        return self.proc.returncode, out, err
 
 
-def wait_listening(port: int, timeout: float = 10, proc: subprocess.Popen[bytes] | None = None) -> None:
+def _read_all(file: Any) -> str:
+    file.seek(0)
+    return bytes(file.read()).decode(errors="replace")
+
+
+def wait_listening(
+    port: int, timeout: float = 10, proc: subprocess.Popen[bytes] | None = None, errors: Any = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited early: {proc.stderr.read().decode() if proc.stderr else ''}")
+            raise RuntimeError(f"process exited early: {_read_all(errors) if errors is not None else ''}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return

@@ -126,6 +126,7 @@ def test_sighup_and_a_changed_file_reload_the_running_process(
         # A broken file is rejected: b keeps serving.
         path.write_text(path.read_text().replace("version: 1", "version: 1\nbogus_key: 1"))
         proc.signal(signal.SIGHUP)
+        wait_for(lambda: "reload rejected" in proc.output()[1], timeout=5)
         config["upstreams"]["app"]["targets"] = [{"address": a.address}]
         assert tally(port, 3) == {"b": 3}
         # SIGHUP after a fix: a again.
