@@ -86,6 +86,7 @@ class Exchange:
         "_body",
         "_body_buffered",
         "_paused_client",
+        "_paused_by_upstream",
         "_to_upstream_chunked",
         "_response",
         "_resp_length",
@@ -117,6 +118,7 @@ class Exchange:
         self._body: list[bytes] = []
         self._body_buffered = 0
         self._paused_client = False
+        self._paused_by_upstream = False
         self._to_upstream_chunked = request.chunked
         self._response: Response | None = None
         self._resp_length: int | None = None
@@ -199,9 +201,12 @@ class Exchange:
         self._wake()
 
     def upstream_paused(self, paused: bool) -> None:
-        if paused:
+        """The upstream's socket buffer is full (or drained): hold (or resume) the client."""
+        if paused and not self._paused_by_upstream:
+            self._paused_by_upstream = True
             self.server.pause_reading()
-        else:
+        elif not paused and self._paused_by_upstream:
+            self._paused_by_upstream = False
             self.server.resume_reading()
 
     def client_paused(self, paused: bool) -> None:
@@ -555,6 +560,13 @@ class Exchange:
         self._send_whole(Response(error.status, headers), body)
 
     def _finish(self, snapshot: Snapshot) -> None:
+        if self._paused_by_upstream:
+            # The upstream connection went away while full: its resume will never come.
+            self._paused_by_upstream = False
+            self.server.resume_reading()
+        if self._paused_client:
+            self._paused_client = False
+            self.server.resume_reading()
         if snapshot.access_log is not None:
             snapshot.access_log.record(self, snapshot)
         route = self.route
