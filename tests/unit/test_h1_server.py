@@ -7,6 +7,8 @@ a gateway-made response; what is tested is framing, ordering, limits and connect
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 from typing import Any
 
 import pytest
@@ -138,3 +140,48 @@ def test_header_that_never_ends_is_cut_at_the_limit() -> None:
     transport = serve(b"GET / HTTP/1.1\r\nHost: x\r\nX: ", *[b"z" * 512] * 10)
     assert bytes(transport.data).startswith(b"HTTP/1.1 431")
     assert transport.closed
+
+
+SEEDS = [
+    b"GET /a?x=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /only HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"GET /only HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+]
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(4)
+        pos = rng.randrange(len(out) + 1)
+        if op == 0 and out:
+            out[min(pos, len(out) - 1)] = rng.randrange(256)
+        elif op == 1:
+            out[pos:pos] = rng.choice([b"\r\n", b":", b" ", b"\x00", b"%2f", b"chunked", b"999999999999", b"\n"])
+        elif op == 2:
+            del out[pos : pos + rng.randint(1, 8)]
+        else:
+            out[pos:pos] = rng.choice(SEEDS)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_mutated_input_never_breaks_the_connection_state(seed: int) -> None:
+    """Whatever arrives, the server answers with well-formed responses or closes; it never
+    raises, never answers twice for one request, and never leaves a response half-written
+    on a connection it keeps open."""
+    rng = random.Random(seed)
+    data = b"".join(_mutate(rng, rng.choice(SEEDS)) for _ in range(rng.randint(1, 3)))
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 5))))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    transport = serve(*chunks)
+    output = bytes(transport.data)
+    responses = split_responses(output) if output else []
+    for status, headers, body in responses:
+        assert status in (400, 404, 405, 413, 414, 417, 431, 502), (status, data)
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body)["request_id"] == headers["x-request-id"]
+    if responses and responses[-1][0] in (400, 413, 414, 417, 431):
+        assert transport.closed, data
