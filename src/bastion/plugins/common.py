@@ -109,6 +109,13 @@ def remove_cookie(headers: Headers, name: bytes) -> None:
     headers.items = items
 
 
+def check_sources(value: list[str]) -> list[str]:
+    """Validator for a plugin's `in:` list: every entry must parse as a Source."""
+    for spec in value:
+        Source(spec)
+    return value
+
+
 def quoted(value: str) -> str:
     """A quoted-string for an auth-param (realm="...")."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

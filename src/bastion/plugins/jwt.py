@@ -27,7 +27,7 @@ from bastion.config.types import Duration
 from bastion.http.model import Headers
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
 from bastion.plugins import register
-from bastion.plugins.common import PROTECTED_HEADERS, Source, header_name, quoted
+from bastion.plugins.common import PROTECTED_HEADERS, Source, check_sources, header_name, quoted
 from bastion.plugins.jwks import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Key, KeySet, load_pem
 
 log = logging.getLogger("bastion.plugins.jwt")
@@ -63,12 +63,7 @@ class JwtConfig(PluginConfig):
     jwks_min_refresh: Duration = Field(30.0, description="Least time between fetches caused by unknown kids.")
     jwks_timeout: Duration = Field(5.0, description="Timeout of one JWKS fetch.")
 
-    @field_validator("sources")
-    @classmethod
-    def _sources(cls, value: list[str]) -> list[str]:
-        for spec in value:
-            Source(spec)
-        return value
+    _sources = field_validator("sources")(check_sources)
 
     @field_validator("forward_claims")
     @classmethod

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from bastion.http.model import Headers
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
 from bastion.plugins import register
-from bastion.plugins.common import Source, quoted
+from bastion.plugins.common import Source, check_sources, quoted
 
 
 class KeyAuthConfig(PluginConfig):
@@ -24,12 +24,7 @@ class KeyAuthConfig(PluginConfig):
     hide_credentials: bool = Field(False, description="Remove the key before the request goes upstream.")
     realm: str = Field("bastion", description="Realm of the WWW-Authenticate challenge on a 401.")
 
-    @field_validator("sources")
-    @classmethod
-    def _sources(cls, value: list[str]) -> list[str]:
-        for spec in value:
-            Source(spec)
-        return value
+    _sources = field_validator("sources")(check_sources)
 
 
 @register
