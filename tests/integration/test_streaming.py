@@ -90,3 +90,21 @@ def test_access_log_line_per_request(origins, tmp_path):
     assert line["consumer"] is None
     for key in ("time", "request_id", "client", "duration_ms"):
         assert key in line
+
+
+def test_slow_client_is_not_an_upstream_timeout(origins, gateway):
+    """While the gateway holds the upstream back for a slow reader, the response timeout waits."""
+    origin = origins()
+    gw = gateway(
+        targets=[origin.port],
+        upstreams={"app": {"targets": [{"address": origin.address}], "timeouts": {"response": "300ms"}}},
+    )
+    size = 64 * MB
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+        time.sleep(1.0)  # more than the response timeout, with the gateway's buffers full
+        received = 0
+        while chunk := sock.recv(1024 * 1024):
+            received += len(chunk)
+    assert received > size

@@ -282,7 +282,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if not self._deadline or self.closed:
             return
-        if self._loop.time() < self._deadline:
+        now = self._loop.time()
+        if self._paused:
+            # We stopped reading (the client is slow): silence from the upstream is ours.
+            self._deadline = now + self._timeout
+        if now < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         self._fail(UpstreamTimeout())
