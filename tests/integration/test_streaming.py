@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -108,3 +109,44 @@ def test_slow_client_is_not_an_upstream_timeout(origins, gateway):
         while chunk := sock.recv(1024 * 1024):
             received += len(chunk)
     assert received > size
+
+
+def test_slow_upstream_reader_is_not_a_slow_client(gateway):
+    """While the gateway holds the client back for a slow upstream, the body timeout waits."""
+    size = 16 * MB
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def slow_origin() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            time.sleep(1.0)  # read nothing for longer than the client's body timeout
+            got = 0
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            got = len(head.partition(b"\r\n\r\n")[2])
+            while got < size:
+                got += len(conn.recv(1024 * 1024))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    thread = threading.Thread(target=slow_origin, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    gw = gateway(
+        targets=[port],
+        listeners=[{"name": "web", "bind": "127.0.0.1:0", "timeouts": {"body": "300ms"}}],
+    )
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"b" * MB
+        for _ in range(size // MB):
+            sock.sendall(block)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    thread.join(5)
+    listener.close()
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]

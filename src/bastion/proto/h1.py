@@ -409,6 +409,10 @@ class H1Server(asyncio.Protocol):
         """Called by the gateway's ticker: act if the client missed its read deadline."""
         if not self._deadline or now < self._deadline or self._closed:
             return
+        if self._read_pauses:
+            # We stopped reading (a slow upstream, a full buffer): the client is not late.
+            self._deadline = now + self.settings.timeouts.body
+            return
         self._deadline = 0.0
         # The client was too slow: a head or body that stalled, or an idle keep-alive.
         receiving = self._receiving
