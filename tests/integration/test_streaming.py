@@ -142,8 +142,11 @@ def test_slow_upstream_reader_is_not_a_slow_client(gateway):
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % size)
         block = b"b" * MB
-        for _ in range(size // MB):
-            sock.sendall(block)
+        try:
+            for _ in range(size // MB):
+                sock.sendall(block)
+        except OSError as exc:
+            raise AssertionError(f"cut while sending: {exc}; got {sock.recv(65536)[:300]!r}") from exc
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk

@@ -378,6 +378,10 @@ class H1Server(asyncio.Protocol):
         self._read_pauses -= 1
         if self._read_pauses == 0 and self.transport is not None and not self._closed:
             self.transport.resume_reading()
+            if self._deadline:
+                # The client waited on us: its clock starts again now, not at the last tick
+                # (which may run before the bytes it has been holding are read).
+                self._deadline = self.loop.time() + self.settings.timeouts.body
 
     def stop_reading_body(self) -> None:
         """Discard the rest of the current request body (it was refused)."""
