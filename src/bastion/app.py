@@ -72,8 +72,6 @@ class Gateway:
         self.connections: set[H1Server] = set()
         self.servers: dict[str, asyncio.Server] = {}  # by bind address
         self.listeners: dict[str, Listener] = {}  # by bind address, current settings
-        self.reloads = 0
-        self.rejected_reloads = 0
         self._snapshot: Snapshot | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retired: list[Snapshot] = []  # replaced by a reload, closed after a delay
@@ -147,12 +145,7 @@ class Gateway:
         async with self._reload_lock:
             if self._stopping:
                 return False
-            ok = await self._reload()
-            if ok:
-                self.reloads += 1
-            else:
-                self.rejected_reloads += 1
-            return ok
+            return await self._reload()
 
     async def _reload(self) -> bool:
         self._fingerprint = file_fingerprint(self.config_path)

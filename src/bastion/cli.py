@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import click
@@ -36,16 +37,21 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return count
 
 
+def _problems_exit(exc: ConfigError, path: str) -> NoReturn:
+    """Print every problem on stderr, then a count line, and exit 1."""
+    for line in exc.problems:
+        click.echo(line, err=True)
+    count = len(exc.problems)
+    click.echo(f"{count} {'problem' if count == 1 else 'problems'} in {path}", err=True)
+    sys.exit(1)
+
+
 def _load_or_exit(path: str) -> LoadedConfig:
-    """Load the config, or print every problem on stderr and exit 1."""
+    """Load the config, or print every problem and exit 1."""
     try:
         return load_config(path)
     except ConfigError as exc:
-        for line in exc.problems:
-            click.echo(line, err=True)
-        count = len(exc.problems)
-        click.echo(f"{count} {'problem' if count == 1 else 'problems'} in {path}", err=True)
-        sys.exit(1)
+        _problems_exit(exc, path)
 
 
 def _built_or_exit(loaded: LoadedConfig) -> None:
@@ -55,11 +61,7 @@ def _built_or_exit(loaded: LoadedConfig) -> None:
     try:
         check_config(loaded)
     except ConfigError as exc:
-        for line in exc.problems:
-            click.echo(line, err=True)
-        count = len(exc.problems)
-        click.echo(f"{count} {'problem' if count == 1 else 'problems'} in {loaded.path}", err=True)
-        sys.exit(1)
+        _problems_exit(exc, loaded.path)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -403,7 +403,7 @@ class Exchange:
         parts += (b"x-forwarded-for: ", client if forwarded_for is None else forwarded_for + b", " + client, b"\r\n")
         parts += (b"via: ", _VIA if via is None else via + b", " + _VIA, b"\r\n")
         if not route.preserve_host:
-            parts += (b"host: ", str(target.address).encode(), b"\r\n")
+            parts += (b"host: ", target.host_header, b"\r\n")
         host = request.headers.get_raw(b"host")
         if host:
             parts += (b"x-forwarded-host: ", host, b"\r\n")

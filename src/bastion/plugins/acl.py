@@ -22,7 +22,7 @@ class AclConfig(PluginConfig):
     deny_groups: list[str] = Field(default_factory=list, description="Consumers in one of these groups are refused.")
 
     @model_validator(mode="after")
-    def _something(self) -> AclConfig:
+    def _at_least_one_list(self) -> AclConfig:
         if not self.allow_groups and not self.deny_groups:
             raise ValueError("give allow_groups, deny_groups or both")
         return self

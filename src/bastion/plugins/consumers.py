@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import argon2
 
@@ -19,8 +19,6 @@ from bastion.config.schema import Consumer, Loc
 
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 ARGON2_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
-
-Where = Callable[[Loc, str], str]
 
 
 _BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")

@@ -189,9 +189,6 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("The upstream switched protocols, which this route does not support."))
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._timer is not None:

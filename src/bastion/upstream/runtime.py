@@ -212,7 +212,7 @@ class UpstreamRuntime:
 
     def report_success(self, target: TargetState, seconds: float) -> None:
         """A try got a response head after `seconds` (passive health, latency scores)."""
-        target.failures_in_row = 0
+        target.tried_ok()
         target.observe_latency(seconds, self.clock())
 
     def report_failure(self, target: TargetState, error: Exception) -> None:

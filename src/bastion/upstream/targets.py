@@ -33,6 +33,7 @@ class TargetState:
         "key",
         "upstream",
         "address",
+        "host_header",
         "weight",
         "backup",
         "pool",
@@ -58,6 +59,7 @@ class TargetState:
         self.key = key
         self.upstream = upstream
         self.address = address
+        self.host_header = str(address).encode()  # Host toward it when a route does not preserve the client's
         self.weight = 1  # as last activated; balancers keep their own per-snapshot copy
         self.backup = False
         self.pool = pool
