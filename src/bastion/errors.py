@@ -53,6 +53,10 @@ class ExpectationFailed(GatewayError):
     status, word, message = 417, "expectation_failed", "The only expectation supported is 100-continue."
 
 
+class TransferCodingNotImplemented(GatewayError):
+    status, word, message = 501, "not_implemented", "The request's transfer coding is not supported (only chunked)."
+
+
 class URITooLong(GatewayError):
     status, word, message = 414, "uri_too_long", "The request URI is over the limit."
 

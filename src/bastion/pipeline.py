@@ -197,6 +197,10 @@ class Plugin:
     TRAFFIC: ClassVar[int] = 300
     TRANSFORM: ClassVar[int] = 400
 
+    # Request fields this plugin sets from what it verified (jwt's forward_claims): the gateway
+    # removes client-sent copies on every route, not only where this plugin runs.
+    identity_headers: frozenset[bytes] = frozenset()
+
     def __init__(self, config: Any, env: BuildEnv) -> None:
         self.config = config
         self.env = env

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from bastion.config.schema import Config, Loc, PluginEntry, Route
 from bastion.errors import ConfigError
+from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
 from bastion.observability.logs import AccessLog
 from bastion.pipeline import BuildEnv, Plugin, PluginProblems
@@ -81,6 +82,8 @@ class Snapshot:
         self.consumers = consumers if consumers is not None else ConsumerIndex()
         self.store = store if store is not None else LocalStore()
         self.access_log: AccessLog | None = AccessLog() if config.log.access else None
+        # Request fields removed from every client request before routing (header_policy).
+        self.request_drop = request_drop_set(name for plugin in plugins for name in plugin.identity_headers)
         self.closed = False
 
     async def start(self) -> None:

@@ -38,6 +38,12 @@ class ListenerLimits(Model):
     max_uri_bytes: Size = Field(8 * 1024, ge=256, description="Request target; over it: 414.")
     max_headers: int = Field(100, ge=1, le=10000, description="Number of header fields; over it: 431.")
     max_requests_per_connection: int = Field(0, ge=0, description="0 means unlimited.")
+    min_body_rate: Size = Field(
+        1024,
+        ge=0,
+        description="Slowest request-body upload accepted, in bytes per second averaged from the body's start, "
+        "after a grace of timeouts.body; a slower client gets 400 and is closed. 0: no minimum.",
+    )
 
 
 class Listener(Model):
@@ -47,6 +53,11 @@ class Listener(Model):
     timeouts: ListenerTimeouts = ListenerTimeouts()
     limits: ListenerLimits = ListenerLimits()
     backlog: int = Field(2048, ge=1)
+    underscores_in_headers: bool = Field(
+        False,
+        description="Keep request header fields whose names contain '_' (dropped by default: CGI and WSGI "
+        "origins read X_Consumer as X-Consumer).",
+    )
 
     @field_validator("protocol")
     @classmethod

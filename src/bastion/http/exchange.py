@@ -99,11 +99,14 @@ class Exchange:
         "_error",
         "_limit",
         "_client_gone",
+        "_continue_sent",
+        "snapshot",
     )
 
-    def __init__(self, server: H1Server, request: Request, expect_continue: bool) -> None:
+    def __init__(self, server: H1Server, request: Request, expect_continue: bool, snapshot: Snapshot) -> None:
         self.server = server
         self.request = request
+        self.snapshot = snapshot  # the config current when the head arrived handles the request
         self.expect_continue = expect_continue
         self.keep_alive = request.keep_alive
         self.started = time.monotonic()
@@ -131,6 +134,7 @@ class Exchange:
         self._error: GatewayError | None = None
         self._limit: int | None = None
         self._client_gone = False
+        self._continue_sent = False
 
     # --- request body from the client ----------------------------------------------------------
 
@@ -172,6 +176,22 @@ class Exchange:
         self.upstream_failed(error)
 
     # --- events from the upstream connection ---------------------------------------------------
+
+    def upstream_interim(self, response: Response) -> None:
+        """A 1xx: relayed to an HTTP/1.1 client (RFC 9110 section 15.2), except a 100 Continue
+        the gateway already sent itself. HTTP/1.0 clients cannot take one."""
+        status = response.status
+        if self.request.version != "1.1" or self._head_written or self._client_gone:
+            return
+        if status == 100:
+            if self._continue_sent:
+                return
+            self._continue_sent = True
+        parts = [status_line(status, response.reason)]
+        for name, value in response.headers.items:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.server.write(b"".join(parts))
 
     def upstream_head(self, response: Response, content_length: int | None, keep_alive: bool) -> None:
         self._response = response
@@ -239,7 +259,8 @@ class Exchange:
 
     # --- the exchange --------------------------------------------------------------------------
 
-    async def run(self, snapshot: Snapshot) -> None:
+    async def run(self) -> None:
+        snapshot = self.snapshot
         # Routing, plugins and the response relay all run in this one coroutine frame (with
         # _forward below it): every resume after an upstream event passes through each frame.
         request = self.request
@@ -366,7 +387,8 @@ class Exchange:
             head = b"".join((head, *framed))
             self._body = []
             self._body_buffered = 0
-        elif self.expect_continue and not self.body_complete and self.bytes_in == 0:
+        elif self.expect_continue and not self.body_complete and self.bytes_in == 0 and not self._continue_sent:
+            self._continue_sent = True
             self.server.write(_CONTINUE)
         if self.body_complete and request.chunked:
             head += b"0\r\n\r\n"
@@ -407,7 +429,8 @@ class Exchange:
         host = request.headers.get_raw(b"host")
         if host:
             parts += (b"x-forwarded-host: ", host, b"\r\n")
-        parts += (b"x-forwarded-proto: http\r\nx-request-id: ", request.request_id.encode(), b"\r\n")
+        parts += (b"x-real-ip: ", client, b"\r\nx-forwarded-proto: http\r\nx-request-id: ")
+        parts += (request.request_id.encode(), b"\r\n")
         if request.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         elif request.content_length is not None:

@@ -195,6 +195,7 @@ class Jwt(Plugin):
         self.forward = tuple(
             (header_name(header), tuple(claim.split("."))) for header, claim in config.forward_claims.items()
         )
+        self.identity_headers = frozenset(name for name, _ in self.forward)
         self.challenge = f"Bearer realm={quoted(config.realm)}"
         self._cache: dict[str, tuple[dict[str, Any], Consumer | None, float]] = {}
 

@@ -8,13 +8,18 @@ hop-by-hop filtering and the request id, then hands each request to an Exchange.
 
 Pipelined requests are answered in order: one exchange is active; the heads that arrive
 behind it wait in a queue and their bodies in their own bounded buffers. Reading from the
-socket is paused by counted reasons (a full body buffer, a slow upstream); it resumes when
-every reason is released.
+socket is paused by counted reasons (a full body buffer, a slow upstream, too many responses
+owed); it resumes when every reason is released. The next exchange starts only while the
+client reads what it was sent, so a client that never reads holds at most a write buffer and
+a short queue (docs/design.md has the numbers).
 
-Every read deadline (for a request head, for the gap between body chunks, for an idle
-keep-alive connection) is one float per connection, checked by the gateway's ticker a few
-times a second: moving a deadline is an assignment, and an idle connection holds no timer
-handle (one costs about 800 bytes in uvloop, a sixth of an idle connection's memory).
+Every read deadline is one float per connection, checked by the gateway's ticker a few times
+a second: moving a deadline is an assignment, and an idle connection holds no timer handle
+(one costs about 800 bytes in uvloop, a sixth of an idle connection's memory). No deadline
+can be pushed back by trickling bytes: an idle connection has the keep-alive timeout, a
+request head the header timeout from its first byte, a body both a gap timeout and a
+minimum average rate, and a client that stops reading the send timeout, which only a
+drained write buffer (tens of kilobytes read) cancels.
 """
 
 from __future__ import annotations
@@ -29,22 +34,40 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from bastion.config.schema import Listener
-from bastion.errors import BadRequest, ExpectationFailed, GatewayError, HeadersTooLarge, URITooLong
+from bastion.errors import (
+    BadRequest,
+    ExpectationFailed,
+    GatewayError,
+    HeadersTooLarge,
+    TransferCodingNotImplemented,
+    URITooLong,
+)
 from bastion.http.exchange import Exchange, status_line
+from bastion.http.header_policy import is_dropped, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Request
 from bastion.http.paths import split_target
-from bastion.upstream.conn import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
     from bastion.app import Gateway
 
 log = logging.getLogger("bastion.h1")
 
-# Request fields the gateway owns toward the upstream: dropped from what the client sent and
-# set by the exchange (X-Request-Id kept when valid; X-Consumer only ever set by auth).
-_DROP_REQUEST = HOP_BY_HOP | frozenset(
-    (b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"x-consumer")
-)
+# Requests queued behind the active one: at PIPELINE_PAUSE reading stops until the queue
+# shortens; one read that carries more than PIPELINE_LIMIT is cut there (the rest is never
+# parsed, the connection closes after the last queued answer, and the client retries the
+# unanswered requests, as RFC 9112 section 9.3.2 expects of pipelining clients).
+PIPELINE_PAUSE = 16
+PIPELINE_LIMIT = 64
+# The client's write buffer: above HIGH the client counts as not reading (the send timeout
+# runs and no new exchange starts); it must read back down to LOW to count as reading again.
+WRITE_HIGH = 64 * 1024
+WRITE_LOW = 16 * 1024
+
+
+class _PipelineFull(Exception):
+    """One read carried more pipelined requests than PIPELINE_LIMIT: stop parsing."""
+
+
 _SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id"))
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 _ID_PREFIX = os.urandom(6).hex()
@@ -97,6 +120,11 @@ class H1Server(asyncio.Protocol):
         "_max_uri",
         "_max_head",
         "_max_headers",
+        "_keep_underscores",
+        "_write_paused",
+        "_pipeline_paused",
+        "_body_started",
+        "_body_bytes",
     )
 
     def __init__(self, gateway: Gateway, settings: Listener) -> None:
@@ -130,11 +158,17 @@ class H1Server(asyncio.Protocol):
         self._max_uri = limits.max_uri_bytes
         self._max_head = limits.max_header_bytes
         self._max_headers = limits.max_headers
+        self._keep_underscores = settings.underscores_in_headers
+        self._write_paused = False
+        self._pipeline_paused = False
+        self._body_started = 0.0
+        self._body_bytes = 0
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = peer[0], peer[1]
@@ -150,6 +184,8 @@ class H1Server(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
+            if isinstance(cause, _PipelineFull):
+                return
             self._protocol_error(cause if isinstance(cause, GatewayError) else BadRequest())
             if not isinstance(cause, GatewayError):
                 log.error("request parsing failed", exc_info=cause)
@@ -178,17 +214,21 @@ class H1Server(asyncio.Protocol):
             self._active.client_lost()
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         if self._active is not None:
             self._active.client_paused(True)
         if self._send_timer is None:
             self._send_timer = self.loop.call_later(self.settings.timeouts.send, self.abort)
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
         if self._active is not None:
             self._active.client_paused(False)
+        elif self._queue and not self._closed:
+            self._start_next()
 
     # --- httptools callbacks -----------------------------------------------------------------
 
@@ -200,8 +240,9 @@ class H1Server(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._special = {}
-        if self._active is None:
-            self._set_deadline(self.settings.timeouts.header)
+        # The whole head must arrive within the header timeout from its first byte, whatever
+        # else is going on (a pipelined head behind a running exchange included).
+        self._set_deadline(self.settings.timeouts.header)
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -213,6 +254,8 @@ class H1Server(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._max_head or len(self._headers) >= self._max_headers:
             raise HeadersTooLarge()
+        if b"_" in name and not self._keep_underscores:
+            return  # CGI/WSGI origins would read X_Consumer as X-Consumer
         name = name.lower()
         if name in _SPECIAL:
             self._special.setdefault(name, []).append(value)
@@ -220,30 +263,48 @@ class H1Server(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        request, expect_continue = self._build_request()
+        queue = self._queue
+        if len(queue) >= PIPELINE_LIMIT:
+            # Too many requests in one read: answer the queued ones, then close.
+            self._broken = True
+            queue[-1].keep_alive = False
+            raise _PipelineFull()
+        snapshot = self.gateway.snapshot
+        request, expect_continue = self._build_request(snapshot.request_drop)
         self._url = []
         self._headers = []
         self._special = {}
-        exchange = Exchange(self, request, expect_continue)
+        exchange = Exchange(self, request, expect_continue, snapshot)
         self.requests += 1
         limit = self.settings.limits.max_requests_per_connection
         if limit and self.requests >= limit:
             exchange.keep_alive = False
         if not exchange.body_complete:
             self._receiving = exchange
-            self._set_deadline(self.settings.timeouts.body)
-        elif self._active is None:
-            self._deadline = 0.0
-        if self._active is None:
+            self._start_body_clock()
+        else:
+            self._deadline = 0.0  # the client owes nothing until this request is answered
+        if self._active is None and not self._write_paused:
             self._start(exchange)
         else:
-            self._queue.append(exchange)
+            queue.append(exchange)
+            if len(queue) >= PIPELINE_PAUSE and not self._pipeline_paused:
+                self._pipeline_paused = True
+                self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         receiving = self._receiving
         if receiving is not None and not self._discard_body:
             if self._deadline:
-                self._deadline = self.loop.time() + self.settings.timeouts.body
+                # A gap timeout, capped by a minimum average rate: trickling cannot hold it off.
+                now = self.loop.time()
+                self._body_bytes += len(body)
+                timeouts = self.settings.timeouts
+                deadline = now + timeouts.body
+                rate = self.settings.limits.min_body_rate
+                if rate:
+                    deadline = min(deadline, self._body_started + timeouts.body + self._body_bytes / rate)
+                self._deadline = deadline
             receiving.feed_body(body)
 
     def on_message_complete(self) -> None:
@@ -257,7 +318,7 @@ class H1Server(asyncio.Protocol):
 
     # --- request assembly --------------------------------------------------------------------
 
-    def _build_request(self) -> tuple[Request, bool]:
+    def _build_request(self, drop: frozenset[bytes]) -> tuple[Request, bool]:
         parser = self.parser
         special = self._special
         method = parser.get_method().decode("ascii")
@@ -279,19 +340,26 @@ class H1Server(asyncio.Protocol):
             raise BadRequest("The request has no Host header.")
         else:
             host = ""
-        drop = _DROP_REQUEST
         connection = special.get(b"connection")
         if connection is not None:
-            drop = drop | connection_tokens(connection)
-        kept = [item for item in headers if item[0] not in drop]
+            drop = with_connection_tokens(drop, connection)
+        if self._keep_underscores:
+            kept = [item for item in headers if not is_dropped(item[0], drop)]
+        else:
+            kept = [item for item in headers if item[0] not in drop]
         request = Request(method, path, query, Headers(kept), version, host, self.client_ip, self.client_port)
         request.keep_alive = parser.should_keep_alive() and self.keep_alive
         codings = special.get(b"transfer-encoding")
         if codings is not None:
             # RFC 9112 section 6.3: a request whose last coding is not chunked has no reliable
-            # length; llhttp lets `identity` through, so the rule is enforced here too.
-            if b",".join(codings).rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+            # length; llhttp lets `identity` through, so the rule is enforced here too. Any
+            # coding besides chunked (gzip, chunked) is one the gateway cannot pass on
+            # faithfully: 501, as RFC 9112 section 6.1 asks, never silently dropped.
+            names = [c.strip().lower() for c in b",".join(codings).split(b",")]
+            if names[-1] != b"chunked":
                 raise BadRequest("The request's Transfer-Encoding does not end in chunked.")
+            if len(names) > 1:
+                raise TransferCodingNotImplemented()
             request.chunked = True
         else:
             lengths = special.get(b"content-length")
@@ -314,7 +382,14 @@ class H1Server(asyncio.Protocol):
 
     def _start(self, exchange: Exchange) -> None:
         self._active = exchange
-        self._task = self.loop.create_task(exchange.run(self.gateway.snapshot))
+        self._task = self.loop.create_task(exchange.run())
+
+    def _start_next(self) -> None:
+        """Start the first queued exchange; reading resumes once the queue is short again."""
+        self._start(self._queue.pop(0))
+        if self._pipeline_paused and len(self._queue) < PIPELINE_PAUSE:
+            self._pipeline_paused = False
+            self.resume_reading()
 
     def exchange_finished(self, exchange: Exchange) -> None:
         """Called by the exchange when its response is complete (or failed)."""
@@ -328,7 +403,8 @@ class H1Server(asyncio.Protocol):
             self._close()
             return
         if self._queue:
-            self._start(self._queue.pop(0))
+            if not self._write_paused:  # else resume_writing starts it: the client must read first
+                self._start_next()
         elif self._receiving is None and not self._in_head:
             self._set_deadline(self.settings.timeouts.keepalive)
 
@@ -378,10 +454,12 @@ class H1Server(asyncio.Protocol):
         self._read_pauses -= 1
         if self._read_pauses == 0 and self.transport is not None and not self._closed:
             self.transport.resume_reading()
-            if self._deadline:
-                # The client waited on us: its clock starts again now, not at the last tick
-                # (which may run before the bytes it has been holding are read).
-                self._deadline = self.loop.time() + self.settings.timeouts.body
+            if self._receiving is not None:
+                # The client waited on us: its body clock starts again now, not at the last
+                # tick (which may run before the bytes it has been holding are read).
+                self._start_body_clock()
+            elif self._deadline:
+                self._set_deadline(self.settings.timeouts.header)
 
     def stop_reading_body(self) -> None:
         """Discard the rest of the current request body (it was refused)."""
@@ -409,6 +487,12 @@ class H1Server(asyncio.Protocol):
     def _set_deadline(self, seconds: float) -> None:
         self._deadline = self.loop.time() + seconds
 
+    def _start_body_clock(self) -> None:
+        now = self.loop.time()
+        self._body_started = now
+        self._body_bytes = 0
+        self._deadline = now + self.settings.timeouts.body
+
     def check_deadline(self, now: float) -> None:
         """Called by the gateway's ticker: act if the client missed its read deadline."""
         if not self._deadline or now < self._deadline or self._closed:
@@ -424,5 +508,14 @@ class H1Server(asyncio.Protocol):
             receiving.keep_alive = False
             receiving.upstream_failed(BadRequest("The client sent the request body too slowly."))
             self._broken = True
+            return
+        active = self._active
+        if active is not None and receiving is None:
+            # A pipelined head stalled behind a running exchange: read no more, let that
+            # response finish, then close (the queued requests are retried by the client).
+            self._broken = True
+            self.keep_alive = False
+            active.keep_alive = False
+            self._queue.clear()
             return
         self._close()

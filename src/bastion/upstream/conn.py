@@ -16,52 +16,26 @@ from typing import TYPE_CHECKING, Protocol, cast
 import httptools
 
 from bastion.errors import GatewayError, UpstreamError, UpstreamTimeout
+from bastion.http.header_policy import DROP_RESPONSE, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Response
 
 if TYPE_CHECKING:
     from bastion.upstream.pool import ConnectionPool
 
-# RFC 9110 section 7.6.1: connection-specific fields never forwarded. Content-Length and
-# Transfer-Encoding are dropped too: the gateway frames each hop itself.
-HOP_BY_HOP = frozenset(
-    (
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"proxy-authenticate",
-    )
-)
 
-
-# Response fields the gateway sets itself toward the client.
-_DROP_RESPONSE = HOP_BY_HOP | frozenset((b"x-request-id",))
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))  # name no other field
+class _BytesAfterResponse(Exception):
+    """The upstream sent more after the final response: the connection is not reusable."""
 
 
 class UpstreamListener(Protocol):
     """What a connection reports to the exchange using it."""
 
+    def upstream_interim(self, response: Response) -> None: ...
     def upstream_head(self, response: Response, content_length: int | None, keep_alive: bool) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_done(self, keep_alive: bool) -> None: ...
     def upstream_failed(self, error: GatewayError) -> None: ...
     def upstream_paused(self, paused: bool) -> None: ...
-
-
-def connection_tokens(values: list[bytes]) -> set[bytes]:
-    """Lower-case field names listed in Connection headers."""
-    tokens: set[bytes] = set()
-    for value in values:
-        for token in value.split(b","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
-    return tokens
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -80,6 +54,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_chunked",
         "_connection",
         "_head_seen",
+        "_interim",
+        "_complete",
         "_timer",
         "_deadline",
         "_timeout",
@@ -102,6 +78,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunked = False
         self._connection: list[bytes] = []
         self._head_seen = False
+        self._interim = False
+        self._complete = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._timeout = 0.0
@@ -115,6 +93,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener = listener
         self.head_only = head_only
         self._head_seen = False
+        self._interim = False
+        self._complete = False
         self._headers = []
         self._content_length = None
         self._chunked = False
@@ -183,7 +163,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            self._fail(cause if isinstance(cause, GatewayError) else UpstreamError())
+            if isinstance(cause, _BytesAfterResponse):
+                self.abort()  # the listener has its whole response; only reuse is off
+            else:
+                self._fail(cause if isinstance(cause, GatewayError) else UpstreamError())
         except httptools.HttpParserError:
             self._fail(UpstreamError("The upstream sent a malformed response."))
         except httptools.HttpParserUpgrade:
@@ -197,7 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
         listener = self.listener
         self.listener = None
         self.pool.connection_lost(self)
-        if listener is None:
+        if listener is None or self._complete:
             return
         if exc is None and self._head_seen and self._until_close():
             listener.upstream_done(False)
@@ -216,6 +199,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks ---------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _BytesAfterResponse()
+
     def on_status(self, status: bytes) -> None:
         self._reason = status
 
@@ -231,19 +218,26 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
-            # Interim responses (100 Continue, 103 Early Hints) are not relayed.
-            self._headers = []
-            self._connection = []
-            return
-        drop = _DROP_RESPONSE
-        if self._connection and not (len(self._connection) == 1 and self._connection[0].lower() in _PLAIN_CONNECTION):
-            drop = _DROP_RESPONSE | connection_tokens(self._connection)
+        drop = DROP_RESPONSE
+        if self._connection:
+            drop = with_connection_tokens(drop, self._connection)
         headers = [item for item in self._headers if item[0] not in drop]
-        self._head_seen = True
-        keep_alive = self.parser.should_keep_alive()
+        self._headers = []
+        self._connection = []
         listener = self.listener
         assert listener is not None
+        if status < 200:
+            # An interim response (RFC 9110 section 15.2): the final one is still to come, and
+            # until it is complete this connection belongs to this exchange.
+            if status == 101:
+                raise UpstreamError("The upstream switched protocols, which this route does not support.")
+            self._interim = True
+            self._content_length = None
+            self._chunked = False
+            listener.upstream_interim(Response(status, Headers(headers), self._reason))
+            return
+        self._head_seen = True
+        keep_alive = self.parser.should_keep_alive()
         listener.upstream_head(Response(status, Headers(headers), self._reason), self._content_length, keep_alive)
         if self.head_only:
             # A response to HEAD has no body whatever its framing headers say; httptools cannot
@@ -252,10 +246,17 @@ class UpstreamConnection(asyncio.Protocol):
             self._done(keep_alive)
 
     def on_body(self, body: bytes) -> None:
+        if self._complete:
+            raise _BytesAfterResponse()
         if self.listener is not None:
             self.listener.upstream_body(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False  # the end of a 1xx, not of the response
+            return
+        if self._complete:
+            return  # a HEAD response's old parser, already answered for
         self._done(self.parser.should_keep_alive())
 
     # --- internals -------------------------------------------------------------------------
@@ -265,6 +266,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _done(self, keep_alive: bool) -> None:
         self._deadline = 0.0
+        self._complete = True
         listener = self.listener
         if listener is not None:
             listener.upstream_done(keep_alive)

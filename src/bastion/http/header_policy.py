@@ -1,0 +1,83 @@
+"""Which header fields cross the gateway, in one place for every protocol.
+
+Three kinds of names never pass from one side to the other as they arrived:
+
+- hop-by-hop fields (RFC 9110 section 7.6.1) and every name a `Connection` field lists,
+  except the ones the gateway itself needs (`Host`): a client must not be able to make the
+  gateway drop them;
+- fields the gateway sets itself toward the upstream (`X-Forwarded-*`, `X-Real-IP`,
+  `X-Request-Id`) and identity fields set by authentication (`X-Consumer`, every
+  `forward_claims` name of every route): a client-sent copy is removed on every route, so an
+  origin can trust them whichever route a request took;
+- `Forwarded` (RFC 7239): the gateway does not write it, so a client's copy is removed rather
+  than passed on as if the gateway had vouched for it.
+
+Field names with an underscore are dropped from requests by default (as nginx does): CGI and
+WSGI servers read `X_Consumer` as `X-Consumer`, which would walk around the identity rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# RFC 9110 section 7.6.1: connection-specific fields never forwarded. Content-Length and
+# Transfer-Encoding are dropped too: the gateway frames each hop itself.
+HOP_BY_HOP = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"proxy-authenticate",
+    )
+)
+
+# Set by the gateway toward the upstream; a client-sent copy never passes.
+GATEWAY_REQUEST_HEADERS = frozenset(
+    (b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"x-real-ip", b"forwarded")
+)
+
+# Always owned by authentication, whatever the config says.
+IDENTITY_HEADERS = frozenset((b"x-consumer",))
+
+# Names a `Connection` field may not remove: the gateway needs them to route and forward.
+CONNECTION_PROTECTED = frozenset((b"host",))
+
+# Response fields the gateway sets itself toward the client.
+DROP_RESPONSE = HOP_BY_HOP | frozenset((b"x-request-id",))
+
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))  # values that name no other field
+
+
+def request_drop_set(identity: Iterable[bytes] = ()) -> frozenset[bytes]:
+    """Every request field name removed before routing, given the config's identity names."""
+    return HOP_BY_HOP | GATEWAY_REQUEST_HEADERS | IDENTITY_HEADERS | frozenset(identity)
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """Lower-case field names listed in Connection headers."""
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def with_connection_tokens(drop: frozenset[bytes], connection: list[bytes]) -> frozenset[bytes]:
+    """`drop` plus the names `Connection` lists, except the protected ones.
+
+    `Connection: keep-alive` or `close` alone (the common case) names no field: no new set."""
+    if len(connection) == 1 and connection[0].lower() in _PLAIN_CONNECTION:
+        return drop
+    return drop | (connection_tokens(connection) - CONNECTION_PROTECTED)
+
+
+def is_dropped(name: bytes, drop: frozenset[bytes]) -> bool:
+    """Whether a request field goes, counting `x_consumer` as `x-consumer` (CGI reads it so)."""
+    return name in drop or (b"_" in name and name.replace(b"_", b"-") in drop)
