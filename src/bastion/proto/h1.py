@@ -52,12 +52,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.h1")
 
-# Requests queued behind the active one: at PIPELINE_PAUSE reading stops until the queue
-# shortens; one read that carries more than PIPELINE_LIMIT is cut there (the rest is never
-# parsed, the connection closes after the last queued answer, and the client retries the
-# unanswered requests, as RFC 9112 section 9.3.2 expects of pipelining clients).
+# Requests queued behind the active one: at PIPELINE_PAUSE, parsing and reading stop until
+# the queue shortens. httptools cannot stop mid-buffer, so a read that may hold several
+# requests is parsed FEED_SLICE bytes at a time and the unparsed rest is held (a read is at
+# most 256 KB). PIPELINE_LIMIT is the backstop for what one slice can still add (a chunked
+# body followed by a flood of requests): the connection closes after the queued answers, and
+# the client retries the rest, as RFC 9112 section 9.3.2 expects of pipelining clients.
 PIPELINE_PAUSE = 16
 PIPELINE_LIMIT = 64
+FEED_SLICE = 1024
 # The client's write buffer: above HIGH the client counts as not reading (the send timeout
 # runs and no new exchange starts); it must read back down to LOW to count as reading again.
 WRITE_HIGH = 64 * 1024
@@ -65,7 +68,7 @@ WRITE_LOW = 16 * 1024
 
 
 class _PipelineFull(Exception):
-    """One read carried more pipelined requests than PIPELINE_LIMIT: stop parsing."""
+    """One slice carried more pipelined requests than PIPELINE_LIMIT: stop parsing."""
 
 
 _SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id"))
@@ -125,6 +128,8 @@ class H1Server(asyncio.Protocol):
         "_pipeline_paused",
         "_body_started",
         "_body_bytes",
+        "_body_left",
+        "_held",
     )
 
     def __init__(self, gateway: Gateway, settings: Listener) -> None:
@@ -163,6 +168,8 @@ class H1Server(asyncio.Protocol):
         self._pipeline_paused = False
         self._body_started = 0.0
         self._body_bytes = 0
+        self._body_left = 0  # Content-Length bytes still to come; -1 while a chunked body arrives
+        self._held: bytes | None = None  # read but not parsed yet: the pipeline queue is full
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -178,6 +185,29 @@ class H1Server(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return
+        if self._held is not None:
+            self._held += data
+        elif len(data) > FEED_SLICE and (self._receiving is None or 0 <= self._body_left < len(data)):
+            self._held = data  # may hold many pipelined requests: parse it slice by slice
+        else:
+            self._feed(data)  # a small read, or all of it body: the common cases, parsed at once
+            return
+        self._feed_held()
+
+    def _feed_held(self) -> None:
+        """Parse held bytes until they run out or the pipeline queue is full."""
+        data = self._held
+        assert data is not None
+        view = memoryview(data)
+        end = len(data)
+        pos = 0
+        while pos < end and len(self._queue) < PIPELINE_PAUSE and not self._broken:
+            step = self._body_left if self._receiving is not None and self._body_left > 0 else FEED_SLICE
+            self._feed(view[pos : pos + step])
+            pos += step
+        self._held = data[pos:] if pos < end and not self._broken else None
+
+    def _feed(self, data: bytes | memoryview) -> None:
         if self._in_head:
             self._head_bytes += len(data)
         try:
@@ -281,6 +311,7 @@ class H1Server(asyncio.Protocol):
             exchange.keep_alive = False
         if not exchange.body_complete:
             self._receiving = exchange
+            self._body_left = -1 if request.chunked else request.content_length or 0
             self._start_body_clock()
         else:
             self._deadline = 0.0  # the client owes nothing until this request is answered
@@ -306,6 +337,8 @@ class H1Server(asyncio.Protocol):
                     deadline = min(deadline, self._body_started + timeouts.body + self._body_bytes / rate)
                 self._deadline = deadline
             receiving.feed_body(body)
+        if self._body_left > 0:
+            self._body_left -= len(body)
 
     def on_message_complete(self) -> None:
         receiving = self._receiving
@@ -385,9 +418,11 @@ class H1Server(asyncio.Protocol):
         self._task = self.loop.create_task(exchange.run())
 
     def _start_next(self) -> None:
-        """Start the first queued exchange; reading resumes once the queue is short again."""
+        """Start the first queued exchange; parsing and reading go on once the queue is short."""
         self._start(self._queue.pop(0))
-        if self._pipeline_paused and len(self._queue) < PIPELINE_PAUSE:
+        if self._held is not None:
+            self._feed_held()
+        if self._pipeline_paused and len(self._queue) < PIPELINE_PAUSE and self._held is None:
             self._pipeline_paused = False
             self.resume_reading()
 
