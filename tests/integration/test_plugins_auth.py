@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import bcrypt
 import pytest
 
 from bastion.demo.origin import OriginHandle
-from support import GatewayThread, request
+from support import GatewayThread, Reply, request
 
 FAST_ARGON2 = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 
@@ -49,6 +50,28 @@ def basic(user: str, password: str) -> str:
 @pytest.fixture
 def origin(origins: Callable[..., OriginHandle]) -> OriginHandle:
     return origins("a")
+
+
+def send(port: int, fields: list[tuple[str, str]], path: str = "/") -> Reply:
+    """One request whose header fields are sent exactly as listed (repeated names included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in fields:
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+
+
+def ambiguous(reply: Reply) -> None:
+    """The 401 for a request that carries more than one credential."""
+    assert reply.status == 401, reply.body
+    body = reply.json()
+    assert body["error"] == "ambiguous_credentials"
+    assert body["request_id"] == reply.header("X-Request-Id")
 
 
 def seen(reply: Any) -> dict[str, Any]:
@@ -104,6 +127,33 @@ def test_key_auth_query_with_hide_credentials(gateway: Start, origin: OriginHand
     assert header["x-consumer"] == "alice"
 
 
+def test_key_auth_refuses_a_key_given_twice(gateway: Start, origin: OriginHandle) -> None:
+    """Two keys: the gateway would check one and the upstream might read the other."""
+    plugins = [{"key_auth": {"in": ["header:X-Api-Key", "query:apikey", "cookie:key"]}}]
+    gw = gateway(targets=[origin.port], consumers=consumers(), plugins=plugins)
+    cases: list[tuple[list[tuple[str, str]], str]] = [
+        ([("X-Api-Key", "alice-key-1"), ("X-Api-Key", "not-a-key")], "/"),  # two header fields
+        ([("X-Api-Key", "alice-key-1"), ("X-Api-Key", "bob-key")], "/"),  # both valid: still ambiguous
+        ([("X-Api-Key", "carol-key")], "/?apikey=bob-key"),  # a header and a query parameter
+        ([], "/?apikey=bob-key&apikey=other"),  # the same parameter twice
+        ([], "/?apikey=bob-key&api%6Bey=other"),  # ... also when one is percent-encoded
+        ([("Cookie", "key=bob-key; key=other")], "/"),  # the same cookie twice
+        ([("Cookie", "key=bob-key"), ("Cookie", "x=1; key=other")], "/"),  # ... in two Cookie fields
+        ([("Cookie", "key=bob-key")], "/?apikey=bob-key"),  # the same key in two places
+    ]
+    for fields, path in cases:
+        reply = send(gw.port, fields, path)
+        ambiguous(reply)
+        assert reply.header("WWW-Authenticate") == 'Key realm="bastion"'
+        assert "bob-key" not in reply.body.decode()
+    assert origin.origin.requests == 0
+    # One key, whatever else the request carries, still passes; a comma is part of one value.
+    assert seen(send(gw.port, [("X-Api-Key", "bob-key"), ("Cookie", "other=1")], "/?x=1"))["x-consumer"] == "bob"
+    comma = send(gw.port, [("X-Api-Key", "bob-key, alice-key-1")])
+    assert comma.status == 401
+    assert comma.json()["error"] == "invalid_credentials"
+
+
 def test_key_auth_on_one_route_only(gateway: Start, origin: OriginHandle) -> None:
     routes = [
         {"name": "open", "match": {"path": "/open"}, "upstream": "app"},
@@ -152,6 +202,15 @@ def test_basic_auth_hide_credentials(gateway: Start, origin: OriginHandle) -> No
     headers = seen(request(gw.port, headers={"Authorization": basic("alice", "wonderland")}))
     assert "authorization" not in headers
     assert headers["x-consumer"] == "alice"
+
+
+def test_basic_auth_refuses_two_authorization_fields(gateway: Start, origin: OriginHandle) -> None:
+    gw = gateway(targets=[origin.port], consumers=consumers(), plugins=[{"basic_auth": {"realm": "api"}}])
+    for second in (basic("bob", "builder"), basic("alice", "wonderland"), "Bearer abc"):
+        reply = send(gw.port, [("Authorization", basic("alice", "wonderland")), ("Authorization", second)])
+        ambiguous(reply)
+        assert reply.header("WWW-Authenticate") == 'Basic realm="api", charset="UTF-8"'
+    assert origin.origin.requests == 0
 
 
 def test_a_wrong_password_is_not_served_from_the_cache(gateway: Start, origin: OriginHandle) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
 import threading
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from bastion.demo.origin import OriginHandle
-from support import GatewayThread, request
+from support import GatewayThread, Reply, request
 
 Start = Callable[..., GatewayThread]
 
@@ -200,6 +201,46 @@ def test_token_in_query_hidden_from_upstream(gateway: Start, origin: OriginHandl
     assert reply.json()["path"] == "/x?keep=1"
     reply = request(gw.port, headers=bearer(hs256(claims())))
     assert "authorization" not in reply.json()["headers"]
+    # Only the token is hidden: an Authorization of another scheme is not the token.
+    reply = request(gw.port, path=f"/x?jwt={hs256(claims())}", headers={"Authorization": "Basic YTpi"})
+    assert reply.json()["path"] == "/x"
+    assert reply.json()["headers"]["authorization"] == "Basic YTpi"
+
+
+def send(port: int, fields: list[tuple[str, str]], path: str = "/") -> Reply:
+    """One request whose header fields are sent exactly as listed (repeated names included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in fields:
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_token_given_twice_is_refused(gateway: Start, origin: OriginHandle) -> None:
+    """Two tokens: the gateway would verify one and the upstream might read the other."""
+    gw = hs_gateway(gateway, origin, **{"in": ["header:Authorization", "query:jwt", "cookie:jwt"]})
+    good, forged = hs256(claims()), hs256(claims(sub="admin"), secret="another-secret-another-secret-12345")
+    cases: list[tuple[list[tuple[str, str]], str]] = [
+        ([("Authorization", f"Bearer {good}"), ("Authorization", f"Bearer {forged}")], "/"),
+        ([("Authorization", f"Bearer {good}"), ("Authorization", f"Bearer {good}")], "/"),
+        ([("Authorization", f"Bearer {good}"), ("Authorization", "Basic YTpi")], "/"),  # two fields, any scheme
+        ([("Authorization", f"Bearer {good}")], f"/?jwt={forged}"),
+        ([], f"/?jwt={good}&jwt={forged}"),
+        ([("Cookie", f"jwt={good}; jwt={forged}")], "/"),
+        ([("Cookie", f"jwt={good}")], f"/?jwt={good}"),
+    ]
+    for fields, path in cases:
+        reply = send(gw.port, fields, path)
+        assert refused(reply, word="ambiguous_credentials")
+        assert reply.header("WWW-Authenticate") == 'Bearer realm="bastion", error="invalid_request"'
+    assert origin.origin.requests == 0
+    # A Basic Authorization is not a bearer token: the token in the query is the only one.
+    assert send(gw.port, [("Authorization", "Basic YTpi")], f"/?jwt={good}").status == 200
 
 
 def test_jwt_consumer_then_acl(gateway: Start, origin: OriginHandle) -> None:

@@ -18,7 +18,15 @@ from bastion.config.schema import Consumer, Credentials, KeyCredential
 from bastion.http.model import Headers, Request, Response
 from bastion.pipeline import BuildEnv, Context
 from bastion.plugins.basic_auth import verify_password
-from bastion.plugins.common import Source, cookie, query_param, remove_cookie, without_query_param
+from bastion.plugins.common import (
+    AMBIGUOUS,
+    Source,
+    Sources,
+    cookie,
+    query_param,
+    remove_cookie,
+    without_query_param,
+)
 from bastion.plugins.consumers import ConsumerIndex, valid_hash
 from bastion.plugins.cors import Cors, CorsConfig
 from bastion.plugins.headers import HeadersConfig, RequestHeaders
@@ -45,7 +53,8 @@ def run(coro: Any) -> Any:
 
 def test_query_params_are_decoded_and_removed_precisely() -> None:
     query = "a=1&api%5Fkey=s%20ecret&b=2&api_key=second&flag"
-    assert query_param(query, "api_key") == b"s ecret"
+    assert query_param("a=1&api%5Fkey=s%20ecret&b=2", "api_key") == b"s ecret"
+    assert query_param(query, "api_key") is AMBIGUOUS  # two spellings of one name: two values
     assert query_param(query, "flag") == b""
     assert query_param(query, "missing") is None
     assert query_param("", "a") is None
@@ -54,10 +63,13 @@ def test_query_params_are_decoded_and_removed_precisely() -> None:
 
 
 def test_cookies() -> None:
-    headers = Headers([(b"cookie", b'a=1; token="abc"; b=2'), (b"cookie", b"token=zzz")])
+    headers = Headers([(b"cookie", b'a=1; token="abc"; b=2'), (b"cookie", b"other=zzz")])
     assert cookie(headers, b"token") == b"abc"
+    assert cookie(headers, b"missing") is None
+    headers.add(b"cookie", b"token=zzz")
+    assert cookie(headers, b"token") is AMBIGUOUS  # set twice, here in two Cookie fields
     remove_cookie(headers, b"token")
-    assert headers.items == [(b"cookie", b"a=1; b=2")]
+    assert headers.items == [(b"cookie", b"a=1; b=2"), (b"cookie", b"other=zzz")]
 
 
 @pytest.mark.parametrize("spec", ["header:", "body:x", "header:bad name", "query", "cookie:a;b"])
@@ -75,6 +87,31 @@ def test_source_reads_and_removes() -> None:
     query.remove(request)
     assert request.headers.items == []
     assert request.query == "x=1"
+
+
+def test_a_value_given_twice_is_ambiguous() -> None:
+    """Counted per header field, parameter or cookie; a comma-joined field is one value."""
+    header = Source("header:X-Api-Key")
+    assert header.read(make_request([(b"x-api-key", b"k1, k2")])) == b"k1, k2"
+    assert header.read(make_request([(b"x-api-key", b"k1"), (b"x-other", b"o"), (b"x-api-key", b"k2")])) is AMBIGUOUS
+    assert header.read(make_request([(b"x-api-key", b"k1"), (b"x-api-key", b"")])) is AMBIGUOUS
+    both = Sources(["header:X-Api-Key", "query:apikey", "cookie:key"])
+    assert both.read(make_request([(b"x-api-key", b"k1")], query="x=1")) == b"k1"
+    assert both.read(make_request([(b"x-api-key", b"")], query="apikey=k2")) == b"k2"  # empty: no credential
+    assert both.read(make_request([(b"x-api-key", b"k1")], query="apikey=k2")) is AMBIGUOUS
+    assert both.read(make_request([(b"cookie", b"key=k1")], query="apikey=k1")) is AMBIGUOUS
+    assert both.read(make_request(query="apikey=")) is None
+
+
+def test_sources_with_an_authorization_scheme() -> None:
+    bearer = Sources(["header:Authorization", "query:jwt"], scheme=b"Bearer ")
+    assert bearer.read(make_request([(b"authorization", b"bearer  t1 ")])) == b"t1"
+    assert bearer.read(make_request([(b"authorization", b"Basic YTpi")], query="jwt=t2")) == b"t2"
+    assert bearer.read(make_request([(b"authorization", b"Bearer t1")], query="jwt=t2")) is AMBIGUOUS
+    two = [(b"authorization", b"Basic YTpi"), (b"authorization", b"Bearer t1")]
+    assert bearer.read(make_request(two)) is AMBIGUOUS  # two fields, whatever their schemes
+    assert bearer.read(make_request([(b"authorization", b"Bearer ")])) is None
+    assert Source("query:authorization", scheme=b"bearer ").scheme is None  # only the header has a scheme
 
 
 def test_consumer_index_by_key() -> None:

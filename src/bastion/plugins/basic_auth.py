@@ -28,7 +28,7 @@ from bastion.config.types import Duration
 from bastion.http.model import Headers
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
 from bastion.plugins import register
-from bastion.plugins.common import quoted
+from bastion.plugins.common import Ambiguous, Sources, quoted
 
 MAX_PENDING = 256  # verifications queued or running, per process
 CACHE_SIZE = 10_000
@@ -69,6 +69,7 @@ class BasicAuth(Plugin):
 
     def __init__(self, config: BasicAuthConfig, env: BuildEnv) -> None:
         super().__init__(config, env)
+        self.source = Sources(["header:Authorization"], scheme=b"basic ")
         self.passwords = env.consumers.passwords
         self.hide = config.hide_credentials
         self.ttl = config.cache_ttl
@@ -80,11 +81,13 @@ class BasicAuth(Plugin):
 
     async def on_request(self, ctx: Context) -> Reply | None:
         request = ctx.request
-        value = request.headers.get_raw(b"authorization")
-        if value is None or value[:6].lower() != b"basic ":
+        value = self.source.read(request)
+        if value is None:
             return self._refuse("missing_credentials", "Basic credentials are required.")
+        if isinstance(value, Ambiguous):  # two Authorization fields, whatever their schemes
+            return self._refuse("ambiguous_credentials", "The request carries more than one Authorization header.")
         try:
-            decoded = base64.b64decode(value[6:].strip(), validate=True)
+            decoded = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             return self._refuse("invalid_credentials", "The credentials are malformed.")
         username, sep, password = decoded.partition(b":")

@@ -27,7 +27,7 @@ from bastion.config.types import Duration
 from bastion.http.model import Headers
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
 from bastion.plugins import register
-from bastion.plugins.common import PROTECTED_HEADERS, Source, check_sources, header_name, quoted
+from bastion.plugins.common import PROTECTED_HEADERS, Ambiguous, Sources, check_sources, header_name, quoted
 from bastion.plugins.jwks import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Key, KeySet, load_pem
 
 log = logging.getLogger("bastion.plugins.jwt")
@@ -179,7 +179,7 @@ class Jwt(Plugin):
             )
             default = ASYMMETRIC_ALGORITHMS
         self.algorithms = frozenset(config.algorithms or default)
-        self.sources = tuple(Source(spec) for spec in config.sources)
+        self.sources = Sources(config.sources, scheme=b"bearer ")
         self.hide = config.hide_credentials
         self.issuer: str | list[str] | None = config.issuer
         self.audiences = config.audiences or None
@@ -206,18 +206,13 @@ class Jwt(Plugin):
 
     async def on_request(self, ctx: Context) -> Reply | None:
         request = ctx.request
-        token = None
-        for source in self.sources:
-            raw = source.read(request)
-            if raw:
-                if source.raw_name == _AUTHORIZATION and source.kind == "header":
-                    if raw[:7].lower() != b"bearer ":
-                        continue
-                    raw = raw[7:].strip()
-                token = raw.decode("latin-1")
-                break
-        if not token:
+        raw = self.sources.read(request)
+        if raw is None:
             return self._refuse(401, "missing_credentials", "A bearer token is required.", "")
+        if isinstance(raw, Ambiguous):  # RFC 6750 3.1: more than one method for a token
+            message = "The request carries more than one token; send one."
+            return self._refuse(401, "ambiguous_credentials", message, "invalid_request")
+        token = raw.decode("latin-1")
         now = time.time()
         cached = self._cache.get(token)
         if cached is not None and cached[2] > now:
@@ -240,7 +235,7 @@ class Jwt(Plugin):
                 if encoded is not None:
                     headers.items.append((name, encoded))
         if self.hide:
-            source.remove(request)
+            self.sources.remove(request)
         if consumer is not None:
             ctx.authenticate(consumer)
         return None
