@@ -243,6 +243,17 @@ def test_a_token_given_twice_is_refused(gateway: Start, origin: OriginHandle) ->
     assert send(gw.port, [("Authorization", "Basic YTpi")], f"/?jwt={good}").status == 200
 
 
+def test_a_configured_key_ignores_the_kid(gateway: Start, origin: OriginHandle, rsa_key: rsa.RSAPrivateKey) -> None:
+    """With one configured secret or public key there is nothing for a kid to choose."""
+    gw = hs_gateway(gateway, origin)
+    assert request(gw.port, headers=bearer(hs256(claims(), kid="abc"))).status == 200
+    other = hs256(claims(), secret="another-secret-another-secret-12345", kid="abc")
+    assert "signature" in refused(request(gw.port, headers=bearer(other)))
+    pem = gateway(targets=[origin.port], plugins=[{"jwt": {"public_key": public_pem(rsa_key)}}])
+    token = pyjwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "2024-rotation"})
+    assert request(pem.port, headers=bearer(token)).status == 200
+
+
 def test_jwt_consumer_then_acl(gateway: Start, origin: OriginHandle) -> None:
     plugins = [
         {"acl": {"allow_groups": ["mobile"]}},

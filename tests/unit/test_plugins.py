@@ -31,7 +31,7 @@ from bastion.plugins.consumers import ConsumerIndex, valid_hash
 from bastion.plugins.cors import Cors, CorsConfig
 from bastion.plugins.headers import HeadersConfig, RequestHeaders
 from bastion.plugins.ip_filter import IpFilter, IpFilterConfig, NetworkSet, parse_ip, resolve_client
-from bastion.plugins.jwks import KeySet, parse_jwks
+from bastion.plugins.jwks import Key, KeySet, parse_jwks
 from bastion.plugins.rate_limit import RateLimit, RateLimitConfig
 from bastion.store.memory import LocalStore
 
@@ -318,3 +318,14 @@ def test_key_set_without_uri_never_fetches() -> None:
     assert run(keys.lookup("kid", "RS256")) == []
     assert run(keys.refresh()) is False
     assert keys.statistics() == {"keys": 0, "fetches": 0, "failures": 0}
+
+
+def test_a_kid_selects_only_among_jwks_keys() -> None:
+    fixed = KeySet([Key(None, "oct", None, b"s" * 32)])
+    assert len(fixed.candidates("abc", "HS256")) == 1  # a configured key, whatever the kid
+    assert fixed.candidates("abc", "RS256") == []  # ... but never for another family
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    jwks = KeySet([Key("a", "RSA", None, rsa_key)], uri="http://127.0.0.1:9/jwks.json")
+    assert len(jwks.candidates("a", "RS256")) == 1
+    assert jwks.candidates("b", "RS256") == []
+    assert len(jwks.candidates(None, "RS256")) == 1
