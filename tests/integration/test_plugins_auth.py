@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,7 @@ import bcrypt
 import pytest
 
 from bastion.demo.origin import OriginHandle
+from bastion.plugins import basic_auth
 from support import GatewayThread, Reply, request
 
 FAST_ARGON2 = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
@@ -217,6 +220,51 @@ def test_a_wrong_password_is_not_served_from_the_cache(gateway: Start, origin: O
     gw = gateway(targets=[origin.port], consumers=consumers(), plugins=[{"basic_auth": {}}])
     assert request(gw.port, headers={"Authorization": basic("alice", "wonderland")}).status == 200
     assert request(gw.port, headers={"Authorization": basic("alice", "wonderland!")}).status == 401
+
+
+async def from_address(port: int, source: str, authorization: str) -> tuple[int, str]:
+    """One request from the loopback address `source` (127.0.0.0/8 is all ours): status, word."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        head = f"GET / HTTP/1.1\r\nHost: gw\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode())
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    status = int(data.split(b" ", 2)[1])
+    body = data.partition(b"\r\n\r\n")[2]
+    return status, json.loads(body)["error"] if status != 200 else ""
+
+
+def test_a_password_flood_from_one_client_does_not_lock_out_another(gateway: Start, origin: OriginHandle) -> None:
+    """One address floods wrong passwords against a slow hash; it hits its own share of the
+    pending checks (429) long before the process-wide cap, so another address still logs in."""
+    slow = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(9)).decode()  # ~30 ms a check, 2 threads
+    people = [{"name": "alice", "credentials": {"basic_auth": [{"username": "alice", "password_hash": slow}]}}]
+    gw = gateway(targets=[origin.port], consumers=people, plugins=[{"basic_auth": {"cache_ttl": 0}}])
+    flood_size = basic_auth.MAX_PENDING + 44
+
+    async def scenario() -> tuple[list[tuple[int, str]], tuple[int, str]]:
+        flood = [
+            asyncio.ensure_future(from_address(gw.port, "127.0.0.2", basic("alice", f"guess-{i}")))
+            for i in range(flood_size)
+        ]
+        # The first 429 means the flooder's checks are as many as the gateway lets wait.
+        waiting = set(flood)
+        while True:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if any(task.result()[0] == 429 for task in done):
+                break
+            assert waiting, "the flood never reached a limit"
+        login = await from_address(gw.port, "127.0.0.3", basic("alice", "wonderland"))
+        return list(await asyncio.gather(*flood)), login
+
+    flood, login = asyncio.run(scenario())
+    assert login == (200, "")
+    assert {word for _, word in flood} == {"invalid_credentials", "too_many_attempts"}
+    # Every check is over: nothing is left counted against either address.
+    assert basic_auth._pending == 0
+    assert basic_auth._pending_by_client == {}
 
 
 # --- acl ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 from typing import Any
@@ -14,10 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from pydantic import ValidationError
 
-from bastion.config.schema import Consumer, Credentials, KeyCredential
+from bastion.config.schema import BasicCredential, Consumer, Credentials, KeyCredential
 from bastion.http.model import Headers, Request, Response
 from bastion.pipeline import BuildEnv, Context
-from bastion.plugins.basic_auth import verify_password
+from bastion.plugins import basic_auth
+from bastion.plugins.basic_auth import BasicAuth, BasicAuthConfig, verify_password
 from bastion.plugins.common import (
     AMBIGUOUS,
     Source,
@@ -137,6 +139,26 @@ def test_verify_password_formats_and_garbage() -> None:
     assert not verify_password(b_hash, b"x" * 100)  # over bcrypt's 72 bytes: refused, not a 500
     assert valid_hash(b_hash.decode()) and valid_hash(a_hash.decode())
     assert not valid_hash("$2b$12$short") and not valid_hash("plain")
+
+
+def test_basic_auth_pending_checks_per_address_then_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    credential = BasicCredential(username="a", password_hash=bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode())
+    people = [Consumer(name="a", credentials=Credentials(basic_auth=[credential]))]
+    plugin = BasicAuth(BasicAuthConfig(cache_ttl=0), BuildEnv(ConsumerIndex.build(people)[0], LocalStore()))
+
+    def login(client: str) -> Any:
+        request = make_request([(b"authorization", b"Basic " + base64.b64encode(b"a:pw"))], client=client)
+        return run(plugin.on_request(Context(request, "r", None)))
+
+    monkeypatch.setitem(basic_auth._pending_by_client, "192.0.2.1", basic_auth.MAX_PENDING_PER_CLIENT)
+    busy = login("192.0.2.1")
+    assert busy.status == 429 and b"from your address" in busy.body
+    assert busy.headers.get("retry-after") == "1"
+    assert login("192.0.2.2") is None  # another address is not held back
+    monkeypatch.setattr(basic_auth, "_pending", basic_auth.MAX_PENDING)
+    assert login("192.0.2.2").status == 429  # the process-wide cap still holds
+    monkeypatch.setattr(basic_auth, "_pending", 0)
+    assert basic_auth._pending_by_client == {"192.0.2.1": basic_auth.MAX_PENDING_PER_CLIENT}
 
 
 # --- ip_filter -----------------------------------------------------------------------------------
