@@ -8,9 +8,12 @@ import hmac
 import http.client
 import http.server
 import json
+import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt as pyjwt
@@ -20,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from bastion.demo.origin import OriginHandle
-from support import GatewayThread, Reply, request
+from support import GatewayProcess, GatewayThread, Reply, free_port, request, simple_config, write_config
 
 Start = Callable[..., GatewayThread]
 
@@ -263,6 +266,32 @@ def test_jwt_consumer_then_acl(gateway: Start, origin: OriginHandle) -> None:
     gw = gateway(targets=[origin.port], consumers=consumers, plugins=plugins)
     assert request(gw.port, headers=bearer(hs256(claims()))).status == 200
     refused(request(gw.port, headers=bearer(hs256(claims(sub="web-1")))), 403, "forbidden")
+
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: \S")
+
+
+def test_pyjwt_warnings_are_log_records(tmp_path: Path, origin: OriginHandle) -> None:
+    """A 35-byte secret is below what HS512 wants (RFC 7518 3.2): said once when the config is
+    built, and PyJWT's own per-token warning comes out through logging, not raw on stderr."""
+    port = free_port()
+    settings = {"secret": SECRET, "algorithms": ["HS256", "HS512"]}
+    path = write_config(tmp_path / "gw.yaml", simple_config(port, [origin.port], plugins=[{"jwt": settings}]))
+    gw = GatewayProcess(path, port)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same warning, in this process, when signing
+            token = pyjwt.encode(claims(), SECRET, algorithm="HS512")
+        assert request(port, headers=bearer(token)).status == 200
+    finally:
+        _, _, err = gw.stop()
+    lines = err.splitlines()
+    assert all(LOG_LINE.match(line) for line in lines), err  # every line of stderr is a log record
+    built = [line for line in lines if " WARNING bastion.plugins.jwt: " in line]
+    assert len(built) == 1, err
+    assert "HS512" in built[0] and "35 bytes" in built[0] and SECRET not in built[0]
+    per_token = " WARNING py.warnings: InsecureKeyLengthWarning: The HMAC key is 35 bytes long"
+    assert any(per_token in line for line in lines), err
 
 
 # --- public keys: key confusion --------------------------------------------------------------------

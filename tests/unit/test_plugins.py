@@ -11,6 +11,7 @@ from typing import Any
 import argon2
 import bcrypt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from pydantic import ValidationError
@@ -34,6 +35,7 @@ from bastion.plugins.cors import Cors, CorsConfig
 from bastion.plugins.headers import HeadersConfig, RequestHeaders
 from bastion.plugins.ip_filter import IpFilter, IpFilterConfig, NetworkSet, parse_ip, resolve_client
 from bastion.plugins.jwks import Key, KeySet, parse_jwks
+from bastion.plugins.jwt import Jwt, JwtConfig
 from bastion.plugins.rate_limit import RateLimit, RateLimitConfig
 from bastion.store.memory import LocalStore
 
@@ -351,3 +353,22 @@ def test_a_kid_selects_only_among_jwks_keys() -> None:
     assert len(jwks.candidates("a", "RS256")) == 1
     assert jwks.candidates("b", "RS256") == []
     assert len(jwks.candidates(None, "RS256")) == 1
+
+
+def test_a_key_too_short_for_an_allowed_algorithm_is_logged_once_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    def started(config: dict[str, Any]) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bastion.plugins.jwt"):
+            run(Jwt(JwtConfig.model_validate(config), ENV).start())
+        return [record.getMessage() for record in caplog.records]
+
+    secret = "k" * 40  # enough for HS256 (32 bytes), short for HS384 (48) and HS512 (64)
+    (message,) = started({"secret": secret})
+    assert "HS384: The HMAC key is 40 bytes long" in message and "HS512:" in message
+    assert "HS256" not in message and secret not in message
+    assert started({"secret": secret, "algorithms": ["HS256"]}) == []
+    assert started({"secret": "k" * 64}) == []
+    weak_rsa = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    pem = weak_rsa.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    (message,) = started({"public_key": pem, "algorithms": ["RS256"]})
+    assert "RS256: The RSA key is 1024 bits long" in message

@@ -136,6 +136,22 @@ def _scopes(claims: dict[str, Any]) -> set[str]:
     return found
 
 
+def short_key_warnings(key: Key, algorithms: frozenset[str]) -> list[str]:
+    """PyJWT's complaints about `key` being short for some of `algorithms` (an HMAC secret
+    under the hash size, RFC 7518 3.2; an RSA key under 2048 bits). PyJWT says so as a warning
+    on every token it verifies; the plugin says it once, when the config goes live."""
+    found = []
+    for alg in sorted(algorithms):
+        if not key.accepts(alg):
+            continue
+        algorithm = pyjwt.get_algorithm_by_name(alg)
+        check = getattr(algorithm, "check_key_length", None)  # PyJWT >= 2.10 only
+        message = check(algorithm.prepare_key(key.key)) if check is not None else None
+        if message:
+            found.append(f"{alg}: {message}")
+    return found
+
+
 class _Refusal(Exception):
     def __init__(self, message: str, word: str = "invalid_token") -> None:
         super().__init__(message)
@@ -164,11 +180,14 @@ class Jwt(Plugin):
     def __init__(self, config: JwtConfig, env: BuildEnv) -> None:
         super().__init__(config, env)
         self.subjects = env.consumers.subjects
+        fixed: Key | None = None
         if config.secret is not None:
-            self.keys = KeySet([Key(None, "oct", None, config.secret.encode())])
+            fixed = Key(None, "oct", None, config.secret.encode())
+            self.keys = KeySet([fixed])
             default: tuple[str, ...] = HMAC_ALGORITHMS
         elif config.public_key is not None:
-            self.keys = KeySet([load_pem(config.public_key)])
+            fixed = load_pem(config.public_key)
+            self.keys = KeySet([fixed])
             default = ASYMMETRIC_ALGORITHMS
         else:
             self.keys = KeySet(
@@ -179,6 +198,8 @@ class Jwt(Plugin):
             )
             default = ASYMMETRIC_ALGORITHMS
         self.algorithms = frozenset(config.algorithms or default)
+        self.where = f"route {env.scope!r}" if env.scope else "global"
+        self.short_key = " ".join(short_key_warnings(fixed, self.algorithms)) if fixed is not None else ""
         self.sources = Sources(config.sources, scheme=b"bearer ")
         self.hide = config.hide_credentials
         self.issuer: str | list[str] | None = config.issuer
@@ -199,6 +220,13 @@ class Jwt(Plugin):
         self._cache: dict[str, tuple[dict[str, Any], Consumer | None, float]] = {}
 
     async def start(self) -> None:
+        if self.short_key:  # here, not in __init__: building also happens for checks only
+            log.warning(
+                "jwt (%s): %s Such tokens are still accepted; allow only the algorithms in use"
+                " (`algorithms`) or use a longer key.",
+                self.where,
+                self.short_key,
+            )
         await self.keys.start()
 
     async def close(self) -> None:
