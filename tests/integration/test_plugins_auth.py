@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import http.client
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +14,8 @@ import bcrypt
 import pytest
 
 from bastion.demo.origin import OriginHandle
-from support import GatewayThread, request
+from bastion.plugins import basic_auth
+from support import GatewayThread, Reply, request
 
 FAST_ARGON2 = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 
@@ -49,6 +53,28 @@ def basic(user: str, password: str) -> str:
 @pytest.fixture
 def origin(origins: Callable[..., OriginHandle]) -> OriginHandle:
     return origins("a")
+
+
+def send(port: int, fields: list[tuple[str, str]], path: str = "/") -> Reply:
+    """One request whose header fields are sent exactly as listed (repeated names included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in fields:
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+
+
+def ambiguous(reply: Reply) -> None:
+    """The 401 for a request that carries more than one credential."""
+    assert reply.status == 401, reply.body
+    body = reply.json()
+    assert body["error"] == "ambiguous_credentials"
+    assert body["request_id"] == reply.header("X-Request-Id")
 
 
 def seen(reply: Any) -> dict[str, Any]:
@@ -104,6 +130,33 @@ def test_key_auth_query_with_hide_credentials(gateway: Start, origin: OriginHand
     assert header["x-consumer"] == "alice"
 
 
+def test_key_auth_refuses_a_key_given_twice(gateway: Start, origin: OriginHandle) -> None:
+    """Two keys: the gateway would check one and the upstream might read the other."""
+    plugins = [{"key_auth": {"in": ["header:X-Api-Key", "query:apikey", "cookie:key"]}}]
+    gw = gateway(targets=[origin.port], consumers=consumers(), plugins=plugins)
+    cases: list[tuple[list[tuple[str, str]], str]] = [
+        ([("X-Api-Key", "alice-key-1"), ("X-Api-Key", "not-a-key")], "/"),  # two header fields
+        ([("X-Api-Key", "alice-key-1"), ("X-Api-Key", "bob-key")], "/"),  # both valid: still ambiguous
+        ([("X-Api-Key", "carol-key")], "/?apikey=bob-key"),  # a header and a query parameter
+        ([], "/?apikey=bob-key&apikey=other"),  # the same parameter twice
+        ([], "/?apikey=bob-key&api%6Bey=other"),  # ... also when one is percent-encoded
+        ([("Cookie", "key=bob-key; key=other")], "/"),  # the same cookie twice
+        ([("Cookie", "key=bob-key"), ("Cookie", "x=1; key=other")], "/"),  # ... in two Cookie fields
+        ([("Cookie", "key=bob-key")], "/?apikey=bob-key"),  # the same key in two places
+    ]
+    for fields, path in cases:
+        reply = send(gw.port, fields, path)
+        ambiguous(reply)
+        assert reply.header("WWW-Authenticate") == 'Key realm="bastion"'
+        assert "bob-key" not in reply.body.decode()
+    assert origin.origin.requests == 0
+    # One key, whatever else the request carries, still passes; a comma is part of one value.
+    assert seen(send(gw.port, [("X-Api-Key", "bob-key"), ("Cookie", "other=1")], "/?x=1"))["x-consumer"] == "bob"
+    comma = send(gw.port, [("X-Api-Key", "bob-key, alice-key-1")])
+    assert comma.status == 401
+    assert comma.json()["error"] == "invalid_credentials"
+
+
 def test_key_auth_on_one_route_only(gateway: Start, origin: OriginHandle) -> None:
     routes = [
         {"name": "open", "match": {"path": "/open"}, "upstream": "app"},
@@ -154,10 +207,64 @@ def test_basic_auth_hide_credentials(gateway: Start, origin: OriginHandle) -> No
     assert headers["x-consumer"] == "alice"
 
 
+def test_basic_auth_refuses_two_authorization_fields(gateway: Start, origin: OriginHandle) -> None:
+    gw = gateway(targets=[origin.port], consumers=consumers(), plugins=[{"basic_auth": {"realm": "api"}}])
+    for second in (basic("bob", "builder"), basic("alice", "wonderland"), "Bearer abc"):
+        reply = send(gw.port, [("Authorization", basic("alice", "wonderland")), ("Authorization", second)])
+        ambiguous(reply)
+        assert reply.header("WWW-Authenticate") == 'Basic realm="api", charset="UTF-8"'
+    assert origin.origin.requests == 0
+
+
 def test_a_wrong_password_is_not_served_from_the_cache(gateway: Start, origin: OriginHandle) -> None:
     gw = gateway(targets=[origin.port], consumers=consumers(), plugins=[{"basic_auth": {}}])
     assert request(gw.port, headers={"Authorization": basic("alice", "wonderland")}).status == 200
     assert request(gw.port, headers={"Authorization": basic("alice", "wonderland!")}).status == 401
+
+
+async def from_address(port: int, source: str, authorization: str) -> tuple[int, str]:
+    """One request from the loopback address `source` (127.0.0.0/8 is all ours): status, word."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        head = f"GET / HTTP/1.1\r\nHost: gw\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode())
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    status = int(data.split(b" ", 2)[1])
+    body = data.partition(b"\r\n\r\n")[2]
+    return status, json.loads(body)["error"] if status != 200 else ""
+
+
+def test_a_password_flood_from_one_client_does_not_lock_out_another(gateway: Start, origin: OriginHandle) -> None:
+    """One address floods wrong passwords against a slow hash; it hits its own share of the
+    pending checks (429) long before the process-wide cap, so another address still logs in."""
+    slow = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(9)).decode()  # ~30 ms a check, 2 threads
+    people = [{"name": "alice", "credentials": {"basic_auth": [{"username": "alice", "password_hash": slow}]}}]
+    gw = gateway(targets=[origin.port], consumers=people, plugins=[{"basic_auth": {"cache_ttl": 0}}])
+    flood_size = basic_auth.MAX_PENDING + 44
+
+    async def scenario() -> tuple[list[tuple[int, str]], tuple[int, str]]:
+        flood = [
+            asyncio.ensure_future(from_address(gw.port, "127.0.0.2", basic("alice", f"guess-{i}")))
+            for i in range(flood_size)
+        ]
+        # The first 429 means the flooder's checks are as many as the gateway lets wait.
+        waiting = set(flood)
+        while True:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if any(task.result()[0] == 429 for task in done):
+                break
+            assert waiting, "the flood never reached a limit"
+        login = await from_address(gw.port, "127.0.0.3", basic("alice", "wonderland"))
+        return list(await asyncio.gather(*flood)), login
+
+    flood, login = asyncio.run(scenario())
+    assert login == (200, "")
+    assert {word for _, word in flood} == {"invalid_credentials", "too_many_attempts"}
+    # Every check is over: nothing is left counted against either address.
+    assert basic_auth._pending == 0
+    assert basic_auth._pending_by_client == {}
 
 
 # --- acl ---------------------------------------------------------------------------------------

@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
+import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt as pyjwt
@@ -19,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from bastion.demo.origin import OriginHandle
-from support import GatewayThread, request
+from support import GatewayProcess, GatewayThread, Reply, free_port, request, simple_config, write_config
 
 Start = Callable[..., GatewayThread]
 
@@ -200,6 +204,57 @@ def test_token_in_query_hidden_from_upstream(gateway: Start, origin: OriginHandl
     assert reply.json()["path"] == "/x?keep=1"
     reply = request(gw.port, headers=bearer(hs256(claims())))
     assert "authorization" not in reply.json()["headers"]
+    # Only the token is hidden: an Authorization of another scheme is not the token.
+    reply = request(gw.port, path=f"/x?jwt={hs256(claims())}", headers={"Authorization": "Basic YTpi"})
+    assert reply.json()["path"] == "/x"
+    assert reply.json()["headers"]["authorization"] == "Basic YTpi"
+
+
+def send(port: int, fields: list[tuple[str, str]], path: str = "/") -> Reply:
+    """One request whose header fields are sent exactly as listed (repeated names included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in fields:
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_token_given_twice_is_refused(gateway: Start, origin: OriginHandle) -> None:
+    """Two tokens: the gateway would verify one and the upstream might read the other."""
+    gw = hs_gateway(gateway, origin, **{"in": ["header:Authorization", "query:jwt", "cookie:jwt"]})
+    good, forged = hs256(claims()), hs256(claims(sub="admin"), secret="another-secret-another-secret-12345")
+    cases: list[tuple[list[tuple[str, str]], str]] = [
+        ([("Authorization", f"Bearer {good}"), ("Authorization", f"Bearer {forged}")], "/"),
+        ([("Authorization", f"Bearer {good}"), ("Authorization", f"Bearer {good}")], "/"),
+        ([("Authorization", f"Bearer {good}"), ("Authorization", "Basic YTpi")], "/"),  # two fields, any scheme
+        ([("Authorization", f"Bearer {good}")], f"/?jwt={forged}"),
+        ([], f"/?jwt={good}&jwt={forged}"),
+        ([("Cookie", f"jwt={good}; jwt={forged}")], "/"),
+        ([("Cookie", f"jwt={good}")], f"/?jwt={good}"),
+    ]
+    for fields, path in cases:
+        reply = send(gw.port, fields, path)
+        assert refused(reply, word="ambiguous_credentials")
+        assert reply.header("WWW-Authenticate") == 'Bearer realm="bastion", error="invalid_request"'
+    assert origin.origin.requests == 0
+    # A Basic Authorization is not a bearer token: the token in the query is the only one.
+    assert send(gw.port, [("Authorization", "Basic YTpi")], f"/?jwt={good}").status == 200
+
+
+def test_a_configured_key_ignores_the_kid(gateway: Start, origin: OriginHandle, rsa_key: rsa.RSAPrivateKey) -> None:
+    """With one configured secret or public key there is nothing for a kid to choose."""
+    gw = hs_gateway(gateway, origin)
+    assert request(gw.port, headers=bearer(hs256(claims(), kid="abc"))).status == 200
+    other = hs256(claims(), secret="another-secret-another-secret-12345", kid="abc")
+    assert "signature" in refused(request(gw.port, headers=bearer(other)))
+    pem = gateway(targets=[origin.port], plugins=[{"jwt": {"public_key": public_pem(rsa_key)}}])
+    token = pyjwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "2024-rotation"})
+    assert request(pem.port, headers=bearer(token)).status == 200
 
 
 def test_jwt_consumer_then_acl(gateway: Start, origin: OriginHandle) -> None:
@@ -211,6 +266,32 @@ def test_jwt_consumer_then_acl(gateway: Start, origin: OriginHandle) -> None:
     gw = gateway(targets=[origin.port], consumers=consumers, plugins=plugins)
     assert request(gw.port, headers=bearer(hs256(claims()))).status == 200
     refused(request(gw.port, headers=bearer(hs256(claims(sub="web-1")))), 403, "forbidden")
+
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: \S")
+
+
+def test_pyjwt_warnings_are_log_records(tmp_path: Path, origin: OriginHandle) -> None:
+    """A 35-byte secret is below what HS512 wants (RFC 7518 3.2): said once when the config is
+    built, and PyJWT's own per-token warning comes out through logging, not raw on stderr."""
+    port = free_port()
+    settings = {"secret": SECRET, "algorithms": ["HS256", "HS512"]}
+    path = write_config(tmp_path / "gw.yaml", simple_config(port, [origin.port], plugins=[{"jwt": settings}]))
+    gw = GatewayProcess(path, port)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same warning, in this process, when signing
+            token = pyjwt.encode(claims(), SECRET, algorithm="HS512")
+        assert request(port, headers=bearer(token)).status == 200
+    finally:
+        _, _, err = gw.stop()
+    lines = err.splitlines()
+    assert all(LOG_LINE.match(line) for line in lines), err  # every line of stderr is a log record
+    built = [line for line in lines if " WARNING bastion.plugins.jwt: " in line]
+    assert len(built) == 1, err
+    assert "HS512" in built[0] and "35 bytes" in built[0] and SECRET not in built[0]
+    per_token = " WARNING py.warnings: InsecureKeyLengthWarning: The HMAC key is 35 bytes long"
+    assert any(per_token in line for line in lines), err
 
 
 # --- public keys: key confusion --------------------------------------------------------------------

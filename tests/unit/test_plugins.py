@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 from typing import Any
@@ -10,20 +11,31 @@ from typing import Any
 import argon2
 import bcrypt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from pydantic import ValidationError
 
-from bastion.config.schema import Consumer, Credentials, KeyCredential
+from bastion.config.schema import BasicCredential, Consumer, Credentials, KeyCredential
 from bastion.http.model import Headers, Request, Response
 from bastion.pipeline import BuildEnv, Context
-from bastion.plugins.basic_auth import verify_password
-from bastion.plugins.common import Source, cookie, query_param, remove_cookie, without_query_param
+from bastion.plugins import basic_auth
+from bastion.plugins.basic_auth import BasicAuth, BasicAuthConfig, verify_password
+from bastion.plugins.common import (
+    AMBIGUOUS,
+    Source,
+    Sources,
+    cookie,
+    query_param,
+    remove_cookie,
+    without_query_param,
+)
 from bastion.plugins.consumers import ConsumerIndex, valid_hash
 from bastion.plugins.cors import Cors, CorsConfig
 from bastion.plugins.headers import HeadersConfig, RequestHeaders
 from bastion.plugins.ip_filter import IpFilter, IpFilterConfig, NetworkSet, parse_ip, resolve_client
-from bastion.plugins.jwks import KeySet, parse_jwks
+from bastion.plugins.jwks import Key, KeySet, parse_jwks
+from bastion.plugins.jwt import Jwt, JwtConfig
 from bastion.plugins.rate_limit import RateLimit, RateLimitConfig
 from bastion.store.memory import LocalStore
 
@@ -45,7 +57,8 @@ def run(coro: Any) -> Any:
 
 def test_query_params_are_decoded_and_removed_precisely() -> None:
     query = "a=1&api%5Fkey=s%20ecret&b=2&api_key=second&flag"
-    assert query_param(query, "api_key") == b"s ecret"
+    assert query_param("a=1&api%5Fkey=s%20ecret&b=2", "api_key") == b"s ecret"
+    assert query_param(query, "api_key") is AMBIGUOUS  # two spellings of one name: two values
     assert query_param(query, "flag") == b""
     assert query_param(query, "missing") is None
     assert query_param("", "a") is None
@@ -54,10 +67,13 @@ def test_query_params_are_decoded_and_removed_precisely() -> None:
 
 
 def test_cookies() -> None:
-    headers = Headers([(b"cookie", b'a=1; token="abc"; b=2'), (b"cookie", b"token=zzz")])
+    headers = Headers([(b"cookie", b'a=1; token="abc"; b=2'), (b"cookie", b"other=zzz")])
     assert cookie(headers, b"token") == b"abc"
+    assert cookie(headers, b"missing") is None
+    headers.add(b"cookie", b"token=zzz")
+    assert cookie(headers, b"token") is AMBIGUOUS  # set twice, here in two Cookie fields
     remove_cookie(headers, b"token")
-    assert headers.items == [(b"cookie", b"a=1; b=2")]
+    assert headers.items == [(b"cookie", b"a=1; b=2"), (b"cookie", b"other=zzz")]
 
 
 @pytest.mark.parametrize("spec", ["header:", "body:x", "header:bad name", "query", "cookie:a;b"])
@@ -75,6 +91,31 @@ def test_source_reads_and_removes() -> None:
     query.remove(request)
     assert request.headers.items == []
     assert request.query == "x=1"
+
+
+def test_a_value_given_twice_is_ambiguous() -> None:
+    """Counted per header field, parameter or cookie; a comma-joined field is one value."""
+    header = Source("header:X-Api-Key")
+    assert header.read(make_request([(b"x-api-key", b"k1, k2")])) == b"k1, k2"
+    assert header.read(make_request([(b"x-api-key", b"k1"), (b"x-other", b"o"), (b"x-api-key", b"k2")])) is AMBIGUOUS
+    assert header.read(make_request([(b"x-api-key", b"k1"), (b"x-api-key", b"")])) is AMBIGUOUS
+    both = Sources(["header:X-Api-Key", "query:apikey", "cookie:key"])
+    assert both.read(make_request([(b"x-api-key", b"k1")], query="x=1")) == b"k1"
+    assert both.read(make_request([(b"x-api-key", b"")], query="apikey=k2")) == b"k2"  # empty: no credential
+    assert both.read(make_request([(b"x-api-key", b"k1")], query="apikey=k2")) is AMBIGUOUS
+    assert both.read(make_request([(b"cookie", b"key=k1")], query="apikey=k1")) is AMBIGUOUS
+    assert both.read(make_request(query="apikey=")) is None
+
+
+def test_sources_with_an_authorization_scheme() -> None:
+    bearer = Sources(["header:Authorization", "query:jwt"], scheme=b"Bearer ")
+    assert bearer.read(make_request([(b"authorization", b"bearer  t1 ")])) == b"t1"
+    assert bearer.read(make_request([(b"authorization", b"Basic YTpi")], query="jwt=t2")) == b"t2"
+    assert bearer.read(make_request([(b"authorization", b"Bearer t1")], query="jwt=t2")) is AMBIGUOUS
+    two = [(b"authorization", b"Basic YTpi"), (b"authorization", b"Bearer t1")]
+    assert bearer.read(make_request(two)) is AMBIGUOUS  # two fields, whatever their schemes
+    assert bearer.read(make_request([(b"authorization", b"Bearer ")])) is None
+    assert Source("query:authorization", scheme=b"bearer ").scheme is None  # only the header has a scheme
 
 
 def test_consumer_index_by_key() -> None:
@@ -100,6 +141,26 @@ def test_verify_password_formats_and_garbage() -> None:
     assert not verify_password(b_hash, b"x" * 100)  # over bcrypt's 72 bytes: refused, not a 500
     assert valid_hash(b_hash.decode()) and valid_hash(a_hash.decode())
     assert not valid_hash("$2b$12$short") and not valid_hash("plain")
+
+
+def test_basic_auth_pending_checks_per_address_then_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    credential = BasicCredential(username="a", password_hash=bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode())
+    people = [Consumer(name="a", credentials=Credentials(basic_auth=[credential]))]
+    plugin = BasicAuth(BasicAuthConfig(cache_ttl=0), BuildEnv(ConsumerIndex.build(people)[0], LocalStore()))
+
+    def login(client: str) -> Any:
+        request = make_request([(b"authorization", b"Basic " + base64.b64encode(b"a:pw"))], client=client)
+        return run(plugin.on_request(Context(request, "r", None)))
+
+    monkeypatch.setitem(basic_auth._pending_by_client, "192.0.2.1", basic_auth.MAX_PENDING_PER_CLIENT)
+    busy = login("192.0.2.1")
+    assert busy.status == 429 and b"from your address" in busy.body
+    assert busy.headers.get("retry-after") == "1"
+    assert login("192.0.2.2") is None  # another address is not held back
+    monkeypatch.setattr(basic_auth, "_pending", basic_auth.MAX_PENDING)
+    assert login("192.0.2.2").status == 429  # the process-wide cap still holds
+    monkeypatch.setattr(basic_auth, "_pending", 0)
+    assert basic_auth._pending_by_client == {"192.0.2.1": basic_auth.MAX_PENDING_PER_CLIENT}
 
 
 # --- ip_filter -----------------------------------------------------------------------------------
@@ -281,3 +342,33 @@ def test_key_set_without_uri_never_fetches() -> None:
     assert run(keys.lookup("kid", "RS256")) == []
     assert run(keys.refresh()) is False
     assert keys.statistics() == {"keys": 0, "fetches": 0, "failures": 0}
+
+
+def test_a_kid_selects_only_among_jwks_keys() -> None:
+    fixed = KeySet([Key(None, "oct", None, b"s" * 32)])
+    assert len(fixed.candidates("abc", "HS256")) == 1  # a configured key, whatever the kid
+    assert fixed.candidates("abc", "RS256") == []  # ... but never for another family
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    jwks = KeySet([Key("a", "RSA", None, rsa_key)], uri="http://127.0.0.1:9/jwks.json")
+    assert len(jwks.candidates("a", "RS256")) == 1
+    assert jwks.candidates("b", "RS256") == []
+    assert len(jwks.candidates(None, "RS256")) == 1
+
+
+def test_a_key_too_short_for_an_allowed_algorithm_is_logged_once_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    def started(config: dict[str, Any]) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bastion.plugins.jwt"):
+            run(Jwt(JwtConfig.model_validate(config), ENV).start())
+        return [record.getMessage() for record in caplog.records]
+
+    secret = "k" * 40  # enough for HS256 (32 bytes), short for HS384 (48) and HS512 (64)
+    (message,) = started({"secret": secret})
+    assert "HS384: The HMAC key is 40 bytes long" in message and "HS512:" in message
+    assert "HS256" not in message and secret not in message
+    assert started({"secret": secret, "algorithms": ["HS256"]}) == []
+    assert started({"secret": "k" * 64}) == []
+    weak_rsa = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    pem = weak_rsa.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    (message,) = started({"public_key": pem, "algorithms": ["RS256"]})
+    assert "RS256: The RSA key is 1024 bits long" in message

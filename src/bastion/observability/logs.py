@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from bastion.config.build import Snapshot
@@ -47,9 +48,27 @@ class AccessLog:
 
 
 def setup_logging(level: str) -> None:
-    """Structured-enough process logs on stderr (the access log owns stdout)."""
+    """Structured-enough process logs on stderr (the access log owns stdout).
+
+    Python warnings (PyJWT's InsecureKeyLengthWarning, deprecations of libraries) become log
+    records too, in the same format, instead of raw text from `warnings.showwarning`.
+    """
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    warnings.showwarning = log_warning
+
+
+def log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` as one log line on `py.warnings` (the logger that
+    logging.captureWarnings uses), without the source line the default prints below it."""
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)

@@ -1,7 +1,8 @@
 """Small pieces several plugins share: where a value comes from, header names, replies.
 
 A source spec such as `header:X-Api-Key` or `query:apikey` is parsed once at build time into
-a `Source` whose `read` is a couple of comparisons per request.
+a `Source` whose `read` is one pass over the header list (or the query) per request; a
+`Sources` reads all of a plugin's sources and refuses a credential given twice.
 """
 
 from __future__ import annotations
@@ -32,15 +33,33 @@ def header_value(value: str) -> bytes:
     return value.strip().encode("latin-1")
 
 
-def query_param(query: str, name: str) -> bytes | None:
-    """The first value of `name` in a raw query string, percent-decoded; None if absent."""
+class Ambiguous:
+    """The type of AMBIGUOUS: a request that carries a credential more than once."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "AMBIGUOUS"
+
+
+# Two values where one is expected: the gateway could check one while the upstream reads the
+# other, so the authentication plugins refuse such a request instead of picking one.
+AMBIGUOUS = Ambiguous()
+
+
+def query_param(query: str, name: str) -> bytes | Ambiguous | None:
+    """The value of `name` in a raw query string, percent-decoded; None if absent, AMBIGUOUS
+    if the parameter occurs more than once (however each occurrence is encoded)."""
     if not query:
         return None
+    found: bytes | None = None
     for part in query.split("&"):
         key, sep, value = part.partition("=")
         if _decode(key) == name:
-            return unquote_to_bytes(value.replace("+", " ")) if sep else b""
-    return None
+            if found is not None:
+                return AMBIGUOUS
+            found = unquote_to_bytes(value.replace("+", " ")) if sep else b""
+    return found
 
 
 def without_query_param(query: str, name: str) -> str:
@@ -53,13 +72,17 @@ def _decode(raw: str) -> str:
 
 
 class Source:
-    """Where a credential or key comes from: `header:NAME`, `query:NAME` or `cookie:NAME`."""
+    """Where a credential or key comes from: `header:NAME`, `query:NAME` or `cookie:NAME`.
 
-    __slots__ = ("kind", "name", "raw_name", "spec")
+    `scheme` (such as b"bearer ") applies to `header:Authorization` only: the field holds this
+    plugin's credential only when it uses that scheme, and `read` cuts the scheme off.
+    """
+
+    __slots__ = ("kind", "name", "raw_name", "spec", "scheme")
 
     KINDS = ("header", "query", "cookie")
 
-    def __init__(self, spec: str, kinds: tuple[str, ...] = KINDS) -> None:
+    def __init__(self, spec: str, kinds: tuple[str, ...] = KINDS, scheme: bytes | None = None) -> None:
         kind, sep, name = spec.partition(":")
         if kind not in kinds or not sep or not name:
             raise ValueError(f"{spec!r}: use " + " or ".join(f"{k}:NAME" for k in kinds))
@@ -69,10 +92,26 @@ class Source:
         self.kind = kind
         self.name = name
         self.raw_name = name.lower().encode("ascii") if kind == "header" else name.encode("latin-1")
+        authorization = kind == "header" and self.raw_name == b"authorization"
+        self.scheme = scheme.lower() if scheme is not None and authorization else None
 
-    def read(self, request: Request) -> bytes | None:
+    def read(self, request: Request) -> bytes | Ambiguous | None:
+        """The one value here; None when absent, AMBIGUOUS when there are several (two header
+        fields of the name, whatever their scheme; a repeated parameter or cookie). A
+        comma-joined header value is one value."""
         if self.kind == "header":
-            return request.headers.get_raw(self.raw_name)
+            found = None
+            for key, value in request.headers.items:  # the whole list: a second field must be seen
+                if key == self.raw_name:
+                    if found is not None:
+                        return AMBIGUOUS
+                    found = value
+            scheme = self.scheme
+            if found is None or scheme is None:
+                return found
+            if found[: len(scheme)].lower() != scheme:
+                return None  # another scheme: not this plugin's credential
+            return found[len(scheme) :].strip()
         if self.kind == "query":
             return query_param(request.query, self.name)
         return cookie(request.headers, self.raw_name)
@@ -87,14 +126,54 @@ class Source:
             remove_cookie(request.headers, self.raw_name)
 
 
-def cookie(headers: Headers, name: bytes) -> bytes | None:
+class Sources:
+    """All the places one plugin takes its credential from, read together.
+
+    A request must carry the credential once: a second value, in the same place or in
+    another configured one, makes it AMBIGUOUS. Repeats within a place count empty or not;
+    a place whose single value is empty holds no credential.
+    """
+
+    __slots__ = ("all", "described")
+
+    def __init__(self, specs: list[str], scheme: bytes | None = None) -> None:
+        self.all = tuple(Source(spec, scheme=scheme) for spec in specs)
+        self.described = " or ".join(source.spec for source in self.all)
+
+    def read(self, request: Request) -> bytes | Ambiguous | None:
+        """The credential; None when no source has a non-empty value."""
+        found = None
+        for source in self.all:
+            value = source.read(request)
+            if isinstance(value, Ambiguous):
+                return value
+            if value:
+                if found is not None:
+                    return AMBIGUOUS
+                found = value
+        return found
+
+    def remove(self, request: Request) -> None:
+        """Take the credential out before the request goes upstream (hide_credentials): from
+        the one place that holds it. The others keep what they carry (an Authorization field
+        of another scheme is some other plugin's credential)."""
+        for source in self.all:
+            if source.read(request):
+                source.remove(request)
+
+
+def cookie(headers: Headers, name: bytes) -> bytes | Ambiguous | None:
+    """The value of cookie `name` across all Cookie fields; AMBIGUOUS when it is set twice."""
+    found = None
     for key, value in headers.items:
         if key == b"cookie":
             for pair in value.split(b";"):
                 k, sep, v = pair.strip().partition(b"=")
                 if sep and k == name:
-                    return v.strip(b'"')
-    return None
+                    if found is not None:
+                        return AMBIGUOUS
+                    found = v.strip(b'"')
+    return found
 
 
 def remove_cookie(headers: Headers, name: bytes) -> None:

@@ -158,8 +158,12 @@ class KeySet:
         self._all = keys
 
     def candidates(self, kid: str | None, alg: str) -> list[Key]:
-        """Keys that may verify a token with this kid and alg (no I/O)."""
-        keys = self._all if kid is None else self._by_kid.get(kid, ())
+        """Keys that may verify a token with this kid and alg (no I/O).
+
+        A kid only selects among JWKS keys. A configured key (a secret or a PEM, no `uri`)
+        has no kid to match, so it is tried whatever kid the token names.
+        """
+        keys = self._all if kid is None or self.uri is None else self._by_kid.get(kid, ())
         return [key for key in keys if key.accepts(alg)]
 
     async def lookup(self, kid: str | None, alg: str) -> list[Key]:

@@ -27,7 +27,7 @@ from bastion.config.types import Duration
 from bastion.http.model import Headers
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
 from bastion.plugins import register
-from bastion.plugins.common import PROTECTED_HEADERS, Source, check_sources, header_name, quoted
+from bastion.plugins.common import PROTECTED_HEADERS, Ambiguous, Sources, check_sources, header_name, quoted
 from bastion.plugins.jwks import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Key, KeySet, load_pem
 
 log = logging.getLogger("bastion.plugins.jwt")
@@ -136,6 +136,22 @@ def _scopes(claims: dict[str, Any]) -> set[str]:
     return found
 
 
+def short_key_warnings(key: Key, algorithms: frozenset[str]) -> list[str]:
+    """PyJWT's complaints about `key` being short for some of `algorithms` (an HMAC secret
+    under the hash size, RFC 7518 3.2; an RSA key under 2048 bits). PyJWT says so as a warning
+    on every token it verifies; the plugin says it once, when the config goes live."""
+    found = []
+    for alg in sorted(algorithms):
+        if not key.accepts(alg):
+            continue
+        algorithm = pyjwt.get_algorithm_by_name(alg)
+        check = getattr(algorithm, "check_key_length", None)  # PyJWT >= 2.10 only
+        message = check(algorithm.prepare_key(key.key)) if check is not None else None
+        if message:
+            found.append(f"{alg}: {message}")
+    return found
+
+
 class _Refusal(Exception):
     def __init__(self, message: str, word: str = "invalid_token") -> None:
         super().__init__(message)
@@ -164,11 +180,14 @@ class Jwt(Plugin):
     def __init__(self, config: JwtConfig, env: BuildEnv) -> None:
         super().__init__(config, env)
         self.subjects = env.consumers.subjects
+        fixed: Key | None = None
         if config.secret is not None:
-            self.keys = KeySet([Key(None, "oct", None, config.secret.encode())])
+            fixed = Key(None, "oct", None, config.secret.encode())
+            self.keys = KeySet([fixed])
             default: tuple[str, ...] = HMAC_ALGORITHMS
         elif config.public_key is not None:
-            self.keys = KeySet([load_pem(config.public_key)])
+            fixed = load_pem(config.public_key)
+            self.keys = KeySet([fixed])
             default = ASYMMETRIC_ALGORITHMS
         else:
             self.keys = KeySet(
@@ -179,7 +198,9 @@ class Jwt(Plugin):
             )
             default = ASYMMETRIC_ALGORITHMS
         self.algorithms = frozenset(config.algorithms or default)
-        self.sources = tuple(Source(spec) for spec in config.sources)
+        self.where = f"route {env.scope!r}" if env.scope else "global"
+        self.short_key = " ".join(short_key_warnings(fixed, self.algorithms)) if fixed is not None else ""
+        self.sources = Sources(config.sources, scheme=b"bearer ")
         self.hide = config.hide_credentials
         self.issuer: str | list[str] | None = config.issuer
         self.audiences = config.audiences or None
@@ -200,6 +221,13 @@ class Jwt(Plugin):
         self._cache: dict[str, tuple[dict[str, Any], Consumer | None, float]] = {}
 
     async def start(self) -> None:
+        if self.short_key:  # here, not in __init__: building also happens for checks only
+            log.warning(
+                "jwt (%s): %s Such tokens are still accepted; allow only the algorithms in use"
+                " (`algorithms`) or use a longer key.",
+                self.where,
+                self.short_key,
+            )
         await self.keys.start()
 
     async def close(self) -> None:
@@ -207,18 +235,13 @@ class Jwt(Plugin):
 
     async def on_request(self, ctx: Context) -> Reply | None:
         request = ctx.request
-        token = None
-        for source in self.sources:
-            raw = source.read(request)
-            if raw:
-                if source.raw_name == _AUTHORIZATION and source.kind == "header":
-                    if raw[:7].lower() != b"bearer ":
-                        continue
-                    raw = raw[7:].strip()
-                token = raw.decode("latin-1")
-                break
-        if not token:
+        raw = self.sources.read(request)
+        if raw is None:
             return self._refuse(401, "missing_credentials", "A bearer token is required.", "")
+        if isinstance(raw, Ambiguous):  # RFC 6750 3.1: more than one method for a token
+            message = "The request carries more than one token; send one."
+            return self._refuse(401, "ambiguous_credentials", message, "invalid_request")
+        token = raw.decode("latin-1")
         now = time.time()
         cached = self._cache.get(token)
         if cached is not None and cached[2] > now:
@@ -241,7 +264,7 @@ class Jwt(Plugin):
                 if encoded is not None:
                     headers.items.append((name, encoded))
         if self.hide:
-            source.remove(request)
+            self.sources.remove(request)
         if consumer is not None:
             ctx.authenticate(consumer)
         return None

@@ -1,7 +1,9 @@
 """key_auth: an API key in a header, query parameter or cookie names the consumer.
 
-The first configured source that carries a non-empty value is used. The key is looked up by
-its digest in the consumers index (constant time in the key's value); it is never logged.
+The request must carry exactly one key across all configured sources: two (two header
+fields, a repeated parameter or cookie, a header and a parameter) are refused, as the
+upstream might read the one the gateway did not check. The key is looked up by its digest
+in the consumers index (constant time in the key's value); it is never logged.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pydantic import Field, field_validator
 from bastion.http.model import Headers
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
 from bastion.plugins import register
-from bastion.plugins.common import Source, check_sources, quoted
+from bastion.plugins.common import Ambiguous, Sources, check_sources, quoted
 
 
 class KeyAuthConfig(PluginConfig):
@@ -35,25 +37,23 @@ class KeyAuth(Plugin):
 
     def __init__(self, config: KeyAuthConfig, env: BuildEnv) -> None:
         super().__init__(config, env)
-        self.sources = tuple(Source(spec) for spec in config.sources)
+        self.sources = Sources(config.sources)
         self.consumers = env.consumers
         self.hide = config.hide_credentials
         self.challenge = f"Key realm={quoted(config.realm)}".encode("latin-1")
-        self.described = " or ".join(s.spec for s in self.sources)
 
     async def on_request(self, ctx: Context) -> Reply | None:
         request = ctx.request
-        for source in self.sources:
-            key = source.read(request)
-            if key:
-                break
-        else:
-            return self._refuse("missing_credentials", f"An API key is required ({self.described}).")
+        key = self.sources.read(request)
+        if key is None:
+            return self._refuse("missing_credentials", f"An API key is required ({self.sources.described}).")
+        if isinstance(key, Ambiguous):
+            return self._refuse("ambiguous_credentials", "The request carries more than one API key; send one.")
         consumer = self.consumers.by_key(key)
         if consumer is None:
             return self._refuse("invalid_credentials", "The API key is not valid.")
         if self.hide:
-            source.remove(request)
+            self.sources.remove(request)
         ctx.authenticate(consumer)
         return None
 
