@@ -9,7 +9,7 @@ import pytest
 from bastion.config.types import HostPort, parse_address, parse_duration, parse_size
 from bastion.errors import BadRequest
 from bastion.http import paths
-from bastion.http.paths import normalize_path, parse_authority, parse_target, request_host, split_target
+from bastion.http.paths import normalize_path, parse_authority, parse_target, request_host
 
 
 @pytest.mark.parametrize(
@@ -79,15 +79,15 @@ def test_normalize_path_refuses_dot_segments_with_parameters(raw: str) -> None:
         normalize_path(raw)
 
 
-def test_split_target_forms() -> None:
-    assert split_target(b"/a?x=1&y=%2F") == ("/a", "x=1&y=%2F", None)
-    assert split_target(b"*") == ("*", "", None)
-    assert split_target(b"http://Host.:81/p/../q?z") == ("/q", "z", "Host:81")
-    assert split_target(b"https://h") == ("/", "", "h")
+def test_target_forms() -> None:
+    assert parse_target(b"/a?x=1&y=%2F") == ("/a", "x=1&y=%2F", None)
+    assert parse_target(b"*") == ("*", "", None)
+    assert parse_target(b"http://Host.:81/p/../q?z") == ("/q", "z", ("host", b"Host:81"))
+    assert parse_target(b"https://h") == ("/", "", ("h", b"h"))
     with pytest.raises(BadRequest):
-        split_target(b"ftp://h/x")
+        parse_target(b"ftp://h/x")
     with pytest.raises(BadRequest):
-        split_target(b"relative/path")
+        parse_target(b"relative/path")
 
 
 def test_parse_target_absolute_form_authority() -> None:

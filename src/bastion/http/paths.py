@@ -200,8 +200,3 @@ def parse_target(target: bytes) -> tuple[str, str, Authority | None]:
     path = path.partition("#")[0]
     return normalize_path(path), query, authority
 
-
-def split_target(target: bytes) -> tuple[str, str, str | None]:
-    """`parse_target` with the authority as the text to forward: the form h1 uses today."""
-    path, query, authority = parse_target(target)
-    return path, query, None if authority is None else authority[1].decode("latin-1")

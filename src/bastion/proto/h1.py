@@ -45,7 +45,7 @@ from bastion.errors import (
 from bastion.http.exchange import Exchange, status_line
 from bastion.http.header_policy import is_dropped, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Request
-from bastion.http.paths import split_target
+from bastion.http.paths import parse_target, request_host
 
 if TYPE_CHECKING:
     from bastion.app import Gateway
@@ -82,14 +82,6 @@ def new_request_id() -> str:
     global _request_counter
     _request_counter += 1
     return f"{_ID_PREFIX}{_request_counter:010x}"
-
-
-def split_host(value: str) -> str:
-    """'API.example.com:8080' -> 'api.example.com'; '[::1]:80' -> '::1'."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value
-    return value.partition(":")[0]
 
 
 class H1Server(asyncio.Protocol):
@@ -356,23 +348,17 @@ class H1Server(asyncio.Protocol):
         special = self._special
         method = parser.get_method().decode("ascii")
         version = parser.get_http_version()
-        path, query, authority = split_target(b"".join(self._url))
+        path, query, authority = parse_target(b"".join(self._url))
         if path == "*" and method != "OPTIONS":
             raise BadRequest("The request target * is only valid for OPTIONS.")
         hosts = special.get(b"host")
-        if hosts is not None and len(hosts) > 1:
-            raise BadRequest("The request has more than one Host header.")
+        host, forward = request_host(authority, hosts, version == "1.1")
         headers = self._headers
-        if authority is not None:
-            headers = [item for item in headers if item[0] != b"host"]
-            headers.append((b"host", authority.encode("latin-1")))
-            host = split_host(authority)
-        elif hosts is not None:
-            host = split_host(hosts[0].decode("latin-1"))
-        elif version == "1.1":
-            raise BadRequest("The request has no Host header.")
-        else:
-            host = ""
+        if hosts is None:
+            if forward:  # absolute-form without a Host header
+                headers.append((b"host", forward))
+        elif forward != hosts[0]:  # normalised, or replaced by the absolute-form authority
+            headers = [(b"host", forward) if item[0] == b"host" else item for item in headers]
         connection = special.get(b"connection")
         if connection is not None:
             drop = with_connection_tokens(drop, connection)
