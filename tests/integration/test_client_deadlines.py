@@ -113,7 +113,7 @@ def test_a_client_that_never_reads_stops_being_served(origins, gateway):
             time.sleep(0.25)
             served.append(origin.origin.requests)
     # Kernel buffers hold a few MB of responses; then the gateway stops starting exchanges and,
-    # with 16 waiting, stops parsing and reading. Without the bound, it served all 3000.
+    # with 8 waiting, stops parsing and reading. Without the bound, it served all 3000.
     assert served[-1] < 1000, served
     assert served[-1] == served[-3], f"still serving a client that does not read: {served}"
 

@@ -58,9 +58,15 @@ log = logging.getLogger("bastion.h1")
 # most 256 KB). PIPELINE_LIMIT is the backstop for what one slice can still add (a chunked
 # body followed by a flood of requests): the connection closes after the queued answers, and
 # the client retries the rest, as RFC 9112 section 9.3.2 expects of pipelining clients.
-PIPELINE_PAUSE = 16
+PIPELINE_PAUSE = 8
 PIPELINE_LIMIT = 64
-FEED_SLICE = 1024
+FEED_SLICE = 512
+# Reads go into one buffer per gateway (BufferedProtocol: no copy per read). A read takes at
+# most HEAD_READ bytes while a request head is expected and PIPELINED_READ while answers are
+# owed, so what may be held stays small; request bodies are read READ_BUFFER at a time.
+READ_BUFFER = 256 * 1024
+HEAD_READ = 16 * 1024
+PIPELINED_READ = 4096
 # The client's write buffer: above HIGH the client counts as not reading (the send timeout
 # runs and no new exchange starts); it must read back down to LOW to count as reading again.
 WRITE_HIGH = 64 * 1024
@@ -84,7 +90,12 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{_request_counter:010x}"
 
 
-class H1Server(asyncio.Protocol):
+def read_buffer() -> memoryview:
+    """The buffer a gateway's client connections read into (one per event loop)."""
+    return memoryview(bytearray(READ_BUFFER))
+
+
+class H1Server(asyncio.BufferedProtocol):
     __slots__ = (
         "gateway",
         "settings",
@@ -174,13 +185,24 @@ class H1Server(asyncio.Protocol):
         self.gateway.connections.add(self)
         self._set_deadline(self.settings.timeouts.header)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._receiving is not None:
+            return self.gateway.read_buffer
+        if self._active is not None or self._queue:
+            return self.gateway.read_buffer[:PIPELINED_READ]  # a client ahead of its answers
+        return self.gateway.read_buffer[:HEAD_READ]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The view is only parsed here; whatever must outlive this call is copied (_held).
+        self.data_received(self.gateway.read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._broken:
             return
         if self._held is not None:
             self._held += data
         elif len(data) > FEED_SLICE and (self._receiving is None or 0 <= self._body_left < len(data)):
-            self._held = data  # may hold many pipelined requests: parse it slice by slice
+            self._held = bytes(data)  # may hold many pipelined requests: parse it slice by slice
         else:
             self._feed(data)  # a small read, or all of it body: the common cases, parsed at once
             return
@@ -197,7 +219,7 @@ class H1Server(asyncio.Protocol):
             step = self._body_left if self._receiving is not None and self._body_left > 0 else FEED_SLICE
             self._feed(view[pos : pos + step])
             pos += step
-        self._held = data[pos:] if pos < end and not self._broken else None
+        self._held = data[pos:] if pos < end and not self._broken else None  # bytes: a copy
 
     def _feed(self, data: bytes | memoryview) -> None:
         if self._in_head:
