@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from adversary import ScriptedOrigin
 from bastion.demo.origin import OriginHandle, start_origin_thread
 from support import GatewayThread, free_port, simple_config, write_config
 
@@ -25,6 +26,24 @@ def origins() -> Iterator[Callable[..., OriginHandle]]:
     yield start
     for handle in started:
         handle.stop()
+
+
+@pytest.fixture
+def scripted_origin() -> Iterator[Callable[..., ScriptedOrigin]]:
+    """Factory: `scripted_origin(reply=..., connections=...)` (see adversary.ScriptedOrigin); all
+    stop after the test, which fails if a reply function raised (a bug in the test itself)."""
+    started: list[ScriptedOrigin] = []
+
+    def start(*args: Any, **kwargs: Any) -> ScriptedOrigin:
+        origin = ScriptedOrigin(*args, **kwargs)
+        started.append(origin)
+        return origin
+
+    yield start
+    for origin in started:
+        origin.stop()
+    errors = [error for origin in started for error in origin.errors]
+    assert not errors, f"a scripted origin's reply raised: {errors!r}"
 
 
 @pytest.fixture
