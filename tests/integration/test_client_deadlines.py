@@ -160,3 +160,74 @@ def test_ordinary_pipelining_is_answered_in_full(origins, gateway):
         closed, received = _closed_within(sock, 10)
     assert closed
     assert len(split_responses(received)) == 41
+
+
+def _flood(sock: socket.socket, request: bytes, per_send: int, seconds: float, gw: Any) -> list[dict[str, Any]]:
+    """Send pipelined requests `per_send` at a time for `seconds`, never reading; sample stats."""
+    sock.setblocking(False)
+    samples = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(BlockingIOError):
+            sock.send(request * per_send)
+        time.sleep(0.002)
+        samples += gw.call(_connection_stats(gw))
+    return samples
+
+
+def _connection_stats(gw: Any) -> Any:
+    async def stats() -> list[dict[str, Any]]:
+        return [conn.statistics() for conn in gw.gateway.connections]
+
+    return stats()
+
+
+def test_pipelining_without_reading_holds_a_bounded_queue(origins, gateway):
+    origin = origins()
+    gw = gateway(_config(origin.port))
+    request = b"GET /bytes/20000 HTTP/1.1\r\nHost: x\r\n\r\n"
+    for per_send in (10, 400):  # reads small enough to parse whole, and reads that are sliced
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", gw.port))
+            samples = _flood(sock, request, per_send, 2.0, gw)
+        assert samples
+        assert max(s["queued"] for s in samples) <= 8 + 512 // len(request) + 1, per_send
+        assert max(s["held_bytes"] for s in samples) <= 16 * 1024, per_send
+        assert not samples[-1]["reading"], "still reading from a client that does not read"
+        time.sleep(0.2)
+
+
+def test_a_stalled_pipelined_head_lets_the_running_response_finish(origins, gateway):
+    origin = origins()
+    gw = gateway(_config(origin.port, {"header": "1s"}))
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(b"GET /delay/2000 HTTP/1.1\r\nHost: x\r\n\r\nG")
+        closed, data = _closed_within(sock, 6)
+    assert closed
+    ((status, headers, _),) = split_responses(data)
+    assert status == 200
+    assert headers["connection"] == "close"
+
+
+def test_a_client_far_ahead_of_its_answers_is_read_a_little_at_a_time(origins, gateway):
+    origin = origins()
+    gw = gateway(_config(origin.port))
+    request = b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(request * 2000 + b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        samples = []
+        received = b""
+        sock.settimeout(0.005)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(8192)
+            except TimeoutError:
+                chunk = None
+            if chunk == b"":
+                break
+            received += chunk or b""
+            samples += gw.call(_connection_stats(gw))
+    assert received.count(b"HTTP/1.1 200 ") == 2001
+    assert max(s["held_bytes"] for s in samples) <= 16 * 1024  # one head-sized read, then 4 KB reads

@@ -188,3 +188,25 @@ def test_mutated_input_never_breaks_the_connection_state(seed: int) -> None:
         assert json.loads(body)["request_id"] == headers["x-request-id"]
     if responses and responses[-1][0] in (400, 413, 414, 417, 431):
         assert transport.closed, data
+
+
+def test_no_new_exchange_starts_while_the_client_is_not_reading() -> None:
+    async def scenario() -> tuple[bytes, bytes]:
+        gateway = FakeGateway()
+        server = H1Server(gateway, gateway.snapshot.config.listeners[0])  # type: ignore[arg-type]
+        transport = FakeTransport()
+        server.connection_made(transport)
+        server.pause_writing()  # the client stopped reading
+        server.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        while_paused = bytes(transport.data)
+        server.resume_writing()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        server.connection_lost(None)
+        return while_paused, bytes(transport.data)
+
+    while_paused, after = asyncio.run(scenario())
+    assert while_paused == b""
+    assert [status for status, _, _ in split_responses(after)] == [404]

@@ -199,4 +199,3 @@ def parse_target(target: bytes) -> tuple[str, str, Authority | None]:
     path, _, query = text.partition("?")
     path = path.partition("#")[0]
     return normalize_path(path), query, authority
-

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -524,6 +524,17 @@ class H1Server(asyncio.BufferedProtocol):
         if not self._closed and self.transport is not None:
             self._closed = True
             self.transport.close()
+
+    def statistics(self) -> dict[str, Any]:
+        """What this connection holds: requests queued, bytes read but not parsed, bytes unsent."""
+        transport = self.transport
+        return {
+            "requests": self.requests,
+            "queued": len(self._queue),
+            "held_bytes": len(self._held) if self._held is not None else 0,
+            "unsent_bytes": transport.get_write_buffer_size() if transport is not None else 0,
+            "reading": self._read_pauses == 0,
+        }
 
     # --- read deadlines ------------------------------------------------------------------------
 

@@ -202,9 +202,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._complete:
             raise _BytesAfterResponse()
+        self._reason = b""
 
     def on_status(self, status: bytes) -> None:
-        self._reason = status
+        self._reason += status  # a status line split across reads arrives in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -246,8 +247,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._done(keep_alive)
 
     def on_body(self, body: bytes) -> None:
-        if self._complete:
-            raise _BytesAfterResponse()
         if self.listener is not None:
             self.listener.upstream_body(body)
 
