@@ -29,7 +29,7 @@ from bastion.config.loader import load_config
 from bastion.config.schema import Listener
 from bastion.errors import ConfigError
 from bastion.observability.logs import setup_logging
-from bastion.proto.h1 import H1Server, read_buffer
+from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
 
@@ -68,7 +68,7 @@ class Gateway:
         self.worker = worker
         self.watch = watch
         self.registry = TargetRegistry()
-        self.read_buffer = read_buffer()  # shared by this gateway's client connections
+        self.read_buffer = ReadBuffer()  # shared by this gateway's client connections
         self.health = HealthMonitor(worker, workers)
         self.connections: set[H1Server] = set()
         self.servers: dict[str, asyncio.Server] = {}  # by bind address

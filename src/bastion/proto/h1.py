@@ -90,9 +90,16 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{_request_counter:010x}"
 
 
-def read_buffer() -> memoryview:
-    """The buffer a gateway's client connections read into (one per event loop)."""
-    return memoryview(bytearray(READ_BUFFER))
+class ReadBuffer:
+    """The buffer a gateway's client connections read into (one per event loop), with the
+    views of the sizes `get_buffer` hands out made once."""
+
+    __slots__ = ("full", "head", "pipelined")
+
+    def __init__(self) -> None:
+        self.full = memoryview(bytearray(READ_BUFFER))
+        self.head = self.full[:HEAD_READ]
+        self.pipelined = self.full[:PIPELINED_READ]
 
 
 class H1Server(asyncio.BufferedProtocol):
@@ -187,14 +194,14 @@ class H1Server(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._receiving is not None:
-            return self.gateway.read_buffer
+            return self.gateway.read_buffer.full
         if self._active is not None or self._queue:
-            return self.gateway.read_buffer[:PIPELINED_READ]  # a client ahead of its answers
-        return self.gateway.read_buffer[:HEAD_READ]
+            return self.gateway.read_buffer.pipelined  # a client ahead of its answers
+        return self.gateway.read_buffer.head
 
     def buffer_updated(self, nbytes: int) -> None:
         # The view is only parsed here; whatever must outlive this call is copied (_held).
-        self.data_received(self.gateway.read_buffer[:nbytes])
+        self.data_received(self.gateway.read_buffer.full[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._broken:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from bastion.upstream.pool import ConnectionPool
 
 
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))  # name no other field
+
+
 class _BytesAfterResponse(Exception):
     """The upstream sent more after the final response: the connection is not reusable."""
 
@@ -161,16 +164,16 @@ class UpstreamConnection(asyncio.Protocol):
             self._deadline = self._loop.time() + self._timeout
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _BytesAfterResponse):
-                self.abort()  # the listener has its whole response; only reuse is off
-            else:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self._complete:
+                self.abort()  # bytes after the final response: the listener has it all; no reuse
+            elif isinstance(exc, httptools.HttpParserCallbackError):
+                cause = exc.__context__
                 self._fail(cause if isinstance(cause, GatewayError) else UpstreamError())
-        except httptools.HttpParserError:
-            self._fail(UpstreamError("The upstream sent a malformed response."))
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("The upstream switched protocols, which this route does not support."))
+            elif isinstance(exc, httptools.HttpParserUpgrade):
+                self._fail(UpstreamError("The upstream switched protocols, which this route does not support."))
+            else:
+                self._fail(UpstreamError("The upstream sent a malformed response."))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -199,12 +202,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks ---------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self._complete:
-            raise _BytesAfterResponse()
-        self._reason = b""
-
     def on_status(self, status: bytes) -> None:
+        if self._complete:
+            raise _BytesAfterResponse()  # a second response to one request
         self._reason += status  # a status line split across reads arrives in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -220,11 +220,14 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         drop = DROP_RESPONSE
-        if self._connection:
-            drop = with_connection_tokens(drop, self._connection)
+        connection = self._connection
+        if connection and not (len(connection) == 1 and connection[0] in _PLAIN_CONNECTION):
+            drop = with_connection_tokens(drop, connection)
         headers = [item for item in self._headers if item[0] not in drop]
+        reason = self._reason
         self._headers = []
         self._connection = []
+        self._reason = b""
         listener = self.listener
         assert listener is not None
         if status < 200:
@@ -235,11 +238,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True
             self._content_length = None
             self._chunked = False
-            listener.upstream_interim(Response(status, Headers(headers), self._reason))
+            listener.upstream_interim(Response(status, Headers(headers), reason))
             return
         self._head_seen = True
         keep_alive = self.parser.should_keep_alive()
-        listener.upstream_head(Response(status, Headers(headers), self._reason), self._content_length, keep_alive)
+        listener.upstream_head(Response(status, Headers(headers), reason), self._content_length, keep_alive)
         if self.head_only:
             # A response to HEAD has no body whatever its framing headers say; httptools cannot
             # be told, so the parser is replaced to start clean at the next response.
