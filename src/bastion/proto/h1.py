@@ -201,7 +201,11 @@ class H1Server(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         # The view is only parsed here; whatever must outlive this call is copied (_held).
-        self.data_received(self.gateway.read_buffer.full[:nbytes])
+        view = self.gateway.read_buffer.full[:nbytes]
+        if nbytes <= FEED_SLICE and self._held is None and not self._broken:
+            self._feed(view)  # one small read: the common case, without data_received's checks
+        else:
+            self.data_received(view)
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._broken:
