@@ -233,7 +233,16 @@ class Route(Model):
 
 
 class KeyCredential(Model):
-    key: str = Field(min_length=1)
+    key: str | None = Field(None, min_length=1)
+    key_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="The key's SHA-256 digest (hex), instead of the key itself."
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> KeyCredential:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give one of key or key_sha256")
+        return self
 
 
 class BasicCredential(Model):
