@@ -58,6 +58,14 @@ TICK_INTERVAL = 0.25  # client read deadlines: timeouts are enforced to within t
 WATCH_INTERVAL = 1.0
 
 
+class VersionProblems(ConfigError):
+    """A version pulled from Redis that does not load here (e.g. a variable this host lacks)."""
+
+    def __init__(self, problems: list[str], stored: StoredVersion) -> None:
+        super().__init__(problems)
+        self.stored = stored
+
+
 def file_fingerprint(path: str) -> tuple[int, int, str] | None:
     """What tells a changed config file apart: size, mtime and a hash of the content."""
     try:
@@ -107,7 +115,7 @@ class Gateway:
         self.started_at = time.time()
         self._loaded: LoadedConfig | None = None
         self._stored: StoredVersion | None = None  # the Redis version running (follow only)
-        self._rejected: int | None = None  # a pushed version that failed here: not retried
+        self._rejected: tuple[int, str] | None = None  # a version (and digest) that failed here: not retried
         self._links: dict[tuple[str, str], ClusterLink] = {}
         self._consumers: list[Consumer] = []  # from Redis, last known
         self._consumers_rev: int | None = None
@@ -197,7 +205,7 @@ class Gateway:
             snapshot = build_snapshot(loaded, self.registry, await self._cluster_consumers(loaded.config))
             await snapshot.start()
         except ConfigError as exc:
-            self._refused(stored, "\n".join(exc.problems))
+            self._refused(exc.stored if isinstance(exc, VersionProblems) else stored, "\n".join(exc.problems))
             return False
         except Exception as exc:
             self._refused(stored, f"{type(exc).__name__}: {exc}")
@@ -223,8 +231,8 @@ class Gateway:
 
     def _refused(self, stored: StoredVersion | None, why: str) -> None:
         self.reloads["rejected"] += 1
-        if stored is not None and (self._stored is None or stored.version != self._stored.version):
-            self._rejected = stored.version
+        if stored is not None and (self._stored is None or stored.sha256 != self._stored.sha256):
+            self._rejected = (stored.version, stored.sha256)
             log.error("config version %d rejected, the running config stays:\n%s", stored.version, why)
         else:
             log.error("reload rejected, the running config stays:\n%s", why)
@@ -265,7 +273,10 @@ class Gateway:
             )
         if stored is None:
             raise ConfigError([f"no config has been pushed to {link.describe()} (bastion push CONFIG --redis URL)"])
-        return self._loaded_version(stored), stored
+        try:
+            return self._loaded_version(stored), stored
+        except ConfigError as exc:
+            raise VersionProblems(exc.problems, stored) from None
 
     def _loaded_version(self, stored: StoredVersion) -> LoadedConfig:
         """Parse a stored version with this host's environment; without its own `cluster`,
@@ -365,15 +376,15 @@ class Gateway:
     async def _sync_once(self) -> None:
         follow = self.follow
         if follow is not None:
-            version, _ = await self._link(follow.url, follow.prefix).heads()
-            running = self._stored.version if self._stored is not None else None
+            head, _ = await self._link(follow.url, follow.prefix).heads()
+            running = (self._stored.version, self._stored.sha256) if self._stored is not None else None
             if self._from_copy:
                 self._from_copy = False
-                log.info("Redis answers again: following it (running version %s from the local copy)", running)
-                if version == running and self._loaded is not None:
+                log.info("Redis answers again: following it (running the local copy's version)")
+                if head == running and self._loaded is not None:
                     self._applied(self._loaded, self._stored)
-            if version is not None and version != running and version != self._rejected:
-                log.info("config version %d pushed (running %s): reloading", version, running)
+            if head is not None and head != running and head != self._rejected:
+                log.info("config version %d pushed (sha256 %s): reloading", head[0], head[1][:12])
                 await self.reload()
                 return
         cluster = self._loaded.config.cluster if self._loaded is not None else None

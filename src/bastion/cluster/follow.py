@@ -70,10 +70,10 @@ class ClusterLink:
         except (RedisError, OSError, TimeoutError) as exc:
             raise ClusterUnavailable(f"{self.describe()}: {exc or type(exc).__name__}") from None
 
-    async def heads(self) -> tuple[int | None, int | None]:
-        """(current config version, consumers rev), in one round trip."""
+    async def heads(self) -> tuple[tuple[int, str] | None, int | None]:
+        """((current config version, its sha256), consumers rev), in one round trip."""
         current, rev = await self._call(self.client.mget(self.keys.config_current, self.keys.consumers_rev))
-        return (int(current) if current else None), (int(rev) if rev else None)
+        return versions.parse_head(current), (int(rev) if rev else None)
 
     async def fetch_config(self) -> versions.StoredVersion | None:
         result: versions.StoredVersion | None = await self._call(versions.fetch(self.client, self.keys))

@@ -7,7 +7,8 @@ numbered version:
     {P}:config:seq       INCR: the last version number handed out
     {P}:config:v:N       hash: config (the text), sha256, size, pushed_at, pushed_by, file, message
     {P}:config:history   sorted set of the version numbers kept (the newest KEEP)
-    {P}:config:current   the version gateways run
+    {P}:config:current   "N:SHA256", the version gateways run (the digest tells a version N
+                         apart from another N pushed after Redis lost its data)
     channel {P}:config   N, published when `current` changes
 
 A push takes a number with INCR, then one Lua script stores the version and moves `current`
@@ -36,14 +37,14 @@ if TYPE_CHECKING:
 
 KEEP = 100
 
-# KEYS: version hash, history, current; ARGV: N, channel, then field/value pairs.
+# KEYS: version hash, history, current; ARGV: N, channel, "N:SHA256", then field/value pairs.
 _COMMIT_LUA = """
 local n = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('ZADD', KEYS[2], n, ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+local current = tonumber(string.match(redis.call('GET', KEYS[3]) or '0', '^%d+') or '0')
 if n > current then
-  redis.call('SET', KEYS[3], ARGV[1])
+  redis.call('SET', KEYS[3], ARGV[3])
   redis.call('PUBLISH', ARGV[2], ARGV[1])
   return 1
 end
@@ -91,9 +92,17 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def parse_head(value: bytes | None) -> tuple[int, str] | None:
+    """The value of `current` -> (N, sha256)."""
+    if not value:
+        return None
+    number, _, sha = value.decode().partition(":")
+    return int(number), sha
+
+
 async def current_version(client: Redis, keys: Keys) -> int | None:
-    value = await client.get(keys.config_current)
-    return int(value) if value else None
+    head = parse_head(await client.get(keys.config_current))
+    return head[0] if head is not None else None
 
 
 async def fetch(client: Redis, keys: Keys, version: int | None = None) -> StoredVersion | None:
@@ -131,6 +140,7 @@ async def push(
         keys.config_current,
         number,
         keys.config_channel,
+        f"{number}:{sha}",
         *fields,
     )
     old: list[bytes] = await client.zrange(keys.config_history, 0, -(keep + 1))  # type: ignore[assignment]
