@@ -92,11 +92,12 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def parse_head(value: bytes | None) -> tuple[int, str] | None:
+def parse_head(value: bytes | str | None) -> tuple[int, str] | None:
     """The value of `current` -> (N, sha256)."""
     if not value:
         return None
-    number, _, sha = value.decode().partition(":")
+    text = value.decode() if isinstance(value, bytes) else value
+    number, _, sha = text.partition(":")
     return int(number), sha
 
 
