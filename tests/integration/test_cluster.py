@@ -314,3 +314,50 @@ def run_and_fail(*args: str) -> tuple[int, str]:
 
     proc = subprocess.run([sys.executable, "-m", "bastion", "run", *args], capture_output=True, text=True, timeout=20)
     return proc.returncode, proc.stderr
+
+
+def test_the_redis_store_adds_well_under_a_millisecond_per_request(
+    tmp_path: Path, outage_setup: tuple[RedisServer, OriginProcess]
+) -> None:
+    """The same rate-limited route on a gateway with the in-process store and on one with the
+    Redis store, requests alternating between them on keep-alive connections."""
+    import http.client
+    import statistics
+
+    redis, origin = outage_setup
+    (with_redis,) = start_file_cluster(tmp_path, redis, origin, 1)
+    config = pushed_config(origin.port, "local")
+    config["routes"][0]["plugins"] = [{"rate_limit": {"limit": 1_000_000, "per": "1s", "key": "route"}}]
+    env = gateway_env(tmp_path, 1)
+    local = GatewayProcess(write_config(tmp_path / "local.yaml", config), int(env["GW_PORT"]), env=env)
+    try:
+        times: dict[int, list[float]] = {with_redis.port: [], local.port: []}
+        conns = {port: http.client.HTTPConnection("127.0.0.1", port, timeout=5) for port in times}
+        for i in range(3000):
+            for port, conn in conns.items():
+                start = time.perf_counter()
+                conn.request("GET", "/limited")
+                resp = conn.getresponse()
+                resp.read()
+                if i >= 200:  # warm up first
+                    times[port].append(time.perf_counter() - start)
+                assert resp.status == 200 and resp.getheader("RateLimit-Limit")
+        for conn in conns.values():
+            conn.close()
+    finally:
+        with_redis.stop()
+        local.stop()
+    redis_ms = [t * 1000 for t in times[with_redis.port]]
+    local_ms = [t * 1000 for t in times[local.port]]
+
+    def pct(values: list[float], q: int) -> float:
+        return statistics.quantiles(values, n=100)[q - 1]
+
+    extra50 = statistics.median(redis_ms) - statistics.median(local_ms)
+    extra99 = pct(redis_ms, 99) - pct(local_ms, 99)
+    print(
+        f"\nlatency, local store: p50 {statistics.median(local_ms):.3f} ms, p99 {pct(local_ms, 99):.3f} ms; "
+        f"redis store: p50 {statistics.median(redis_ms):.3f} ms, p99 {pct(redis_ms, 99):.3f} ms; "
+        f"extra: p50 {extra50:.3f} ms, p99 {extra99:.3f} ms"
+    )
+    assert extra50 < 1.0
