@@ -361,3 +361,28 @@ def test_the_redis_store_adds_well_under_a_millisecond_per_request(
         f"extra: p50 {extra50:.3f} ms, p99 {extra99:.3f} ms"
     )
     assert extra50 < 1.0
+
+
+def test_the_cluster_demo_shows_a_shared_limit_and_a_push_reaching_all_three() -> None:
+    """`make cluster-demo` as docs/cluster.md describes it (with --once, on free ports)."""
+    import os
+    import subprocess
+    import sys
+
+    from support import free_port
+
+    env = {
+        **os.environ,
+        "BASTION_CLUSTER_DEMO_PORTS": ",".join(str(free_port()) for _ in range(3)),
+        "BASTION_CLUSTER_DEMO_REDIS_PORT": str(free_port()),
+        "BASTION_DEMO_ORIGIN_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bastion.demo.cluster", "--once"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    statuses = [line.split()[-1] for line in proc.stdout.splitlines() if line.strip().startswith("request ")]
+    assert statuses == ["200"] * 10 + ["429"] * 5  # one limit of 10 across the three gateways
+    reached = [line for line in proc.stdout.splitlines() if "serves version 2" in line]
+    assert len(reached) == 3 and all("ms after the push" in line for line in reached)
+    assert "* 2" in proc.stdout
