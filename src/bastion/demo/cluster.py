@@ -35,17 +35,17 @@ def _free(port: int) -> bool:
     return True
 
 
-def _wait(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def _wait(port: int, process: subprocess.Popen[bytes], name: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{' '.join(process.args[:4])} exited ({process.returncode})")  # type: ignore[index]
+            raise RuntimeError(f"{name} exited ({process.returncode})")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+    raise RuntimeError(f"{name} does not listen on 127.0.0.1:{port}")
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -96,8 +96,8 @@ def run(once: bool) -> int:
             process_group=0,
         )
         processes.append(origin)
-        _wait(redis_port, redis)
-        _wait(origin_port, origin)
+        _wait(redis_port, redis, "redis-server")
+        _wait(origin_port, origin, "the origin")
         print(f"Redis on {url}, origin on 127.0.0.1:{origin_port}\n")
         with resources.as_file(resources.files("bastion.demo") / "cluster.yaml") as bundled:
             config = workdir / "cluster.yaml"
@@ -109,8 +109,8 @@ def run(once: bool) -> int:
             command = [sys.executable, "-m", "bastion", "run", "--from-redis", url]
             command += ["--local-copy", str(workdir / f"gateway{index + 1}.json")]
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log, process_group=0))
-        for port, process in zip(ports, processes[2:], strict=True):
-            _wait(port, process)
+        for index, (port, process) in enumerate(zip(ports, processes[2:], strict=True)):
+            _wait(port, process, f"gateway {index + 1} (log: {workdir}/gateway{index + 1}.log)")
         print(f"\nthree gateways follow it: {', '.join(f'http://127.0.0.1:{p}' for p in ports)}\n")
 
         print("One limit for the cluster (10 per 10 s on /users): 15 requests, round robin over the gateways")
