@@ -386,3 +386,23 @@ def test_the_cluster_demo_shows_a_shared_limit_and_a_push_reaching_all_three() -
     reached = [line for line in proc.stdout.splitlines() if "serves version 2" in line]
     assert len(reached) == 3 and all("ms after the push" in line for line in reached)
     assert "* 2" in proc.stdout
+
+
+def test_workers_follow_redis_each_on_their_own(tmp_path: Path, redis_server: RedisServer) -> None:
+    origin = OriginProcess()
+    env = gateway_env(tmp_path, 0)
+    port = int(env["GW_PORT"])
+    write_config(tmp_path / "gw.yaml", pushed_config(origin.port, "v1"))
+    assert bastion("push", str(tmp_path / "gw.yaml"), "--redis", redis_server.url)[0] == 0
+    gateway = GatewayProcess(None, port, "--from-redis", redis_server.url, "--workers", "2", env=env)
+    try:
+        write_config(tmp_path / "gw.yaml", pushed_config(origin.port, "v2"))
+        assert bastion("push", str(tmp_path / "gw.yaml"), "--redis", redis_server.url)[0] == 0
+        time.sleep(0.5)
+        tags = {header_of(port, "/x", "X-Config")[1] for _ in range(40)}  # new connections: both workers
+        err = gateway.output()[1]
+    finally:
+        gateway.stop()
+        origin.stop()
+    assert tags == {"v2"}
+    assert err.count("config reloaded: config version 2") == 2, err
