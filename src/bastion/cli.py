@@ -158,7 +158,9 @@ def check(config: str) -> None:
     click.echo(f"  consumers: {len(cfg.consumers)}")
     click.echo(f"  admin: {cfg.admin.bind}")
     if cfg.cluster is not None:
-        click.echo(f"  cluster: {cfg.cluster.redis}")
+        from bastion.cluster.connect import redact
+
+        click.echo(f"  cluster: {redact(cfg.cluster.redis)} (prefix {cfg.cluster.prefix})")
     click.echo("config OK")
 
 

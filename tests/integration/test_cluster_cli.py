@@ -101,3 +101,9 @@ def test_run_wants_a_file_or_a_redis_not_both(tmp_path: Path) -> None:
     assert code == 2 and "not both" in out
     code, out = bastion("run", "--from-redis", "http://x")
     assert code == 2 and "not a Redis URL" in out
+
+
+def test_check_never_shows_the_redis_password(tmp_path: Path) -> None:
+    path = write(tmp_path, CONFIG + 'cluster: { redis: "redis://:hunter2@10.0.0.5:6379/0" }\n')
+    code, out = bastion("check", path)
+    assert code == 0 and "cluster: redis://:***@10.0.0.5:6379/0 (prefix bastion)" in out and "hunter2" not in out
