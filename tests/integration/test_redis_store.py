@@ -192,3 +192,29 @@ def test_a_killed_and_restarted_redis_is_used_again(own_redis: RedisServer) -> N
     assert recovered_in < 0.6
     assert stats["state"] == "closed" and stats["outages"] == 1
     assert stats["script_loads"] == 2  # the new server had an empty script cache
+
+
+def test_a_gateway_reports_its_config_source_version_and_store(
+    redis_server: RedisServer, gateway: Any, origins: Any
+) -> None:
+    """What the admin API will serve: Gateway.statistics() names the config and the store."""
+    import hashlib
+
+    from support import request
+
+    origin = origins("a")
+    plugins = [{"rate_limit": {"limit": 2, "per": "1m", "key": "route"}}]
+    gw = gateway(
+        targets=[origin.port],
+        cluster={"redis": redis_server.url},
+        plugins=plugins,
+    )
+    assert [request(gw.port, "GET", "/").status for _ in range(3)] == [200, 200, 429]
+    stats = gw.call(asyncio.sleep(0, gw.gateway.statistics()))
+    text = gw.config_path.read_text()
+    assert stats["config"]["source"] == f"file {gw.config_path}"
+    assert stats["config"]["version"] is None
+    assert stats["config"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    store = stats["store"]
+    assert store["name"] == "redis" and store["state"] == "closed" and store["checks"] == 3
+    assert redis_server.client().keys("bastion:rl:*")  # counted in Redis, not in the process
