@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo cluster-demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/bastion demo
+
+# Redis, an origin and three gateways following one pushed config (docs/cluster.md).
+cluster-demo: $(STAMP)
+	$(BIN)/python -m bastion.demo.cluster $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -67,3 +67,23 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayThread]]:
     yield start
     for handle in started:
         handle.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_session() -> Iterator[Any]:
+    """One redis-server for the whole run (tests that kill Redis start their own)."""
+    from redis_support import RedisServer
+
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_session: Any) -> Any:
+    """The session's redis-server, emptied for this test (keys, scripts, command counters)."""
+    client = redis_session.client()
+    client.flushall()
+    client.script_flush()
+    client.config_resetstat()
+    return redis_session

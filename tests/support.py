@@ -97,12 +97,14 @@ class GatewayProcess:
     Its stdout and stderr go to files, so a test can poll what it logged so far (`output()`).
     """
 
-    def __init__(self, config_path: Path, port: int, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path | None, port: int, *args: str, env: dict[str, str] | None = None) -> None:
+        """`config_path` None: no file argument (`--from-redis URL` in `args`)."""
         self.port = port
         self._out = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process handle
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process handle
+        files = [str(config_path)] if config_path is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bastion", "run", str(config_path), *args],
+            [sys.executable, "-m", "bastion", "run", *files, *args],
             stdout=self._out,
             stderr=self._err,
             env={**os.environ, **(env or {})},

@@ -11,33 +11,59 @@ connections stay open and their next request reads the new one.
 Shutdown (SIGTERM/SIGINT) stops accepting, lets in-flight requests finish up to the drain
 timeout, then cuts what is left; a second signal cuts at once. With `--workers N` a
 supervisor (workers.py) runs N of these processes on SO_REUSEPORT listeners.
+
+Clusters. With `--from-redis` (`follow`) the config comes from the versions pushed to Redis
+instead of a file: the gateway reloads when a new version is pushed, and keeps a local copy
+of the last version it applied, which it boots from when Redis is down. With `cluster` in
+the config, consumers kept in Redis are merged into the config's and a change to them
+reloads too (from the config already loaded, without reading the source again). Both use
+one `ClusterLink` per Redis and prefix, which pokes `_cluster_poked` on pub/sub messages and
+on a poll; the poke reads two numbers and reloads only when one moved. Everything reloads
+through the same path: build a whole snapshot, swap it, keep the old one on any failure.
+`config_info` says what runs (source, version, digest) for logs and the admin API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.config.build import Snapshot, build_snapshot, close_later
-from bastion.config.loader import load_config
-from bastion.config.schema import Listener
+from bastion.config.loader import LoadedConfig, load_config, load_config_text
+from bastion.config.schema import Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
 from bastion.observability.logs import setup_logging
 from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
 
+if TYPE_CHECKING:
+    from bastion.cluster.follow import ClusterLink, FollowSettings
+    from bastion.cluster.versions import StoredVersion
+
 log = logging.getLogger("bastion")
 
 SWEEP_INTERVAL = 1.0  # idle upstream connections past their idle timeout
 TICK_INTERVAL = 0.25  # client read deadlines: timeouts are enforced to within this
 WATCH_INTERVAL = 1.0
+
+
+class VersionProblems(ConfigError):
+    """A version pulled from Redis that does not load here (e.g. a variable this host lacks)."""
+
+    def __init__(self, problems: list[str], stored: StoredVersion) -> None:
+        super().__init__(problems)
+        self.stored = stored
 
 
 def file_fingerprint(path: str) -> tuple[int, int, str] | None:
@@ -60,10 +86,13 @@ class Gateway:
         worker: int = 0,
         workers: int = 1,
         watch: float | None = None,
+        follow: FollowSettings | None = None,
     ) -> None:
         """`worker`/`workers`: this process's place among the workers (spreads health checks);
-        `watch`: poll the config file every so many seconds and reload when it changes."""
+        `watch`: poll the config file every so many seconds and reload when it changes;
+        `follow`: take the config from Redis instead of `config_path` (`--from-redis`)."""
         self.config_path = config_path
+        self.follow = follow
         self.reuse_port = reuse_port
         self.worker = worker
         self.watch = watch
@@ -81,26 +110,43 @@ class Gateway:
         self._fingerprint: tuple[int, int, str] | None = None
         self._drain_deadline = 0.0
         self._stopping = False
+        # What runs, for logs and the admin API: see statistics().
+        self.config_info: dict[str, Any] = {}
+        self.reloads = {"applied": 0, "rejected": 0}
+        self.started_at = time.time()
+        self._loaded: LoadedConfig | None = None
+        self._stored: StoredVersion | None = None  # the Redis version running (follow only)
+        self._rejected: tuple[int, str] | None = None  # a version (and digest) that failed here: not retried
+        self._links: dict[tuple[str, str], ClusterLink] = {}
+        self._consumers: list[Consumer] = []  # from Redis, last known
+        self._consumers_rev: int | None = None
+        self._syncing = False
+        self._poked = False
+        self._from_copy = False  # booted from the local copy; cleared once Redis answers
 
     @property
     def snapshot(self) -> Snapshot:
         assert self._snapshot is not None, "the gateway has not started"
         return self._snapshot
 
-    def build(self) -> Snapshot:
-        """Load and build the config file. Raises ConfigError."""
-        return build_snapshot(load_config(self.config_path), self.registry)
-
     async def start(self, snapshot: Snapshot | None = None) -> None:
-        self._fingerprint = file_fingerprint(self.config_path)
-        snapshot = snapshot or self.build()
+        self._fingerprint = file_fingerprint(self.config_path) if self.follow is None else None
+        if snapshot is None:
+            loaded, stored = await self._load_source(boot=True)
+            snapshot = build_snapshot(loaded, self.registry, await self._cluster_consumers(loaded.config))
+        else:
+            loaded, stored = LoadedConfig(snapshot.config, self.config_path, ""), None
         await snapshot.start()
         self._go_live(snapshot)
         await self._bind(snapshot)
+        self._applied(loaded, stored)
+        log.info("config %s", self.describe_config())
         self._spawn(self._sweep())
         self._spawn(self._tick())
-        if self.watch:
+        if self.watch and self.follow is None:
             self._spawn(self._watch(self.watch))
+        for link in self._links.values():
+            link.watch(self._cluster_poked)
 
     def _go_live(self, snapshot: Snapshot) -> None:
         """Make `snapshot` the one new requests use, and point the live target state at it."""
@@ -141,39 +187,222 @@ class Gateway:
 
         return make
 
-    async def reload(self) -> bool:
-        """Build the config again and swap it in; on any error keep the running one."""
+    async def reload(self, consumers_only: bool = False) -> bool:
+        """Build the config again and swap it in; on any error keep the running one.
+
+        `consumers_only`: the consumers in Redis changed; rebuild from the config already loaded."""
         async with self._reload_lock:
             if self._stopping:
                 return False
-            return await self._reload()
+            return await self._reload(consumers_only)
 
-    async def _reload(self) -> bool:
-        self._fingerprint = file_fingerprint(self.config_path)
+    async def _reload(self, consumers_only: bool = False) -> bool:
+        stored: StoredVersion | None = None
         try:
-            # Parsing and validating happen in a thread so the event loop keeps serving.
-            loaded = await asyncio.to_thread(load_config, self.config_path)
-            snapshot = build_snapshot(loaded, self.registry)
+            if consumers_only and self._loaded is not None:
+                loaded, stored = self._loaded, self._stored
+            else:
+                loaded, stored = await self._load_source()
+            snapshot = build_snapshot(loaded, self.registry, await self._cluster_consumers(loaded.config))
             await snapshot.start()
         except ConfigError as exc:
-            log.error("reload rejected, the running config stays:\n%s", "\n".join(exc.problems))
+            self._refused(exc.stored if isinstance(exc, VersionProblems) else stored, "\n".join(exc.problems))
             return False
-        except Exception:
-            log.exception("reload rejected, the running config stays")
+        except Exception as exc:
+            self._refused(stored, f"{type(exc).__name__}: {exc}")
             return False
         try:
             await self._bind(snapshot)
         except OSError as exc:
-            log.error("reload rejected, cannot listen: %s", exc)
             await snapshot.close()
+            self._refused(stored, f"cannot listen: {exc}")
             return False
         old = self._snapshot
         self._go_live(snapshot)
         if old is not None:
             self._retired.append(old)
             self._spawn(close_later(old, snapshot.config.drain_timeout))
-        log.info("config reloaded from %s", self.config_path)
+        self._applied(loaded, stored)
+        self.reloads["applied"] += 1
+        what = "consumers from Redis updated" if consumers_only else "config reloaded"
+        log.info("%s: config %s", what, self.describe_config())
+        for link in self._links.values():
+            link.watch(self._cluster_poked)  # a link the new config brought (no-op for the others)
         return True
+
+    def _refused(self, stored: StoredVersion | None, why: str) -> None:
+        self.reloads["rejected"] += 1
+        if stored is not None and (self._stored is None or stored.sha256 != self._stored.sha256):
+            self._rejected = (stored.version, stored.sha256)
+            log.error("config version %d rejected, the running config stays:\n%s", stored.version, why)
+        else:
+            log.error("reload rejected, the running config stays:\n%s", why)
+
+    # --- where the config comes from ------------------------------------------------------------
+
+    async def _load_source(self, boot: bool = False) -> tuple[LoadedConfig, StoredVersion | None]:
+        """The config file, or the current version in Redis (at boot, the local copy when
+        Redis cannot be reached). Raises ConfigError, or ClusterUnavailable after boot."""
+        follow = self.follow
+        if follow is None:
+            self._fingerprint = file_fingerprint(self.config_path)
+            # Parsing and validating happen in a thread so the event loop keeps serving.
+            return await asyncio.to_thread(load_config, self.config_path), None
+        from bastion.cluster.follow import ClusterUnavailable
+        from bastion.cluster.versions import LocalCopy
+
+        link = self._link(follow.url, follow.prefix)
+        try:
+            stored = await link.fetch_config()
+        except ClusterUnavailable as exc:
+            if not boot:
+                raise
+            copy = LocalCopy(follow.copy_path()).load()
+            if copy is None:
+                raise ConfigError(
+                    [f"cannot reach Redis ({exc}) and there is no local copy at {follow.copy_path()}"]
+                ) from None
+            stored, consumers, rev = copy
+            self._from_copy = True
+            self._consumers = [Consumer.model_validate(c) for c in consumers]
+            self._consumers_rev = rev
+            log.warning(
+                "cannot reach Redis (%s): starting from the local copy %s (version %d)",
+                exc,
+                follow.copy_path(),
+                stored.version,
+            )
+        if stored is None:
+            raise ConfigError([f"no config has been pushed to {link.describe()} (bastion push CONFIG --redis URL)"])
+        try:
+            return self._loaded_version(stored), stored
+        except ConfigError as exc:
+            raise VersionProblems(exc.problems, stored) from None
+
+    def _loaded_version(self, stored: StoredVersion) -> LoadedConfig:
+        """Parse a stored version with this host's environment; without its own `cluster`,
+        it uses the Redis it came from for rate limits and consumers."""
+        assert self.follow is not None
+        loaded = load_config_text(stored.config, f"redis:v{stored.version}")
+        if loaded.config.cluster is None:
+            cluster = Cluster(redis=self.follow.url, prefix=self.follow.prefix)
+            loaded = dataclasses.replace(loaded, config=loaded.config.model_copy(update={"cluster": cluster}))
+        return loaded
+
+    def _link(self, url: str, prefix: str) -> ClusterLink:
+        from bastion.cluster.follow import ClusterLink
+
+        link = self._links.get((url, prefix))
+        if link is None:
+            link = self._links[(url, prefix)] = ClusterLink(url, prefix)
+        return link
+
+    async def _cluster_consumers(self, config: Config) -> list[Consumer]:
+        """The consumers in the cluster's Redis (the last known ones when it cannot answer)."""
+        cluster = config.cluster
+        if cluster is None:
+            return []
+        from bastion.cluster.follow import ClusterUnavailable
+
+        try:
+            rev, consumers = await self._link(cluster.redis, cluster.prefix).fetch_consumers()
+        except ClusterUnavailable as exc:
+            log.warning("cannot read consumers from Redis (%s): using the %d last known", exc, len(self._consumers))
+            return self._consumers
+        self._consumers, self._consumers_rev = consumers, rev
+        return consumers
+
+    def _applied(self, loaded: LoadedConfig, stored: StoredVersion | None) -> None:
+        """Record what runs now; with `follow`, save it as the local copy."""
+        self._loaded, self._stored = loaded, stored
+        if stored is not None and self.follow is not None:
+            source = f"redis {self._link(self.follow.url, self.follow.prefix).describe()}"
+            if self._from_copy:
+                source = f"local copy {self.follow.copy_path()} of {source}"
+            self.config_info = {
+                "source": source,
+                "version": stored.version,
+                "sha256": stored.sha256,
+                "pushed_at": stored.pushed_at,
+                "pushed_by": stored.pushed_by,
+            }
+            if not self._from_copy:
+                self._save_local_copy(stored)
+        else:
+            digest = hashlib.sha256(loaded.source_text.encode()).hexdigest() if loaded.source_text else ""
+            self.config_info = {"source": f"file {self.config_path}", "version": None, "sha256": digest}
+        self.config_info["applied_at"] = time.time()
+        self.config_info["consumers_from_redis"] = len(self._consumers)
+        self.config_info["consumers_rev"] = self._consumers_rev
+
+    def _save_local_copy(self, stored: StoredVersion) -> None:
+        from bastion.cluster.consumers import to_json
+        from bastion.cluster.versions import LocalCopy
+
+        assert self.follow is not None
+        try:
+            consumers = [json.loads(to_json(c)) for c in self._consumers]
+            LocalCopy(self.follow.copy_path()).save(stored, consumers, self._consumers_rev)
+        except OSError as exc:
+            log.warning("cannot write the local copy %s: %s", self.follow.copy_path(), exc)
+
+    def describe_config(self) -> str:
+        info = self.config_info
+        version = f"version {info['version']} " if info.get("version") is not None else ""
+        return f"{version}from {info.get('source', '?')} (sha256 {str(info.get('sha256', ''))[:12]})"
+
+    def _cluster_poked(self) -> None:
+        """Something in Redis may have changed: check, one check at a time."""
+        if self._syncing:
+            self._poked = True
+            return
+        self._syncing = True
+        self._spawn(self._sync())
+
+    async def _sync(self) -> None:
+        from bastion.cluster.follow import ClusterUnavailable
+
+        try:
+            while True:
+                self._poked = False
+                if self._stopping:
+                    return
+                with contextlib.suppress(ClusterUnavailable):  # the running config stays; poked again later
+                    await self._sync_once()
+                if not self._poked:
+                    return
+        finally:
+            self._syncing = False
+
+    async def _sync_once(self) -> None:
+        follow = self.follow
+        if follow is not None:
+            head, _ = await self._link(follow.url, follow.prefix).heads()
+            running = (self._stored.version, self._stored.sha256) if self._stored is not None else None
+            if self._from_copy:
+                self._from_copy = False
+                log.info("Redis answers again: following it (running the local copy's version)")
+                if head == running and self._loaded is not None:
+                    self._applied(self._loaded, self._stored)
+            if head is not None and head != running and head != self._rejected:
+                log.info("config version %d pushed (sha256 %s): reloading", head[0], head[1][:12])
+                await self.reload()
+                return
+        cluster = self._loaded.config.cluster if self._loaded is not None else None
+        if cluster is not None:
+            _, rev = await self._link(cluster.redis, cluster.prefix).heads()
+            if rev != self._consumers_rev:
+                await self.reload(consumers_only=True)
+
+    def statistics(self) -> dict[str, Any]:
+        """What the admin API and metrics read: the config running and its source, reloads, the store."""
+        return {
+            "config": dict(self.config_info),
+            "reloads": dict(self.reloads),
+            "uptime": time.time() - self.started_at,
+            "store": self._snapshot.store.statistics() if self._snapshot is not None else None,
+            "following": {link.describe(): link.subscribed for link in self._links.values()},
+        }
 
     async def _watch(self, interval: float) -> None:
         """Reload when the config file's content changes (polling: no extra dependency)."""
@@ -215,6 +444,8 @@ class Gateway:
             if retired is not None:
                 await retired.close()  # no-op for those already closed
         self._retired.clear()
+        for link in self._links.values():
+            await link.close()
         self._stopped.set()
 
     def hurry(self) -> None:
@@ -256,13 +487,20 @@ async def serve(
     workers: int = 1,
     watch: float | None = WATCH_INTERVAL,
     ready: Callable[[], None] | None = None,
+    follow: FollowSettings | None = None,
 ) -> int:
-    """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file) reloads.
+    """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file, or a pushed
+    version with `follow`) reloads.
 
     `ready` is called once the listeners are open (the worker supervisor waits for it).
     """
-    gateway = Gateway(config_path, reuse_port=reuse_port, worker=worker, workers=workers, watch=watch)
-    await gateway.start(snapshot)
+    gateway = Gateway(config_path, reuse_port=reuse_port, worker=worker, workers=workers, watch=watch, follow=follow)
+    try:
+        await gateway.start(snapshot)
+    except BaseException:
+        for link in gateway._links.values():
+            await link.close()
+        raise
     if ready is not None:
         ready()
     loop = asyncio.get_running_loop()
@@ -277,7 +515,7 @@ async def serve(
         stopping.append(loop.create_task(gateway.shutdown()))
 
     def reload() -> None:
-        log.info("SIGHUP: reloading %s", config_path)
+        log.info("SIGHUP: reloading %s", config_path if follow is None else "the current version from Redis")
         gateway._spawn(gateway.reload())
 
     loop.add_signal_handler(signal.SIGTERM, stop)
@@ -312,22 +550,31 @@ def raise_open_files_limit() -> None:
         log.warning("could not raise the open files limit: %s", exc)
 
 
-def run_gateway(config_path: str, workers: int | None = None) -> int:
+def run_gateway(config_path: str, workers: int | None = None, follow: FollowSettings | None = None) -> int:
     """The `bastion run` command: validate, then serve in the foreground. Returns the exit code.
 
-    One worker runs in this process; more run under a supervisor (bastion.workers).
+    One worker runs in this process; more run under a supervisor (bastion.workers). With
+    `follow` the config comes from Redis (`config_path` is then empty).
     """
-    try:
-        loaded = load_config(config_path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
-    setup_logging(loaded.config.log.level)
+    if follow is None:
+        try:
+            loaded = load_config(config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 1
+        setup_logging(loaded.config.log.level)
+    else:
+        setup_logging("info")
     raise_open_files_limit()
     if workers is not None and workers > 1:
         from bastion.workers import supervise
 
-        return supervise(config_path, workers)
+        return supervise(config_path, workers, follow)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(config_path))
+        try:
+            return runner.run(serve(config_path, follow=follow))
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 1

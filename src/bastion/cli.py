@@ -1,16 +1,20 @@
-"""The `bastion` command line: run, check, routes, schema, demo.
+"""The `bastion` command line: run, check, routes, schema, demo, and the cluster commands
+push, versions and consumers.
 
-Commands that need the gateway's runtime (`run`, `demo`) import it lazily, so `check`,
-`routes` and `schema` stay quick and work even where the runtime cannot start.
+Commands that need the gateway's runtime (`run`, `demo`) or Redis import them lazily, so
+`check`, `routes` and `schema` stay quick and work even where the runtime cannot start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import click
@@ -20,7 +24,14 @@ from bastion.config.loader import LoadedConfig, load_config
 from bastion.config.schema import Config
 from bastion.errors import BadRequest, ConfigError
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from bastion.cluster.connect import Keys
+
 __all__ = ["cli", "main"]
+
+T = TypeVar("T")
 
 
 def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -80,7 +91,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
 @click.option(
     "--workers",
     "-w",
@@ -90,12 +101,34 @@ def cli() -> None:
     show_default=True,
     help="Worker processes sharing the listeners (SO_REUSEPORT); 'auto' is one per CPU.",
 )
-def run(config: str, workers: int) -> None:
-    """Run the gateway in the foreground (SIGHUP reloads, SIGTERM drains and exits)."""
-    _built_or_exit(_load_or_exit(config))
-    from bastion.app import run_gateway
+@click.option("--from-redis", "from_redis", metavar="URL", help="Run the config versions pushed to this Redis.")
+@click.option("--prefix", default="bastion", show_default=True, help="With --from-redis: the cluster's key prefix.")
+@click.option(
+    "--local-copy",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --from-redis: the last applied version is kept here, to boot from when Redis is down "
+    "[default: $XDG_STATE_HOME/bastion/last-good-HASH.json, else ~/.local/state/bastion/...].",
+)
+def run(config: str | None, workers: int, from_redis: str | None, prefix: str, local_copy: Path | None) -> None:
+    """Run the gateway in the foreground (SIGHUP reloads, SIGTERM drains and exits).
 
-    sys.exit(run_gateway(config, workers))
+    The config is the file CONFIG, or with --from-redis the version pushed last to that Redis
+    (followed: a newly pushed version is applied within a second)."""
+    if from_redis is None:
+        if config is None:
+            raise click.UsageError("give a CONFIG file, or --from-redis URL")
+        _built_or_exit(_load_or_exit(config))
+        from bastion.app import run_gateway
+
+        sys.exit(run_gateway(config, workers))
+    if config is not None:
+        raise click.UsageError("give either a CONFIG file or --from-redis URL, not both")
+    _check_url(from_redis, "--from-redis")
+    _check_prefix(prefix)
+    from bastion.app import run_gateway
+    from bastion.cluster.follow import FollowSettings
+
+    sys.exit(run_gateway("", workers, FollowSettings(from_redis, prefix, local_copy)))
 
 
 @cli.command()
@@ -125,7 +158,9 @@ def check(config: str) -> None:
     click.echo(f"  consumers: {len(cfg.consumers)}")
     click.echo(f"  admin: {cfg.admin.bind}")
     if cfg.cluster is not None:
-        click.echo(f"  cluster: {cfg.cluster.redis}")
+        from bastion.cluster.connect import redact
+
+        click.echo(f"  cluster: {redact(cfg.cluster.redis)} (prefix {cfg.cluster.prefix})")
     click.echo("config OK")
 
 
@@ -208,6 +243,258 @@ def demo() -> None:
     from bastion.demo import run_demo
 
     sys.exit(run_demo())
+
+
+# --- cluster commands -------------------------------------------------------------------------
+
+
+def _check_url(url: str, option: str) -> None:
+    from bastion.cluster.connect import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _check_prefix(prefix: str) -> None:
+    from bastion.cluster.connect import check_prefix
+
+    try:
+        check_prefix(prefix)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prefix") from None
+
+
+def _with_redis(url: str, prefix: str, action: Callable[[Redis, Keys], Awaitable[T]]) -> T:
+    """Run `action` with a client for `url`; a Redis that cannot be reached exits 1."""
+    from redis.exceptions import RedisError
+
+    from bastion.cluster.connect import Keys, connect, redact
+
+    keys = Keys(prefix)
+
+    async def main() -> T:
+        client = connect(url, timeout=5.0, pool_size=2)
+        try:
+            async with asyncio.timeout(30):
+                return await action(client, keys)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(main())
+    except (RedisError, OSError, TimeoutError) as exc:
+        click.echo(f"bastion: Redis at {redact(url)}: {exc or type(exc).__name__}", err=True)
+        sys.exit(1)
+
+
+def _redis_option(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--redis",
+        "redis_url",
+        metavar="URL",
+        envvar="BASTION_REDIS",
+        required=required,
+        help="The cluster's Redis (also $BASTION_REDIS).",
+    )
+
+
+_prefix_option = click.option("--prefix", help="The cluster's key prefix [default: bastion].")
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) if timestamp else "-"
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_redis_option(required=False)
+@_prefix_option
+@click.option("--message", "-m", default="", help="A note stored with the version (why it was pushed).")
+def push(config: str, redis_url: str | None, prefix: str | None, message: str) -> None:
+    """Validate CONFIG and store it in Redis as the new version every --from-redis gateway runs.
+
+    The text is stored as written: ${NAME} references are filled in by each gateway from its
+    own environment (they are checked here with this shell's). The Redis is --redis, else
+    the config's own cluster.redis; the prefix is --prefix, else cluster.prefix. Rolling back
+    is pushing an old version again (bastion versions --show N)."""
+    loaded = _load_or_exit(config)
+    _built_or_exit(loaded)
+    cluster = loaded.config.cluster
+    url = redis_url or (cluster.redis if cluster is not None else None)
+    if url is None:
+        raise click.UsageError("the config has no cluster.redis: say where to push with --redis URL")
+    _check_url(url, "--redis")
+    prefix = prefix or (cluster.prefix if cluster is not None else "bastion")
+    _check_prefix(prefix)
+    from bastion.cluster import versions
+    from bastion.cluster.connect import redact
+
+    stored, new = _with_redis(
+        url,
+        prefix,
+        lambda client, keys: versions.push(
+            client, keys, loaded.source_text, file=os.path.basename(config), message=message
+        ),
+    )
+    where = f"{redact(url)} (prefix {prefix})"
+    if new:
+        click.echo(f"pushed version {stored.version} (sha256 {stored.sha256[:12]}, {stored.size} bytes) to {where}")
+    else:
+        click.echo(f"unchanged: version {stored.version} on {where} is already this config")
+
+
+@cli.command()
+@_redis_option()
+@_prefix_option
+@click.option("--show", type=int, metavar="N", help="Print the text of version N (to save it and push it again).")
+def versions(redis_url: str, prefix: str | None, show: int | None) -> None:
+    """List the config versions pushed to Redis, newest first (* marks the one gateways run)."""
+    _check_url(redis_url, "--redis")
+    prefix = prefix or "bastion"
+    _check_prefix(prefix)
+    from bastion.cluster import versions as stored_versions
+
+    if show is not None:
+        stored = _with_redis(redis_url, prefix, lambda client, keys: stored_versions.fetch(client, keys, show))
+        if stored is None:
+            click.echo(f"bastion: no version {show} (bastion versions lists those kept)", err=True)
+            sys.exit(1)
+        click.echo(stored.config, nl=not stored.config.endswith("\n"))
+        return
+
+    async def listing(client: Redis, keys: Keys) -> tuple[int | None, list[stored_versions.StoredVersion]]:
+        return await stored_versions.current_version(client, keys), await stored_versions.history(client, keys)
+
+    current, rows = _with_redis(redis_url, prefix, listing)
+    if not rows:
+        click.echo("no versions (push one with: bastion push CONFIG --redis URL)")
+        return
+    table = [
+        [
+            ("* " if row.version == current else "  ") + str(row.version),
+            _when(row.pushed_at),
+            row.pushed_by,
+            row.sha256[:12],
+            str(row.size),
+            row.file,
+            row.message,
+        ]
+        for row in rows
+    ]
+    for line in _table(["  VERSION", "PUSHED (UTC)", "BY", "SHA256", "BYTES", "FILE", "MESSAGE"], table):
+        click.echo(line)
+
+
+@cli.group()
+def consumers() -> None:
+    """Consumers kept in the cluster's Redis: added or revoked on every gateway within a second."""
+
+
+@consumers.command("add")
+@click.argument("name")
+@_redis_option()
+@_prefix_option
+@click.option("--group", "groups", multiple=True, help="A group (repeat).")
+@click.option("--key", "keys", multiple=True, help="An API key for key_auth (repeat); '-' reads one from stdin.")
+@click.option("--key-sha256", "digests", multiple=True, help="An API key given as its SHA-256 digest (hex).")
+@click.option("--basic-auth", "basic", multiple=True, metavar="USER:HASH", help="A basic_auth user and its hash.")
+@click.option("--jwt", "subjects", multiple=True, metavar="SUBJECT", help="A JWT subject (repeat).")
+@click.option("--replace", is_flag=True, help="Replace a consumer of that name instead of refusing.")
+def consumers_add(
+    name: str,
+    redis_url: str,
+    prefix: str | None,
+    groups: tuple[str, ...],
+    keys: tuple[str, ...],
+    digests: tuple[str, ...],
+    basic: tuple[str, ...],
+    subjects: tuple[str, ...],
+    replace: bool,
+) -> None:
+    """Add consumer NAME with its credentials. Keys are stored as their SHA-256 digests."""
+    from pydantic import ValidationError
+
+    from bastion.cluster import consumers as consumer_store
+    from bastion.config.loader import format_loc
+    from bastion.config.schema import Consumer
+
+    _check_url(redis_url, "--redis")
+    prefix = prefix or "bastion"
+    _check_prefix(prefix)
+    key_list = [sys.stdin.readline().strip() if key == "-" else key for key in keys]
+    users = []
+    for item in basic:
+        user, sep, password_hash = item.partition(":")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not USER:HASH", param_hint="--basic-auth")
+        users.append({"username": user, "password_hash": password_hash})
+    raw = {
+        "name": name,
+        "groups": list(groups),
+        "credentials": {
+            "key_auth": [{"key": k} for k in key_list] + [{"key_sha256": d.lower()} for d in digests],
+            "basic_auth": users,
+            "jwt": [{"subject": subject} for subject in subjects],
+        },
+    }
+    try:
+        consumer = Consumer.model_validate(raw)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            loc = format_loc(tuple(error["loc"]))
+            click.echo(f"bastion: {loc}: {str(error['msg']).removeprefix('Value error, ')}", err=True)
+        sys.exit(1)
+    try:
+        rev = _with_redis(redis_url, prefix, lambda client, k: consumer_store.add(client, k, consumer, replace))
+    except consumer_store.ConsumerConflict as exc:
+        click.echo(f"bastion: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"consumer {name} {'stored' if replace else 'added'} (consumers rev {rev})")
+
+
+@consumers.command("remove")
+@click.argument("name")
+@_redis_option()
+@_prefix_option
+def consumers_remove(name: str, redis_url: str, prefix: str | None) -> None:
+    """Remove consumer NAME: its credentials stop working on every gateway within a second."""
+    from bastion.cluster import consumers as consumer_store
+
+    _check_url(redis_url, "--redis")
+    rev = _with_redis(redis_url, prefix or "bastion", lambda client, keys: consumer_store.remove(client, keys, name))
+    if rev is None:
+        click.echo(f"bastion: no consumer {name!r} in Redis", err=True)
+        sys.exit(1)
+    click.echo(f"consumer {name} removed (consumers rev {rev})")
+
+
+@consumers.command("list")
+@_redis_option()
+@_prefix_option
+def consumers_list(redis_url: str, prefix: str | None) -> None:
+    """List the consumers kept in Redis (credentials counted, never shown)."""
+    from bastion.cluster import consumers as consumer_store
+
+    _check_url(redis_url, "--redis")
+    rev, found = _with_redis(redis_url, prefix or "bastion", consumer_store.fetch)
+    if not found:
+        click.echo("no consumers in Redis")
+        return
+    rows = [
+        [
+            c.name,
+            ",".join(c.groups) or "-",
+            str(len(c.credentials.key_auth)),
+            str(len(c.credentials.basic_auth)),
+            str(len(c.credentials.jwt)),
+        ]
+        for c in found
+    ]
+    for line in _table(["NAME", "GROUPS", "KEYS", "BASIC", "JWT"], rows):
+        click.echo(line)
+    click.echo(f"(consumers rev {rev})")
 
 
 def main() -> None:

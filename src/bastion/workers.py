@@ -36,11 +36,15 @@ import signal
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from bastion.config.loader import load_config
 from bastion.errors import ConfigError
 from bastion.store.memory import WORKERS_ENV
 from bastion.upstream.runtime import STICKY_SECRET_ENV
+
+if TYPE_CHECKING:
+    from bastion.cluster.follow import FollowSettings
 
 log = logging.getLogger("bastion.workers")
 
@@ -75,7 +79,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_worker(config_path: str, index: int, count: int, ready_fd: int) -> int:
+def run_worker(config_path: str, index: int, count: int, ready_fd: int, follow: FollowSettings | None = None) -> int:
     """A worker's life: the gateway on SO_REUSEPORT listeners, until SIGTERM."""
     from bastion.app import new_event_loop, serve
 
@@ -91,12 +95,15 @@ def run_worker(config_path: str, index: int, count: int, ready_fd: int) -> int:
         handler.addFilter(Tag())
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(config_path, reuse_port=True, worker=index, workers=count, watch=None, ready=ready))
+        return runner.run(
+            serve(config_path, reuse_port=True, worker=index, workers=count, watch=None, ready=ready, follow=follow)
+        )
 
 
 class Supervisor:
-    def __init__(self, config_path: str, count: int) -> None:
+    def __init__(self, config_path: str, count: int, follow: FollowSettings | None = None) -> None:
         self.config_path = config_path
+        self.follow = follow  # --from-redis: each worker follows Redis itself
         self.count = count
         self.slots = [Slot(i) for i in range(count)]
         self.stopping = False
@@ -122,7 +129,7 @@ class Supervisor:
                     signal.signal(signum, signal.SIG_DFL)
                 _die_with_parent()
                 os.close(self.ready_read)
-                code = run_worker(self.config_path, slot.index, self.count, self.ready_write)
+                code = run_worker(self.config_path, slot.index, self.count, self.ready_write, self.follow)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -184,6 +191,10 @@ class Supervisor:
 
     def reload(self, why: str) -> None:
         """Validate once here; announce a valid config to every worker."""
+        if self.follow is not None:
+            log.info("reloading (%s): signalling %d workers", why, self.count)
+            self.signal_all(signal.SIGHUP)
+            return
         try:
             load_config(self.config_path)
         except ConfigError as exc:
@@ -199,8 +210,9 @@ class Supervisor:
             return
         self.stopping = True
         drain = 30.0
-        with contextlib.suppress(ConfigError):
-            drain = load_config(self.config_path).config.drain_timeout
+        if self.follow is None:
+            with contextlib.suppress(ConfigError):
+                drain = load_config(self.config_path).config.drain_timeout
         self.stop_deadline = time.monotonic() + drain + STOP_GRACE
         log.info("shutting down: %d workers drain", sum(1 for s in self.slots if s.pid))
         self.signal_all(signal.SIGTERM)
@@ -238,7 +250,7 @@ class Supervisor:
             for slot in self.slots:
                 if not slot.pid and now >= slot.respawn_at:
                     self.spawn(slot)
-            if now >= next_watch:
+            if now >= next_watch and self.follow is None:
                 next_watch = now + WATCH_INTERVAL
                 seen = file_fingerprint(self.config_path)
                 if seen is not None and fingerprint is not None and seen[2] != fingerprint[2]:
@@ -247,9 +259,9 @@ class Supervisor:
                     fingerprint = seen
 
 
-def supervise(config_path: str, count: int) -> int:
+def supervise(config_path: str, count: int, follow: FollowSettings | None = None) -> int:
     """Run `count` workers under a supervisor until SIGTERM/SIGINT; returns the exit code."""
     os.environ.setdefault(STICKY_SECRET_ENV, os.urandom(32).hex())
     os.environ[WORKERS_ENV] = str(count)  # the memory store shares rate-limit counters
     log.info("supervisor (pid %d): %d workers on SO_REUSEPORT listeners", os.getpid(), count)
-    return Supervisor(config_path, count).run()
+    return Supervisor(config_path, count, follow).run()

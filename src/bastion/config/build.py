@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from bastion.config.schema import Config, Loc, PluginEntry, Route
+from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
@@ -173,13 +173,48 @@ def order_plugins(global_plugins: Sequence[Plugin], route_plugins: Sequence[Plug
     return sorted([*global_plugins, *route_plugins], key=lambda p: p.stage)
 
 
-class _Built:
-    """The config-dependent parts of a snapshot that need no sockets: consumers and plugin chains."""
+def make_store(config: Config, config_path: str) -> Store:
+    """The Redis store with `cluster`, else this machine's store. Opens nothing yet."""
+    if config.cluster is not None:
+        from bastion.store.redis import RedisStore  # only clusters load redis-py
 
-    def __init__(self, loaded: LoadedConfig) -> None:
+        return RedisStore(config.cluster)
+    return default_store(config_path)
+
+
+def merge_consumers(config: Config, extra: Sequence[Consumer]) -> list[Consumer]:
+    """The config's consumers, then those kept in Redis whose names the config does not use."""
+    names = {consumer.name for consumer in config.consumers}
+    merged = list(config.consumers)
+    for consumer in extra:
+        if consumer.name in names:
+            log.warning("consumer %r from Redis ignored: the config file defines one of that name", consumer.name)
+            continue
+        names.add(consumer.name)
+        merged.append(consumer)
+    return merged
+
+
+class _Built:
+    """The config-dependent parts of a snapshot that need no sockets: consumers and plugin chains.
+
+    `extra_consumers` come from Redis: a problem with one of them (a key another consumer
+    already has) is logged and that credential skipped, never a reason to refuse the config.
+    """
+
+    def __init__(self, loaded: LoadedConfig, extra_consumers: Sequence[Consumer] = ()) -> None:
         config = loaded.config
-        self.consumers, consumer_problems = ConsumerIndex.build(config.consumers)
-        self.store = default_store(loaded.path)
+        consumers = merge_consumers(config, extra_consumers) if extra_consumers else config.consumers
+        self.consumers, all_problems = ConsumerIndex.build(consumers)
+        own = len(config.consumers)
+        consumer_problems = []
+        for loc, message in all_problems:
+            if isinstance(loc[1], int) and loc[1] >= own:
+                name = consumers[loc[1]].name
+                log.warning("consumer %r from Redis: %s: %s (skipped)", name, ".".join(map(str, loc[2:])), message)
+            else:
+                consumer_problems.append((loc, message))
+        self.store = make_store(config, loaded.path)
         builder = PluginBuilder(loaded, self.consumers, self.store)
         builder.problems.extend(loaded.where(loc, message) for loc, message in consumer_problems)
         global_plugins = builder.build(config.plugins, ("plugins",))
@@ -203,10 +238,12 @@ def check_config(loaded: LoadedConfig) -> None:
     _Built(loaded)
 
 
-def build_snapshot(loaded: LoadedConfig, registry: TargetRegistry, extra: dict[str, Any] | None = None) -> Snapshot:
+def build_snapshot(
+    loaded: LoadedConfig, registry: TargetRegistry, extra_consumers: Sequence[Consumer] = ()
+) -> Snapshot:
     """Build a Snapshot or raise ConfigError with every problem found."""
     config = loaded.config
-    built = _Built(loaded)
+    built = _Built(loaded, extra_consumers)
     upstreams = {
         name: UpstreamRuntime(name, upstream, [registry.claim(name, upstream, t) for t in upstream.targets])
         for name, upstream in config.upstreams.items()

@@ -244,7 +244,16 @@ class Route(Model):
 
 
 class KeyCredential(Model):
-    key: str = Field(min_length=1)
+    key: str | None = Field(None, min_length=1)
+    key_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="The key's SHA-256 digest (hex), instead of the key itself."
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> KeyCredential:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give one of key or key_sha256")
+        return self
 
 
 class BasicCredential(Model):
@@ -276,7 +285,39 @@ class Admin(Model):
 
 
 class Cluster(Model):
-    redis: str = Field(pattern=r"^rediss?://")
+    redis: str = Field(
+        description="redis://, rediss:// (TLS), unix://, redis+sentinel://HOSTS/SERVICE or redis+cluster://HOSTS."
+    )
+    on_store_error: Literal["allow", "deny"] = Field(
+        "allow", description="What a rate limit does while Redis cannot answer: let requests through or refuse (503)."
+    )
+    timeout: Duration = Field(0.25, description="Longest wait for Redis on a request; past it Redis counts as failed.")
+    retry_interval: Duration = Field(
+        1.0, description="After a failure, how long requests skip Redis before one probes it again."
+    )
+    pool_size: int = Field(8, ge=1, le=1024, description="Redis connections per gateway process for rate limits.")
+    prefix: str = Field("bastion", description="Prefix of every Redis key, so several clusters can share one Redis.")
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        from bastion.cluster.connect import parse_url
+
+        parse_url(value)
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        from bastion.cluster.connect import check_prefix
+
+        return check_prefix(value)
+
+    @model_validator(mode="after")
+    def _times(self) -> Cluster:
+        if self.timeout <= 0:
+            raise ValueError("timeout must be longer than 0")
+        return self
 
 
 class Log(Model):

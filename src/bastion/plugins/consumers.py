@@ -46,7 +46,7 @@ class ConsumerIndex:
 
     def __init__(self) -> None:
         self.by_name: dict[str, Consumer] = {}
-        self._keys: dict[bytes, tuple[Consumer, bytes]] = {}
+        self._keys: dict[bytes, tuple[Consumer, bytes | None]] = {}  # None: only the digest is known
         self.passwords: dict[str, tuple[Consumer, bytes]] = {}
         self.subjects: dict[str, Consumer] = {}
 
@@ -60,12 +60,13 @@ class ConsumerIndex:
             creds = consumer.credentials
             base: Loc = ("consumers", i, "credentials")
             for j, cred in enumerate(creds.key_auth):
-                raw = cred.key.encode()
-                digest = key_digest(raw)
+                raw = cred.key.encode() if cred.key is not None else None
+                digest = key_digest(raw) if raw is not None else bytes.fromhex(cred.key_sha256 or "")
                 other = index._keys.get(digest)
                 if other is not None:
                     # Never echo the key itself: this message ends up in logs.
-                    problems.append(((*base, "key_auth", j, "key"), f"key already used by consumer {other[0].name!r}"))
+                    field = "key" if raw is not None else "key_sha256"
+                    problems.append(((*base, "key_auth", j, field), f"key already used by consumer {other[0].name!r}"))
                     continue
                 index._keys[digest] = (consumer, raw)
             for j, basic in enumerate(creds.basic_auth):
@@ -87,9 +88,10 @@ class ConsumerIndex:
         return index, problems
 
     def by_key(self, key: bytes) -> Consumer | None:
-        """The consumer owning this API key, or None."""
+        """The consumer owning this API key, or None. A credential given as a digest matches
+        when the key's SHA-256 is that digest (the lookup itself is the comparison)."""
         found = self._keys.get(key_digest(key))
-        if found is None or not hmac.compare_digest(found[1], key):
+        if found is None or (found[1] is not None and not hmac.compare_digest(found[1], key)):
             return None
         return found[0]
 

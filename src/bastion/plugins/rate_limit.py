@@ -27,6 +27,7 @@ from bastion.http.model import Headers, Response
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, RateState, Reply
 from bastion.plugins import register
 from bastion.plugins.common import TOKEN
+from bastion.store.base import StoreUnavailable
 
 log = logging.getLogger("bastion.plugins.rate_limit")
 
@@ -43,7 +44,9 @@ class RateLimitConfig(PluginConfig):
     key: str = Field("consumer", description="consumer | ip | route | header:NAME")
     burst: int | None = Field(None, ge=1, description="Requests that may pass at once; default: limit.")
     headers: bool = Field(True, description="Send the RateLimit-* headers.")
-    fail_open: bool = Field(True, description="Let requests through when the store fails.")
+    fail_open: bool | None = Field(
+        None, description="Let requests through when the store fails; default: cluster.on_store_error (allow)."
+    )
 
     @field_validator("key")
     @classmethod
@@ -84,7 +87,7 @@ class RateLimit(Plugin):
         if self.burst != config.limit:
             self.policy += f";burst={self.burst}".encode()
         self.send_headers = config.headers
-        self.fail_open = config.fail_open
+        self.fail_open = config.fail_open if config.fail_open is not None else env.store.fail_open
         self._last_error_log = 0.0
 
     def key_of(self, ctx: Context) -> str:
@@ -102,11 +105,15 @@ class RateLimit(Plugin):
     async def on_request(self, ctx: Context) -> Reply | None:
         try:
             result = await self.store.rate(self.key_of(ctx), self.limit, self.per, self.burst)
-        except Exception:
+        except Exception as exc:
             now = time.monotonic()
             if now - self._last_error_log > 10:
                 self._last_error_log = now
-                log.exception("rate limit store failed; requests %s", "pass" if self.fail_open else "are refused")
+                outcome = "pass" if self.fail_open else "are refused"
+                if isinstance(exc, StoreUnavailable):  # the store has logged why
+                    log.warning("rate limit store unavailable; requests %s: %s", outcome, exc)
+                else:
+                    log.exception("rate limit store failed; requests %s", outcome)
             if self.fail_open:
                 return None
             return Reply.error(503, "rate_limit_unavailable", "The rate limit cannot be checked right now.")

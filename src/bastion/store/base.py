@@ -51,15 +51,23 @@ def gcra(
     return new_tat, RateResult(True, remaining, (new_tat - now) / NS, 0.0)
 
 
+class StoreUnavailable(Exception):
+    """The store cannot answer now (unreachable, too slow, or skipped while it recovers)."""
+
+
 class Store(ABC):
     """Shared state for plugins. Methods are async so a networked store fits the same calls.
 
     A store object belongs to one config snapshot; `close()` is called when the snapshot is
     retired. What it points at (a shared-memory table, a Redis connection pool) may outlive
     it and is shared with the next snapshot, so counters survive a reload.
+
+    `fail_open` is what a rate limit does when the store fails (raises), unless the plugin
+    entry says otherwise: let the request through, or refuse it with a 503.
     """
 
     name: str = "store"
+    fail_open: bool = True
 
     @abstractmethod
     async def rate(self, key: str, limit: int, period: float, burst: int, cost: int = 1) -> RateResult:
