@@ -38,11 +38,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from bastion.admin.node import AdminNode
 from bastion.config.build import Snapshot, build_snapshot, close_later
 from bastion.config.loader import LoadedConfig, load_config, load_config_text
 from bastion.config.schema import Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
 from bastion.observability.logs import setup_logging
+from bastion.observability.metrics import Metrics
 from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
@@ -87,16 +89,24 @@ class Gateway:
         workers: int = 1,
         watch: float | None = None,
         follow: FollowSettings | None = None,
+        peers_dir: str | None = None,
+        restarts: int = 0,
+        launched_at: float | None = None,
     ) -> None:
         """`worker`/`workers`: this process's place among the workers (spreads health checks);
         `watch`: poll the config file every so many seconds and reload when it changes;
-        `follow`: take the config from Redis instead of `config_path` (`--from-redis`)."""
+        `follow`: take the config from Redis instead of `config_path` (`--from-redis`);
+        `peers_dir`: where the workers' admin sockets live (workers only); `restarts`: how
+        often this worker's slot was refilled; `launched_at`: when the supervisor started."""
         self.config_path = config_path
         self.follow = follow
         self.reuse_port = reuse_port
         self.worker = worker
+        self.workers = workers
+        self.restarts = restarts
         self.watch = watch
-        self.registry = TargetRegistry()
+        self.metrics = Metrics()  # every request's counters, for the life of the process
+        self.registry = TargetRegistry(self.metrics)
         self.read_buffer = ReadBuffer()  # shared by this gateway's client connections
         self.health = HealthMonitor(worker, workers)
         self.connections: set[H1Server] = set()
@@ -113,7 +123,10 @@ class Gateway:
         # What runs, for logs and the admin API: see statistics().
         self.config_info: dict[str, Any] = {}
         self.reloads = {"applied": 0, "rejected": 0}
+        self.last_reload: dict[str, Any] | None = None  # result, problems, when
         self.started_at = time.time()
+        self.launched_at = launched_at if launched_at is not None else self.started_at
+        self.admin = AdminNode(self, peers_dir)
         self._loaded: LoadedConfig | None = None
         self._stored: StoredVersion | None = None  # the Redis version running (follow only)
         self._rejected: tuple[int, str] | None = None  # a version (and digest) that failed here: not retried
@@ -137,6 +150,7 @@ class Gateway:
         else:
             loaded, stored = LoadedConfig(snapshot.config, self.config_path, ""), None
         await snapshot.start()
+        await self.admin.start_peers()  # (workers) targets drained before this worker started
         self._go_live(snapshot)
         await self._bind(snapshot)
         self._applied(loaded, stored)
@@ -180,6 +194,7 @@ class Gateway:
             )
             self.servers[bind] = server
             log.info("listener %s (%s) on http://%s", listener.name, listener.protocol, bind)
+        await self.admin.sync(snapshot.config.admin, self.reuse_port)
 
     def _factory(self, bind: str) -> Callable[[], H1Server]:
         def make() -> H1Server:
@@ -206,16 +221,16 @@ class Gateway:
             snapshot = build_snapshot(loaded, self.registry, await self._cluster_consumers(loaded.config))
             await snapshot.start()
         except ConfigError as exc:
-            self._refused(exc.stored if isinstance(exc, VersionProblems) else stored, "\n".join(exc.problems))
+            self._refused(exc.stored if isinstance(exc, VersionProblems) else stored, exc.problems)
             return False
         except Exception as exc:
-            self._refused(stored, f"{type(exc).__name__}: {exc}")
+            self._refused(stored, [f"{type(exc).__name__}: {exc}"])
             return False
         try:
             await self._bind(snapshot)
         except OSError as exc:
             await snapshot.close()
-            self._refused(stored, f"cannot listen: {exc}")
+            self._refused(stored, [f"cannot listen: {exc}"])
             return False
         old = self._snapshot
         self._go_live(snapshot)
@@ -224,14 +239,17 @@ class Gateway:
             self._spawn(close_later(old, snapshot.config.drain_timeout))
         self._applied(loaded, stored)
         self.reloads["applied"] += 1
+        self.last_reload = {"result": "applied", "problems": [], "at": time.time()}
         what = "consumers from Redis updated" if consumers_only else "config reloaded"
         log.info("%s: config %s", what, self.describe_config())
         for link in self._links.values():
             link.watch(self._cluster_poked)  # a link the new config brought (no-op for the others)
         return True
 
-    def _refused(self, stored: StoredVersion | None, why: str) -> None:
+    def _refused(self, stored: StoredVersion | None, problems: list[str]) -> None:
         self.reloads["rejected"] += 1
+        self.last_reload = {"result": "rejected", "problems": list(problems), "at": time.time()}
+        why = "\n".join(problems)
         if stored is not None and (self._stored is None or stored.sha256 != self._stored.sha256):
             self._rejected = (stored.version, stored.sha256)
             log.error("config version %d rejected, the running config stays:\n%s", stored.version, why)
@@ -400,9 +418,14 @@ class Gateway:
             "config": dict(self.config_info),
             "reloads": dict(self.reloads),
             "uptime": time.time() - self.started_at,
+            "last_reload": self.last_reload,
             "store": self._snapshot.store.statistics() if self._snapshot is not None else None,
             "following": {link.describe(): link.subscribed for link in self._links.values()},
         }
+
+    def is_ready(self) -> bool:
+        """Serving: a config is live and every listener is bound (false while draining)."""
+        return self._snapshot is not None and not self._stopping and set(self.servers) == set(self.listeners)
 
     async def _watch(self, interval: float) -> None:
         """Reload when the config file's content changes (polling: no extra dependency)."""
@@ -446,6 +469,7 @@ class Gateway:
         self._retired.clear()
         for link in self._links.values():
             await link.close()
+        await self.admin.close()  # last: /readyz says "not ready" while the drain runs
         self._stopped.set()
 
     def hurry(self) -> None:
@@ -488,18 +512,32 @@ async def serve(
     watch: float | None = WATCH_INTERVAL,
     ready: Callable[[], None] | None = None,
     follow: FollowSettings | None = None,
+    peers_dir: str | None = None,
+    restarts: int = 0,
+    launched_at: float | None = None,
 ) -> int:
     """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file, or a pushed
     version with `follow`) reloads.
 
     `ready` is called once the listeners are open (the worker supervisor waits for it).
     """
-    gateway = Gateway(config_path, reuse_port=reuse_port, worker=worker, workers=workers, watch=watch, follow=follow)
+    gateway = Gateway(
+        config_path,
+        reuse_port=reuse_port,
+        worker=worker,
+        workers=workers,
+        watch=watch,
+        follow=follow,
+        peers_dir=peers_dir,
+        restarts=restarts,
+        launched_at=launched_at,
+    )
     try:
         await gateway.start(snapshot)
     except BaseException:
         for link in gateway._links.values():
             await link.close()
+        await gateway.admin.close()
         raise
     if ready is not None:
         ready()

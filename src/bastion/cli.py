@@ -156,7 +156,10 @@ def check(config: str) -> None:
     click.echo(f"  routes: {len(cfg.routes)}")
     click.echo(f"  global plugins: {len(cfg.plugins)}")
     click.echo(f"  consumers: {len(cfg.consumers)}")
-    click.echo(f"  admin: {cfg.admin.bind}")
+    if cfg.admin is None:
+        click.echo("  admin: off")
+    else:
+        click.echo(f"  admin: http://{cfg.admin.bind} ({'bearer token' if cfg.admin.token else 'no token'})")
     if cfg.cluster is not None:
         from bastion.cluster.connect import redact
 

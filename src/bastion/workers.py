@@ -23,6 +23,12 @@ every worker maps (see docs/plugins.md). Active health checks are spread: each w
 every `interval x N`, offset by its index, so a target sees one probe per `interval` in total
 (see docs/load-balancing.md). The sticky-session key is created here and inherited, so every
 worker (and every replacement) sets and understands the same cookie values.
+
+The admin API: every worker listens on `admin.bind` (SO_REUSEPORT) and on a unix socket in a
+private directory made here (`peers_dir`); the worker that takes an admin request asks the
+others over their sockets and answers for the whole gateway (see admin/node.py). The
+supervisor itself serves nothing and holds no counters, so it stays free of threads and of an
+event loop.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from typing import TYPE_CHECKING
@@ -59,10 +67,11 @@ MAX_BACKOFF = 10.0
 class Slot:
     """One worker position: the current process and its crash history."""
 
-    __slots__ = ("index", "pid", "started", "ready", "quick_deaths", "respawn_at")
+    __slots__ = ("index", "pid", "started", "ready", "quick_deaths", "respawn_at", "spawns")
 
     def __init__(self, index: int) -> None:
         self.index = index
+        self.spawns = 0
         self.pid = 0
         self.started = 0.0
         self.ready = False
@@ -79,7 +88,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_worker(config_path: str, index: int, count: int, ready_fd: int, follow: FollowSettings | None = None) -> int:
+def run_worker(
+    config_path: str,
+    index: int,
+    count: int,
+    ready_fd: int,
+    follow: FollowSettings | None = None,
+    *,
+    peers_dir: str | None = None,
+    restarts: int = 0,
+    launched_at: float | None = None,
+) -> int:
     """A worker's life: the gateway on SO_REUSEPORT listeners, until SIGTERM."""
     from bastion.app import new_event_loop, serve
 
@@ -96,7 +115,18 @@ def run_worker(config_path: str, index: int, count: int, ready_fd: int, follow: 
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(
-            serve(config_path, reuse_port=True, worker=index, workers=count, watch=None, ready=ready, follow=follow)
+            serve(
+                config_path,
+                reuse_port=True,
+                worker=index,
+                workers=count,
+                watch=None,
+                ready=ready,
+                follow=follow,
+                peers_dir=peers_dir,
+                restarts=restarts,
+                launched_at=launched_at,
+            )
         )
 
 
@@ -111,6 +141,9 @@ class Supervisor:
         self.killed = False
         self.ever_ready = False
         self.exit_code = 0
+        self.launched_at = time.time()
+        # The workers' admin sockets and shared drain list: private to this user (mode 0700).
+        self.peers_dir = tempfile.mkdtemp(prefix="bastion-workers-")
         # Workers report "listening" by writing their index here.
         self.ready_read, self.ready_write = os.pipe()
         os.set_blocking(self.ready_read, False)
@@ -120,6 +153,7 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        slot.spawns += 1
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -129,7 +163,16 @@ class Supervisor:
                     signal.signal(signum, signal.SIG_DFL)
                 _die_with_parent()
                 os.close(self.ready_read)
-                code = run_worker(self.config_path, slot.index, self.count, self.ready_write, self.follow)
+                code = run_worker(
+                    self.config_path,
+                    slot.index,
+                    self.count,
+                    self.ready_write,
+                    self.follow,
+                    peers_dir=self.peers_dir,
+                    restarts=slot.spawns - 1,
+                    launched_at=self.launched_at,
+                )
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -264,4 +307,8 @@ def supervise(config_path: str, count: int, follow: FollowSettings | None = None
     os.environ.setdefault(STICKY_SECRET_ENV, os.urandom(32).hex())
     os.environ[WORKERS_ENV] = str(count)  # the memory store shares rate-limit counters
     log.info("supervisor (pid %d): %d workers on SO_REUSEPORT listeners", os.getpid(), count)
-    return Supervisor(config_path, count, follow).run()
+    supervisor = Supervisor(config_path, count, follow)
+    try:
+        return supervisor.run()
+    finally:
+        shutil.rmtree(supervisor.peers_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
 from bastion.observability.logs import AccessLog
+from bastion.observability.metrics import Metrics
 from bastion.pipeline import BuildEnv, Plugin, PluginProblems
 from bastion.plugins import plugin_class, plugin_names
 from bastion.plugins.consumers import ConsumerIndex
@@ -73,6 +74,7 @@ class Snapshot:
         plugins: list[Plugin],
         consumers: ConsumerIndex | None = None,
         store: Store | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -82,6 +84,9 @@ class Snapshot:
         self.consumers = consumers if consumers is not None else ConsumerIndex()
         self.store = store if store is not None else LocalStore()
         self.access_log: AccessLog | None = AccessLog() if config.log.access else None
+        # The process's counters (the gateway's, shared by every snapshot): each request ends
+        # with one `metrics.observe(exchange)`.
+        self.metrics = metrics if metrics is not None else Metrics()
         # Request fields removed from every client request before routing (header_policy).
         self.request_drop = request_drop_set(name for plugin in plugins for name in plugin.identity_headers)
         self.closed = False
@@ -245,11 +250,17 @@ def build_snapshot(
     config = loaded.config
     built = _Built(loaded, extra_consumers)
     upstreams = {
-        name: UpstreamRuntime(name, upstream, [registry.claim(name, upstream, t) for t in upstream.targets])
+        name: UpstreamRuntime(
+            name,
+            upstream,
+            [registry.claim(name, upstream, t) for t in upstream.targets],
+            stats=registry.metrics.upstream(name),
+        )
         for name, upstream in config.upstreams.items()
     }
     routes = [RouteRuntime(route, upstreams[route.upstream], built.chains[i]) for i, route in enumerate(config.routes)]
-    return Snapshot(config, Router(config.routes), routes, upstreams, built.instances, built.consumers, built.store)
+    router = Router(config.routes)
+    return Snapshot(config, router, routes, upstreams, built.instances, built.consumers, built.store, registry.metrics)
 
 
 async def close_later(snapshot: Snapshot, delay: float) -> None:

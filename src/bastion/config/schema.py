@@ -281,7 +281,28 @@ class Consumer(Model):
 
 
 class Admin(Model):
-    bind: Address = HostPort("127.0.0.1", 9901)
+    bind: Address = Field(
+        HostPort("127.0.0.1", 9901),
+        description="Address of the admin API, metrics and dashboard. Anything but a loopback address needs a token.",
+    )
+    token: str | None = Field(
+        None,
+        min_length=16,
+        description="Bearer token every admin request must send (Authorization: Bearer TOKEN); "
+        "required when bind is not a loopback address. Use ${NAME} to keep it out of the file.",
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 class Cluster(Model):
@@ -332,7 +353,9 @@ class Config(Model):
     routes: list[Route] = Field(default_factory=list)
     plugins: list[PluginEntry] = Field(default_factory=list)
     consumers: list[Consumer] = Field(default_factory=list)
-    admin: Admin = Admin()
+    admin: Admin | None = Field(
+        None, description="The admin API (status, metrics, drain, reload); omitted: no admin listener."
+    )
     cluster: Cluster | None = None
     log: Log = Log()
     drain_timeout: Duration = Field(30.0, description="How long shutdown waits for in-flight requests.")
@@ -353,6 +376,18 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
                 problems.append(((*section, index, attr), f"duplicate {attr} {value!s}"))
             seen.add(value)
 
+    admin = config.admin
+    if admin is not None and admin.token is None and not is_loopback(admin.bind.host):
+        problems.append(
+            (
+                ("admin", "token"),
+                f"required when admin.bind is not a loopback address ({admin.bind} is reachable from elsewhere)",
+            )
+        )
+    if admin is not None:
+        for index, listener in enumerate(config.listeners):
+            if listener.bind == admin.bind:
+                problems.append((("admin", "bind"), f"{admin.bind} is already listeners[{index}].bind"))
     unique(config.listeners, "name", ("listeners",))
     unique(config.listeners, "bind", ("listeners",))
     unique(config.routes, "name", ("routes",))

@@ -590,6 +590,7 @@ class Exchange:
         if self._paused_client:
             self._paused_client = False
             self.server.resume_reading()
+        snapshot.metrics.observe(self)
         if snapshot.access_log is not None:
             snapshot.access_log.record(self, snapshot)
         route = self.route

@@ -4,8 +4,10 @@ A balancer is built once per snapshot over the upstream's TargetStates, with tha
 weights and backup flags, and answers `pick`: the target for this request among those
 available and not excluded (already tried), or None.
 
-Tiers: backups are candidates only while no primary is available at all. A primary that is
-available but was already tried does not open the backup tier (retries go to other primaries).
+Available means healthy, not ejected and not drained (`TargetState.available`; the round
+robin loops test the same three fields inline). Tiers: backups are candidates only while no
+primary is available at all. A primary that is available but was already tried does not
+open the backup tier (retries go to other primaries).
 
 Weights are the configured weights times the target's slow-start ramp, so a target that just
 joined or recovered gets a growing share (consistent hashing ignores the ramp: a key's home
@@ -115,7 +117,12 @@ class RoundRobin(Balancer):
         total = 0.0
         for i in tier:
             target = targets[i]
-            if not target.healthy or target.ejected_until > now or (exclude and target in exclude):
+            if (
+                not target.healthy
+                or target.ejected_until > now
+                or target.admin_drained
+                or (exclude and target in exclude)
+            ):
                 continue
             weight = weights[i] if now >= target.ramp_until else weights[i] * target.ramp(now)
             scores[i] += weight
@@ -153,7 +160,7 @@ class LeastConnections(RoundRobin):
         available = False
         for i in tier:
             target = targets[i]
-            if not target.healthy or target.ejected_until > now:
+            if not target.healthy or target.ejected_until > now or target.admin_drained:
                 continue
             available = True
             if exclude and target in exclude:
@@ -258,7 +265,7 @@ def cookie_value(request: Request, name: str) -> str | None:
 class ConsistentHash(Balancer):
     """A hash ring: each target owns VNODES points per unit of weight; a key goes clockwise.
 
-    A target that leaves (removed, unhealthy or ejected) gives only its own keys to the next
+    A target that leaves (removed, unhealthy, ejected or drained) gives only its own keys to the next
     targets on the ring; one that joins takes about weight/total of the keys, all from others'
     arcs. A request without the key (no such header, cookie or query parameter) is hashed on the
     client address instead. Retries walk on to the next distinct target of the ring.

@@ -25,6 +25,7 @@ from typing import Any
 from bastion.config.schema import Upstream
 from bastion.errors import GatewayError, NoHealthyTarget, UpstreamError, UpstreamTimeout
 from bastion.http.model import Request
+from bastion.observability.metrics import UpstreamStats
 from bastion.upstream.balancers import BALANCERS, Balancer, cookie_value
 from bastion.upstream.targets import TargetState, pool_limits
 
@@ -101,6 +102,7 @@ class UpstreamRuntime:
         "sticky_ids",
         "sticky_targets",
         "sticky_cookie",
+        "stats",
     )
 
     def __init__(
@@ -109,9 +111,12 @@ class UpstreamRuntime:
         config: Upstream,
         targets: Sequence[TargetState],
         clock: Callable[[], float] = time.monotonic,
+        stats: UpstreamStats | None = None,
         **balancer_options: Any,
     ) -> None:
+        """`stats`: the process's counters for this upstream name (they outlive the snapshot)."""
         self.name = name
+        self.stats = stats if stats is not None else UpstreamStats()
         self.config = config
         self.targets = list(targets)
         self.clock = clock
@@ -208,12 +213,17 @@ class UpstreamRuntime:
             return False  # the client went away, the body was too large, ...: not the upstream's fault
         if not self.balancer.candidates(self.clock(), tried):
             return False  # every available target was tried: the last error stands
-        return self.budget.try_retry()
+        if self.budget.try_retry():
+            self.stats.retries += 1
+            return True
+        self.stats.retries_denied += 1
+        return False
 
     def report_success(self, target: TargetState, seconds: float) -> None:
         """A try got a response head after `seconds` (passive health, latency scores)."""
         target.tried_ok()
         target.observe_latency(seconds, self.clock())
+        self.stats.latency.observe(seconds)
 
     def report_failure(self, target: TargetState, error: Exception) -> None:
         """A try failed: connect error, reset, timeout, or a retryable status."""

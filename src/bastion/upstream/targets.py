@@ -5,9 +5,11 @@ a reload that keeps a target keeps its connections, health and latency score.
 
 Health has two independent sides. Active checks (upstream/health.py) move `healthy` after
 `healthy`/`unhealthy` consecutive results. Passive ejection takes a target out until
-`ejected_until` after consecutive failed tries. A target is available when it is healthy,
-not ejected and has a weight. A target that becomes available again (or joins a running
-gateway) ramps its weight up over the upstream's `slow_start` window.
+`ejected_until` after consecutive failed tries. An operator can drain a target through the
+admin API (`admin_drained`): it gets no new requests until enabled again, whatever its
+health. A target is available when it is healthy, not ejected, not drained and has a
+weight. A target that becomes available again (or joins a running gateway) ramps its weight
+up over the upstream's `slow_start` window.
 
 Every method takes `now` (time.monotonic seconds) from the caller, so unit tests drive time.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 from bastion.config.schema import Target, Upstream
 from bastion.config.types import HostPort
+from bastion.observability.metrics import Metrics
 from bastion.upstream.pool import ConnectionPool, PoolLimits, WaitQueue
 
 EWMA_DECAY = 10.0
@@ -33,6 +36,7 @@ class TargetState:
         "key",
         "upstream",
         "address",
+        "name",
         "host_header",
         "weight",
         "backup",
@@ -53,12 +57,14 @@ class TargetState:
         "ramp_until",
         "slow_start",
         "joining",
+        "admin_drained",
     )
 
     def __init__(self, key: str, address: HostPort, pool: ConnectionPool, upstream: str = "") -> None:
         self.key = key
         self.upstream = upstream
         self.address = address
+        self.name = str(address)  # as written in the config: metrics labels, admin API paths
         self.host_header = str(address).encode()  # Host toward it when a route does not preserve the client's
         self.weight = 1  # as last activated; balancers keep their own per-snapshot copy
         self.backup = False
@@ -79,10 +85,11 @@ class TargetState:
         self.ramp_until = 0.0
         self.slow_start = 0.0
         self.joining = False  # joined a running gateway: slow-start when its snapshot goes live
+        self.admin_drained = False  # drained through the admin API: no new requests until enabled
 
     def available(self, now: float) -> bool:
         """May the balancer send a request here now (ignoring weight, which is per snapshot)?"""
-        return self.healthy and self.ejected_until <= now
+        return self.healthy and self.ejected_until <= now and not self.admin_drained
 
     # --- slow start ------------------------------------------------------------------------
 
@@ -167,13 +174,15 @@ class TargetState:
     def statistics(self, now: float | None = None) -> dict[str, Any]:
         ejected = now is not None and self.ejected_until > now
         return {
-            "address": str(self.address),
+            "address": self.name,
             "weight": self.weight,
             "backup": self.backup,
+            "up": self.healthy and not ejected and not self.admin_drained,
             "healthy": self.healthy,
             "health_reason": self.health_reason,
             "ejected": ejected,
             "ejections": self.ejections,
+            "drained": self.admin_drained,
             "in_flight": self.in_flight,
             "requests": self.requests,
             "failures": self.failures,
@@ -199,7 +208,8 @@ class TargetRegistry:
     rejected changes nothing the running one uses.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()  # the process's counters
         self.targets: dict[str, TargetState] = {}
         self.queues: dict[str, WaitQueue] = {}
         self.running = False  # set once the first snapshot serves: later joins slow-start

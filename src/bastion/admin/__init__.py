@@ -1,0 +1,1 @@
+"""The admin listener: status, Prometheus metrics, drain and reload (docs/admin.md)."""
