@@ -87,6 +87,7 @@ class AdminConnection(asyncio.Protocol):
         self.queue: list[AdminRequest] = []
         self.task: asyncio.Task[None] | None = None
         self.closing = False
+        self.last = False  # the listener moved: close after the answer being made
         self.paused = False
         self.timer: asyncio.TimerHandle | None = None
         self._url = b""
@@ -200,7 +201,7 @@ class AdminConnection(asyncio.Protocol):
                 except Exception:
                     log.exception("admin request %s %s failed", request.method, request.path)
                     response = error_response(500, "internal_error", "The admin API failed.", request.request_id)
-                close = request.headers.get("connection", "").lower() == "close"
+                close = self.last or request.headers.get("connection", "").lower() == "close"
                 self._write(request, response, close)
                 if close:
                     self._close()
@@ -256,6 +257,18 @@ class AdminServer:
         self.server = await loop.create_server(
             lambda: AdminConnection(self), host, port, reuse_address=True, reuse_port=reuse_port or None
         )
+
+    def retire(self) -> None:
+        """Stop listening; idle connections close now, busy ones after their answer (a reload
+        asked for over this listener still gets its answer when the listener moves)."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for conn in list(self.connections):
+            if conn.task is not None:
+                conn.last = True
+            elif conn.transport is not None:
+                conn.transport.close()
 
     def close(self) -> None:
         """Stop listening and close every connection (answers being written are cut)."""

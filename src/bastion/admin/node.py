@@ -67,12 +67,12 @@ class AdminNode:
         old = self.settings
         if settings is None:
             if old is not None:
-                self.server.close()
+                self.server.retire()
                 log.info("admin listener %s closed", old.bind)
         elif old is None or old.bind != settings.bind:
             fresh = AdminServer(self.api.handle)
             await fresh.listen(settings.bind.host, settings.bind.port, reuse_port)
-            self.server.close()
+            self.server.retire()
             self.server = fresh
             auth = "bearer token required" if settings.token else "no token: loopback only"
             log.info("admin API on http://%s (%s)", settings.bind, auth)

@@ -201,6 +201,7 @@ def document() -> dict[str, Any]:
                 "uptime_seconds": number,
                 "restarts": integer,
                 "connections": integer,
+                "requests": integer,
                 "rss_bytes": integer,
             },
         },

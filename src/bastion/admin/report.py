@@ -136,6 +136,7 @@ def merge_status(reports: Sequence[dict[str, Any]], expected: int) -> dict[str, 
                 "ready": report["ready"],
                 "uptime_seconds": round(now - worker["started_at"], 3),
                 "connections": sum(report["connections"].values()),
+                "requests": sum(row[-1] for row in report["metrics"]["requests"]),
                 "reloads": report["status"]["reloads"],
             }
         )
