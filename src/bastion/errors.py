@@ -25,6 +25,9 @@ class GatewayError(BastionError):
     status = 500
     word = "internal_error"
     message = "The gateway failed to handle the request."
+    where: tuple[str, str] | None = None
+    """(upstream, target) of the try that failed, set by the upstream layer: for the admin
+    API's recent errors, never sent to the client."""
 
     def __init__(self, message: str | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(message or self.message)

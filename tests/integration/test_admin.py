@@ -7,6 +7,7 @@ the test sent; drains are checked by where requests land (the origins' X-Origin 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections import Counter
@@ -26,7 +27,19 @@ from bastion.demo.origin import OriginHandle
 from support import GatewayThread, Reply, free_port, raw_exchange, request, write_config
 
 TOKEN = "admin-token-for-tests-0123"
-GET_PATHS = ["/", "/metrics", "/healthz", "/readyz", "/status", "/routes", "/upstreams", "/config", "/openapi.json"]
+GET_PATHS = [
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/status",
+    "/routes",
+    "/upstreams",
+    "/stats",
+    "/errors",
+    "/config",
+    "/openapi.json",
+]
+DASHBOARD_FILES = ["/", "/dashboard/dashboard.js", "/dashboard/dashboard.css"]
 
 
 def config(port: int, admin_port: int, targets: list[str], **extra: Any) -> dict[str, Any]:
@@ -263,14 +276,99 @@ def test_openapi_document_is_valid_and_describes_every_endpoint(admin_gateway: C
         assert verb.lower() in doc["paths"]["/" + "/".join(pattern)]
 
 
-def test_dashboard_page_is_html(admin_gateway: Callable[..., Any]) -> None:
+def test_dashboard_files_have_fixed_types_and_a_policy_that_keeps_the_page_on_this_listener(
+    admin_gateway: Callable[..., Any],
+) -> None:
     admin, _, _ = admin_gateway()
-    reply = admin.call("GET", "/")
-    assert reply.status == 200
-    assert reply.header("content-type") == "text/html; charset=utf-8"
-    assert b"<html" in reply.body
+    for path, kind in [
+        ("/", "text/html; charset=utf-8"),
+        ("/dashboard/index.html", "text/html; charset=utf-8"),
+        ("/dashboard/dashboard.js", "text/javascript; charset=utf-8"),
+        ("/dashboard/dashboard.css", "text/css; charset=utf-8"),
+    ]:
+        reply = admin.call("GET", path)
+        assert reply.status == 200, path
+        assert reply.header("content-type") == kind, path
+        policy = reply.header("content-security-policy") or ""
+        assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "script-src 'self'" in policy
+        assert "frame-ancestors 'none'" in policy
+        assert reply.header("x-content-type-options") == "nosniff"
+    page = admin.call("GET", "/").body
+    assert b'src="dashboard/dashboard.js"' in page and b'href="dashboard/dashboard.css"' in page
     assert admin.call("GET", "/dashboard/..%2Fapi.py").status == 404
     assert admin.call("GET", "/dashboard/nothing-here.js").status == 404
+    assert admin.call("GET", "/dashboard/__init__.py").status == 404  # only the dashboard's own kinds
+
+
+def test_dashboard_files_name_no_other_host() -> None:
+    """No CDN, no web font, no analytics: the only absolute URL is the SVG namespace name."""
+    folder = Path(bastion.__file__).parent / "admin" / "dashboard"
+    files = sorted(folder.iterdir())
+    assert {f.name for f in files} == {"index.html", "dashboard.css", "dashboard.js"}
+    for file in files:
+        text = file.read_text()
+        urls = re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"')]*", text)
+        assert set(urls) <= {"http://www.w3.org/2000/svg"}, (file.name, urls)
+        assert "@import" not in text and "integrity=" not in text
+
+
+def test_stats_show_the_recent_traffic_per_route(admin_gateway: Callable[..., Any]) -> None:
+    admin, _, _ = admin_gateway()
+    port = admin.gw.port
+    for _ in range(5):
+        assert request(port, "GET", "/api/x").status == 200
+    for _ in range(2):
+        assert request(port, "GET", "/private").status == 401
+    assert request(port, "GET", "/nowhere").status == 404
+    stats = admin.get("/stats")
+    assert stats["window_seconds"] == 60 and stats["interval_seconds"] == 10
+    assert 0 < stats["covered_seconds"] <= 60
+    rows = {row["route"]: row for row in stats["routes"]}
+    assert set(rows) == {"api", "private", "(none)"}
+    api = rows["api"]
+    assert api["requests"] == 5 and api["status"]["2xx"] == 5
+    assert api["requests_per_second"] > 0
+    assert 0 < api["latency_ms"]["p50"] <= api["latency_ms"]["p99"] < 10_000
+    assert rows["private"]["status"]["4xx"] == 2 and rows["(none)"]["status"]["4xx"] == 1
+    assert stats["total"]["requests"] == 8
+    assert stats["routes"][0]["route"] == "api"  # busiest first
+    assert admin.get("/stats?window=5m")["window_seconds"] == 300
+    for bad in ("2s", "10m", "soon", ""):
+        reply = admin.call("GET", f"/stats?window={bad}")
+        assert reply.status == 400, bad
+        assert reply.json()["error"] == "bad_request" and "10s to 5m" in reply.json()["message"]
+
+
+def test_errors_list_recent_server_errors_newest_first(admin_gateway: Callable[..., Any]) -> None:
+    closed = free_port()
+    admin, (a,), _ = admin_gateway()
+    cfg_path = admin.gw.config_path
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["upstreams"]["nowhere"] = {"targets": [{"address": f"127.0.0.1:{closed}"}]}
+    cfg["routes"].append({"name": "broken", "match": {"path": "/broken"}, "upstream": "nowhere"})
+    cfg["routes"].append({"name": "statuses", "match": {"path": "/status"}, "upstream": "app"})
+    write_config(cfg_path, cfg)
+    assert admin.post("/reload").status == 200
+    port = admin.gw.port
+    assert admin.get("/errors") == {"errors": [], "kept": 100, "seen": 0}
+    assert request(port, "GET", "/nowhere").status == 404  # 4xx: counted, not listed
+    assert request(port, "GET", "/private").status == 401
+    refused = request(port, "GET", "/broken/x?apikey=secret-in-query")
+    assert refused.status == 502
+    upstream_500 = request(port, "GET", "/status/500")
+    assert upstream_500.status == 500
+    listed = admin.get("/errors")
+    assert listed["seen"] == 2
+    newest, oldest = listed["errors"]
+    assert newest["request_id"] == upstream_500.header("x-request-id")
+    assert (newest["status"], newest["source"], newest["error"]) == (500, "upstream", None)
+    assert (newest["route"], newest["target"]) == ("statuses", a.address)
+    assert oldest["request_id"] == refused.header("x-request-id")
+    assert (oldest["status"], oldest["source"]) == (502, "gateway")
+    assert oldest["error"] == refused.json()["error"]
+    assert (oldest["route"], oldest["upstream"], oldest["target"]) == ("broken", "nowhere", f"127.0.0.1:{closed}")
+    assert (oldest["method"], oldest["path"]) == ("GET", "/broken/x")  # the query is not kept
+    assert "secret-in-query" not in json.dumps(listed)
 
 
 def test_unknown_paths_and_wrong_methods_get_json_errors(admin_gateway: Callable[..., Any]) -> None:
@@ -311,6 +409,21 @@ def test_with_a_token_every_endpoint_answers_401_without_it(admin_gateway: Calla
         assert reply.json()["error"] == "unauthorized"
     if path != "/no-such-path":
         assert admin.call("GET", path).status == 200
+
+
+def test_with_a_token_the_dashboard_files_load_without_it_and_hold_no_data(
+    admin_gateway: Callable[..., Any],
+) -> None:
+    """A browser opening the page cannot send a bearer token: the static files are public,
+    and the page then asks for the token. Nothing in them comes from the running gateway."""
+    admin, (a,), path = admin_gateway(token=TOKEN)
+    for file in DASHBOARD_FILES:
+        reply = request(admin.port, "GET", file)
+        assert reply.status == 200, file
+        for secret in (TOKEN, a.address, str(path), "private", "alice"):
+            assert secret.encode() not in reply.body, (file, secret)
+    assert request(admin.port, "POST", "/").status == 401  # only GET and HEAD of those files
+    assert request(admin.port, "GET", "/dashboard/nothing.js").status == 404
 
 
 def test_with_a_token_steering_needs_it_too(admin_gateway: Callable[..., Any]) -> None:

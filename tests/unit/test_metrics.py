@@ -12,8 +12,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bastion.admin.report import merge_reports, merge_status, merge_upstreams
+from bastion.errors import NotFound, UpstreamConnectError, UpstreamTimeout
 from bastion.observability.exposition import render
-from bastion.observability.metrics import REQUEST_BUCKETS, UNMATCHED, Histogram, Metrics, merge_exports
+from bastion.observability.metrics import (
+    RECENT_ERRORS,
+    REQUEST_BUCKETS,
+    UNMATCHED,
+    Histogram,
+    Metrics,
+    merge_exports,
+)
 
 
 def exchange(
@@ -24,6 +32,9 @@ def exchange(
     age: float = 0.0,
     bytes_in: int = 0,
     bytes_out: int = 10,
+    path: str = "/users/7",
+    request_id: str = "req-1",
+    error: Any = None,
 ) -> Any:
     """Just the fields `Metrics.observe` reads from an Exchange."""
     import time
@@ -31,11 +42,12 @@ def exchange(
     return SimpleNamespace(
         route=SimpleNamespace(name=route) if route is not None else None,
         status=status,
-        request=SimpleNamespace(method=method),
+        request=SimpleNamespace(method=method, host="api.example.com", path=path, request_id=request_id),
         target=SimpleNamespace(upstream=target[0], name=target[1]) if target is not None else None,
         started=time.monotonic() - age,
         bytes_in=bytes_in,
         bytes_out=bytes_out,
+        _error=error,
     )
 
 
@@ -119,6 +131,47 @@ def test_refusals_made_by_the_gateway_are_counted_apart_from_upstream_answers() 
     metrics.observe(exchange(status=403, target=None))
     metrics.observe(exchange(status=429))  # the upstream's own 429 is not a gateway refusal
     assert metrics.refused == {("users", 429): 1, ("users", 401): 1, ("users", 403): 1}
+
+
+def test_server_errors_are_kept_for_the_dashboard_and_4xx_are_not() -> None:
+    metrics = Metrics()
+    metrics.observe(exchange(status=200))
+    metrics.observe(exchange(status=404, route=None, target=None, error=NotFound()))
+    metrics.observe(exchange(status=429, target=None))
+    assert list(metrics.recent_errors) == [] and metrics.errors_seen == 0
+
+    metrics.observe(exchange(status=502, error=UpstreamConnectError(), request_id="r-502", age=0.25))
+    metrics.observe(exchange(status=500, request_id="r-500"))  # the upstream's own 500
+    metrics.observe(exchange(status=503, target=None, request_id="r-plugin"))  # a plugin's reply
+    metrics.observe(exchange(status=200, error=UpstreamTimeout(), request_id="r-cut"))  # cut mid-body
+    kept = {e["request_id"]: e for e in metrics.recent_errors}
+    assert list(kept) == ["r-502", "r-500", "r-plugin", "r-cut"]
+    first = kept["r-502"]
+    assert (first["status"], first["error"], first["source"]) == (502, "upstream_connect_failed", "gateway")
+    assert first["message"] == UpstreamConnectError.message
+    assert (first["route"], first["method"], first["path"]) == ("users", "GET", "/users/7")
+    assert first["host"] == "api.example.com"
+    assert (first["upstream"], first["target"]) == ("app", "10.0.0.1:80")
+    assert 250 <= first["duration_ms"] < 10_000 and first["at"] > 0
+    assert (kept["r-500"]["source"], kept["r-500"]["error"]) == ("upstream", None)
+    assert (kept["r-plugin"]["source"], kept["r-plugin"]["target"]) == ("plugin", None)
+    assert (kept["r-cut"]["status"], kept["r-cut"]["error"]) == (200, "upstream_timeout")
+
+    refused = UpstreamConnectError()  # no connection was had, so the exchange has no target:
+    refused.where = ("app", "10.0.0.9:80")  # the upstream layer says where the try failed
+    metrics.observe(exchange(status=502, target=None, error=refused, request_id="r-refused"))
+    last = metrics.recent_errors[-1]
+    assert (last["request_id"], last["upstream"], last["target"]) == ("r-refused", "app", "10.0.0.9:80")
+
+
+def test_the_recent_errors_ring_is_bounded() -> None:
+    metrics = Metrics()
+    for index in range(RECENT_ERRORS + 20):
+        metrics.observe(exchange(status=502, request_id=f"r{index}", path="/" + "x" * 1000))
+    assert len(metrics.recent_errors) == RECENT_ERRORS
+    assert metrics.recent_errors[0]["request_id"] == "r20"
+    assert metrics.errors_seen == RECENT_ERRORS + 20
+    assert len(metrics.recent_errors[-1]["path"]) == 256
 
 
 def test_histogram_buckets_include_their_upper_bound() -> None:

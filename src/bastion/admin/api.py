@@ -1,7 +1,11 @@
 """The admin API's endpoints: a table of (method, path pattern) -> handler.
 
 Every request is checked for the bearer token first (when `admin.token` is set), so an
-unauthenticated client learns nothing, not even which paths exist. Then the path is matched
+unauthenticated client learns nothing, not even which paths exist. The one exception is the
+dashboard's static files (`GET /` and `GET /dashboard/FILE`): a browser cannot send a bearer
+token when it opens a page, so the page loads without one and then asks for the token, which
+it sends with each API call. Those files hold no data about the gateway (docs/admin.md).
+Then the path is matched
 against `ENDPOINTS`: a path that matches under other methods gets 405 with `Allow`, one that
 matches nothing 404, both in the contract's JSON error shape. Path parameters are
 percent-decoded (`[::1]:80` may arrive as `%5B::1%5D:80`).
@@ -14,16 +18,18 @@ from __future__ import annotations
 
 import hmac
 import json
-import mimetypes
+import posixpath
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from bastion.admin.http import AdminRequest, AdminResponse, error_response
 from bastion.admin.openapi import document
 from bastion.admin.redact import redact
+from bastion.config.types import parse_duration
 from bastion.observability.exposition import CONTENT_TYPE, render
+from bastion.observability.window import INTERVAL, KEEP
 
 if TYPE_CHECKING:
     from bastion.admin.node import AdminNode
@@ -40,6 +46,33 @@ PLACEHOLDER = b"""<!doctype html>
 """
 
 
+DASHBOARD_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
+"""Content types of the dashboard's files: fixed here, not guessed from the host's mime.types
+(with `nosniff`, a browser refuses a script or stylesheet served under the wrong type)."""
+
+DASHBOARD_HEADERS = [
+    (
+        "content-security-policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("x-frame-options", "DENY"),
+]
+"""Sent with every dashboard file: the page may talk to this listener only (no CDN, no other
+host, even if someone slips markup into a route name), and may not be framed."""
+
+PUBLIC_PREFIX = "/dashboard/"
+
+
 class TargetNotFound(Exception):
     """The request names an upstream or target the running config does not have."""
 
@@ -54,7 +87,12 @@ class AdminAPI:
 
     async def handle(self, request: AdminRequest) -> AdminResponse:
         settings = self.node.settings
-        if settings is not None and settings.token is not None and not _authorized(request, settings.token):
+        if (
+            settings is not None
+            and settings.token is not None
+            and not _public(request)
+            and not _authorized(request, settings.token)
+        ):
             response = error_response(
                 401, "unauthorized", "This admin API needs Authorization: Bearer TOKEN.", request.request_id
             )
@@ -91,17 +129,16 @@ class AdminAPI:
 
     async def dashboard(self, request: AdminRequest, params: Params) -> AdminResponse:
         page = _dashboard_file("index.html")
-        return AdminResponse(200, page if page is not None else PLACEHOLDER, "text/html; charset=utf-8")
+        body = page if page is not None else PLACEHOLDER
+        return AdminResponse(200, body, DASHBOARD_TYPES[".html"], list(DASHBOARD_HEADERS))
 
     async def dashboard_file(self, request: AdminRequest, params: Params) -> AdminResponse:
         name = params["file"]
-        data = _dashboard_file(name)
-        if data is None:
+        kind = DASHBOARD_TYPES.get(posixpath.splitext(name)[1].lower())
+        data = _dashboard_file(name) if kind is not None else None
+        if data is None or kind is None:
             return error_response(404, "not_found", f"No dashboard file {name!r}.", request.request_id)
-        kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        if kind.startswith("text/") or kind in ("application/javascript", "application/json"):
-            kind += "; charset=utf-8"
-        return AdminResponse(200, data, kind)
+        return AdminResponse(200, data, kind, list(DASHBOARD_HEADERS))
 
     async def metrics(self, request: AdminRequest, params: Params) -> AdminResponse:
         return AdminResponse(200, render(await self.node.merged()), CONTENT_TYPE)
@@ -146,6 +183,24 @@ class AdminAPI:
     async def upstreams(self, request: AdminRequest, params: Params) -> AdminResponse:
         merged = (await self.node.merged())["upstreams"]
         return _json(200, {"upstreams": [{"name": name, **upstream} for name, upstream in merged.items()]})
+
+    async def stats(self, request: AdminRequest, params: Params) -> AdminResponse:
+        values = parse_qs(request.query, keep_blank_values=True).get("window", ["1m"])
+        try:
+            seconds = parse_duration(values[-1])
+        except ValueError:
+            seconds = -1.0
+        if not INTERVAL <= seconds <= KEEP:
+            return error_response(
+                400,
+                "bad_request",
+                f"window must be a duration from {INTERVAL:g}s to {KEEP / 60:g}m, like 1m or 30s.",
+                request.request_id,
+            )
+        return _json(200, await self.node.traffic(seconds))
+
+    async def errors(self, request: AdminRequest, params: Params) -> AdminResponse:
+        return _json(200, await self.node.recent_errors())
 
     async def config(self, request: AdminRequest, params: Params) -> AdminResponse:
         data = self.node.gateway.snapshot.config.model_dump(mode="json", by_alias=True)
@@ -194,6 +249,11 @@ class AdminAPI:
         return _json(200, {"result": "applied", "config": answered[0]["config"], "workers": len(answered)})
 
 
+def _public(request: AdminRequest) -> bool:
+    """The dashboard's static files, which a browser must load before it can send a token."""
+    return request.method in ("GET", "HEAD") and (request.path == "/" or request.path.startswith(PUBLIC_PREFIX))
+
+
 def _authorized(request: AdminRequest, token: str) -> bool:
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
@@ -237,6 +297,8 @@ ENDPOINTS: list[tuple[str, tuple[str, ...], Endpoint]] = [
     ("GET", _pattern("/status"), AdminAPI.status),
     ("GET", _pattern("/routes"), AdminAPI.routes),
     ("GET", _pattern("/upstreams"), AdminAPI.upstreams),
+    ("GET", _pattern("/stats"), AdminAPI.stats),
+    ("GET", _pattern("/errors"), AdminAPI.errors),
     ("POST", _pattern("/upstreams/{name}/targets/{address}/drain"), AdminAPI.drain),
     ("POST", _pattern("/upstreams/{name}/targets/{address}/enable"), AdminAPI.enable),
     ("POST", _pattern("/reload"), AdminAPI.reload),

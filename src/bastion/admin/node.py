@@ -11,6 +11,9 @@ Whichever worker takes an admin request answers for the whole gateway:
   then applied here and sent to every other worker;
 - reload: every worker reloads at once and says how it went.
 
+It also runs the sampler of the recent-traffic window (`observability/window.py`) behind
+`GET /stats`: one task that wakes every 10 s while an admin listener is configured.
+
 Without workers it is the same code with no peers.
 """
 
@@ -26,6 +29,8 @@ from bastion.admin.http import AdminServer
 from bastion.admin.peers import Peers, load_drained, save_drained
 from bastion.admin.report import merge_reports, process_report
 from bastion.config.schema import Admin
+from bastion.observability import window as traffic
+from bastion.observability.metrics import RECENT_ERRORS
 
 if TYPE_CHECKING:
     from bastion.app import Gateway
@@ -49,6 +54,8 @@ class AdminNode:
         self.settings: Admin | None = None
         self.api = AdminAPI(self)
         self.server = AdminServer(self.api.handle)
+        self.window = traffic.TrafficWindow(gateway.metrics)
+        self._sampler: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -77,8 +84,20 @@ class AdminNode:
             auth = "bearer token required" if settings.token else "no token: loopback only"
             log.info("admin API on http://%s (%s)", settings.bind, auth)
         self.settings = settings
+        if settings is not None and self._sampler is None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
+
+    async def _sample_forever(self) -> None:
+        window = self.window
+        while True:
+            at = window.next_sample_at(time.time())
+            await asyncio.sleep(max(0.0, at - time.time()))
+            window.sample(at)
 
     async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         self.server.close()
         if self.peers is not None:
             await self.peers.close()
@@ -93,6 +112,10 @@ class AdminNode:
             return {"applied": self._apply_drain(str(question["key"]), bool(question["drained"]))}
         if op == "reload":
             return await self._reload_here()
+        if op == "window":
+            return self.window.report(time.time(), float(question["seconds"]))
+        if op == "errors":
+            return self._errors_here()
         return {"error": f"unknown question {op!r}"}
 
     # --- the whole gateway -----------------------------------------------------------------
@@ -111,6 +134,34 @@ class AdminNode:
 
     async def merged(self) -> dict[str, Any]:
         return merge_reports(await self.reports(), self.expected)
+
+    async def _ask_all(self, question: dict[str, Any], here: dict[str, Any]) -> list[dict[str, Any]]:
+        """This worker's answer (`here`) and every other worker's that came in time."""
+        answers = [here]
+        if self.peers is not None:
+            others = await self.peers.ask_others(question, ASK_TIMEOUT)
+            answers += [a for a in others if a is not None and "error" not in a]
+        return answers
+
+    async def traffic(self, seconds: float) -> dict[str, Any]:
+        """`GET /stats`: the last `seconds` of traffic of the whole gateway."""
+        here = self.window.report(time.time(), seconds)
+        reports = await self._ask_all({"op": "window", "seconds": seconds}, here)
+        return traffic.summarize(traffic.merge_reports(reports), self.window.interval)
+
+    def _errors_here(self) -> dict[str, Any]:
+        metrics = self.gateway.metrics
+        return {"errors": list(metrics.recent_errors), "seen": metrics.errors_seen}
+
+    async def recent_errors(self) -> dict[str, Any]:
+        """`GET /errors`: the newest errors of every worker, newest first."""
+        answers = await self._ask_all({"op": "errors"}, self._errors_here())
+        errors = sorted((e for a in answers for e in a["errors"]), key=lambda e: e["at"], reverse=True)
+        return {
+            "errors": errors[:RECENT_ERRORS],
+            "kept": RECENT_ERRORS,
+            "seen": sum(a["seen"] for a in answers),
+        }
 
     def find_target(self, upstream: str, address: str) -> TargetState:
         snapshot = self.gateway.snapshot

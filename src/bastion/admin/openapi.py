@@ -79,24 +79,27 @@ def document() -> dict[str, Any]:
         "/": {
             "get": {
                 "summary": "Dashboard",
-                "description": "The dashboard, an HTML page that reads only this API.",
+                "description": "The dashboard, an HTML page that reads only this API. It is served without the "
+                "token (a browser cannot send one when it opens a page) and holds no data: the page asks for "
+                "the token and sends it with each API call (docs/admin.md).",
                 "operationId": "dashboard",
+                "security": [],
                 "responses": {
                     "200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
-                    **_UNAUTHORIZED,
                 },
             }
         },
         "/dashboard/{file}": {
             "get": {
                 "summary": "Dashboard file",
-                "description": "A static file of the dashboard (scripts, styles, images).",
+                "description": "A static file of the dashboard (script, stylesheet), served without the token "
+                "like the page.",
                 "operationId": "dashboard_file",
+                "security": [],
                 "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {
                     "200": {"description": "The file.", "content": {"*/*": {"schema": {"type": "string"}}}},
                     "404": _error("No such file."),
-                    **_UNAUTHORIZED,
                 },
             }
         },
@@ -145,6 +148,38 @@ def document() -> dict[str, Any]:
                 "The upstreams.",
                 {"type": "object", "properties": {"upstreams": {"type": "array", "items": _ref("Upstream")}}},
             ),
+        ),
+        "/stats": {
+            "get": {
+                "summary": "Recent traffic",
+                "description": "Per route and in total over the last `window` (10s to 5m, default 1m): requests, "
+                "requests per second, status classes, latency p50/p90/p99 in milliseconds (estimated from the "
+                "histogram buckets of /metrics, as histogram_quantile does) and a series of 10-second "
+                "intervals. Taken from samples of the counters every 10 seconds, so a window of W covers "
+                "between W and W + 10 s (exactly `from` to `to`), or less when the gateway is younger.",
+                "operationId": "stats",
+                "parameters": [
+                    {
+                        "name": "window",
+                        "in": "query",
+                        "required": False,
+                        "description": "A duration with a unit: 30s, 1m, 5m.",
+                        "schema": {"type": "string", "default": "1m"},
+                    }
+                ],
+                "responses": {
+                    "200": _json("The recent traffic.", _ref("Stats")),
+                    "400": _error("window is not a duration from 10s to 5m."),
+                    **_UNAUTHORIZED,
+                },
+            }
+        },
+        "/errors": _get(
+            "Recent errors",
+            "The newest server-side errors, newest first: 5xx answers (made by the gateway, a plugin or the "
+            "upstream) and responses an upstream failure cut short. Each process keeps its last 100; 4xx "
+            "answers are counted in /metrics and /stats but not kept here.",
+            _json("The recent errors.", _ref("RecentErrors")),
         ),
         "/upstreams/{name}/targets/{address}/drain": _target_action(
             "drain",
@@ -271,6 +306,80 @@ def document() -> dict[str, Any]:
                 "balance": string,
                 "queue_waiting": integer,
                 "targets": {"type": "array", "items": _ref("Target")},
+            },
+        },
+        "TrafficSummary": {
+            "type": "object",
+            "properties": {
+                "requests": integer,
+                "requests_per_second": number,
+                "status": {
+                    "type": "object",
+                    "description": "Requests by status class; `other`: ended with no status.",
+                    "properties": {name: integer for name in ("other", "1xx", "2xx", "3xx", "4xx", "5xx")},
+                },
+                "latency_ms": {
+                    "type": "object",
+                    "description": "Percentiles in milliseconds; null without requests.",
+                    "properties": {name: {"type": ["number", "null"]} for name in ("p50", "p90", "p99")},
+                },
+            },
+        },
+        "RouteTraffic": {
+            "allOf": [
+                _ref("TrafficSummary"),
+                {
+                    "type": "object",
+                    "properties": {
+                        "route": {"type": "string", "description": "The route's name; `(none)` for unrouted."},
+                        "series": {
+                            "type": "array",
+                            "description": "Complete sample intervals in the window, oldest first.",
+                            "items": {
+                                "type": "object",
+                                "properties": {"at": number, "seconds": number, "requests": integer, "errors": integer},
+                            },
+                        },
+                    },
+                },
+            ]
+        },
+        "Stats": {
+            "type": "object",
+            "properties": {
+                "window_seconds": number,
+                "interval_seconds": number,
+                "from": {"type": ["number", "null"]},
+                "to": {"type": ["number", "null"]},
+                "covered_seconds": number,
+                "total": _ref("TrafficSummary"),
+                "routes": {"type": "array", "items": _ref("RouteTraffic")},
+            },
+        },
+        "RecentError": {
+            "type": "object",
+            "properties": {
+                "at": number,
+                "status": integer,
+                "error": nullable_string,
+                "message": nullable_string,
+                "source": {"type": "string", "enum": ["gateway", "upstream", "plugin"]},
+                "route": string,
+                "method": string,
+                "host": string,
+                "path": string,
+                "upstream": nullable_string,
+                "target": nullable_string,
+                "request_id": string,
+                "duration_ms": number,
+            },
+        },
+        "RecentErrors": {
+            "type": "object",
+            "properties": {
+                "errors": {"type": "array", "items": _ref("RecentError")},
+                "kept": integer,
+                "seen": integer,
             },
         },
         "TargetAction": {

@@ -568,6 +568,7 @@ class Exchange:
 
     def _fail(self, error: GatewayError) -> None:
         """Answer with the contract's JSON error, or cut the connection if it is too late."""
+        self._error = error  # what went wrong, for the metrics' recent errors (GET /errors)
         if self._head_written:
             self.keep_alive = False
             self.server.abort()

@@ -12,12 +12,18 @@ try started) into an `UpstreamStats` that, like this object, lives as long as th
 `export()` turns the counters into plain JSON data; with `--workers N` each worker exports
 its own and `merge_exports` adds them up. The Prometheus names and the text format are in
 `observability/exposition.py`.
+
+The same call keeps the last `RECENT_ERRORS` server-side errors (5xx answers, and responses
+cut short by an upstream failure) for the admin API's `GET /errors`: one comparison per
+request, the rest only when there is an error. 4xx answers are counted but not kept, so a
+scanner's stream of 404s cannot push out the 502 an operator is looking for.
 """
 
 from __future__ import annotations
 
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +38,11 @@ UNMATCHED = "(none)"
 
 OTHER_METHOD = "OTHER"
 """The `method` label of methods outside the standard ones: clients must not mint label values."""
+
+RECENT_ERRORS = 100
+"""How many recent errors each process keeps for `GET /errors`."""
+
+_TEXT_LIMIT = 256  # a kept path or host is cut to this many characters
 
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"))
 _REFUSALS = frozenset((401, 403, 429))
@@ -73,7 +84,17 @@ class Metrics:
     """What one process counted since it started. Owned by the Gateway (through its
     TargetRegistry, which every snapshot shares), so reloads keep every count."""
 
-    __slots__ = ("requests", "durations", "target_responses", "refused", "bytes", "upstreams", "started")
+    __slots__ = (
+        "requests",
+        "durations",
+        "target_responses",
+        "refused",
+        "bytes",
+        "upstreams",
+        "started",
+        "recent_errors",
+        "errors_seen",
+    )
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}  # (route, method, status)
@@ -83,6 +104,8 @@ class Metrics:
         self.bytes: dict[str, list[int]] = {}  # route -> [received, sent] body bytes
         self.upstreams: dict[str, UpstreamStats] = {}
         self.started = time.time()
+        self.recent_errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
+        self.errors_seen = 0  # every error `recent_errors` was given, kept or since pushed out
 
     def upstream(self, name: str) -> UpstreamStats:
         stats = self.upstreams.get(name)
@@ -104,7 +127,8 @@ class Metrics:
         histogram = self.durations.get(name)
         if histogram is None:
             histogram = self.durations[name] = Histogram()
-        histogram.observe(time.monotonic() - exchange.started)
+        duration = time.monotonic() - exchange.started
+        histogram.observe(duration)
         sizes = self.bytes.get(name)
         if sizes is None:
             sizes = self.bytes[name] = [0, 0]
@@ -118,6 +142,45 @@ class Metrics:
         elif status in _REFUSALS:  # no upstream was asked: a plugin (or the router) refused
             rkey = (name, status)
             self.refused[rkey] = self.refused.get(rkey, 0) + 1
+        if status >= 500 or exchange._error is not None:
+            self._keep_error(exchange, name, duration)
+
+    def _keep_error(self, exchange: Exchange, route: str, duration: float) -> None:
+        """Keep a 5xx, or a response an upstream failure cut short (its status is the
+        upstream's); not the gateway's own 4xx answers."""
+        error = exchange._error
+        status = exchange.status
+        if status < 500 and (error is None or error.status < 500):
+            return
+        target = exchange.target
+        request = exchange.request
+        upstream, address = (target.upstream, target.name) if target is not None else (None, None)
+        if target is None and error is not None and error.where is not None:
+            upstream, address = error.where  # a try that failed before a connection was had
+        if error is not None:
+            source = "gateway"
+        elif target is not None:
+            source = "upstream"
+        else:
+            source = "plugin"
+        self.errors_seen += 1
+        self.recent_errors.append(
+            {
+                "at": time.time(),
+                "status": status,
+                "error": error.word if error is not None else None,
+                "message": error.message if error is not None else None,
+                "source": source,
+                "route": route,
+                "method": request.method[:16],
+                "host": (request.host or "")[:_TEXT_LIMIT],
+                "path": request.path[:_TEXT_LIMIT],
+                "upstream": upstream,
+                "target": address,
+                "request_id": request.request_id,
+                "duration_ms": round(duration * 1000, 3),
+            }
+        )
 
     def export(self) -> dict[str, Any]:
         """Plain JSON data (lists and dicts), the unit that workers exchange and add up."""

@@ -229,6 +229,7 @@ class UpstreamRuntime:
         """A try failed: connect error, reset, timeout, or a retryable status."""
         if not isinstance(error, UpstreamError | UpstreamTimeout):
             return  # the client's doing, not the target's
+        error.where = (self.name, target.name)
         now = self.clock()
         passive = self.passive
         if passive is None:
