@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import bastion
 from bastion.admin.api import ENDPOINTS
 from bastion.demo.origin import OriginHandle
+from bastion.observability import window
 from support import GatewayThread, Reply, free_port, raw_exchange, request, write_config
 
 TOKEN = "admin-token-for-tests-0123"
@@ -337,6 +338,25 @@ def test_stats_show_the_recent_traffic_per_route(admin_gateway: Callable[..., An
         reply = admin.call("GET", f"/stats?window={bad}")
         assert reply.status == 400, bad
         assert reply.json()["error"] == "bad_request" and "10s to 5m" in reply.json()["message"]
+
+
+def test_stats_are_sampled_every_interval_into_a_series(
+    admin_gateway: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(window, "INTERVAL", 0.25)  # not 10 s: the sampler is seen at work quickly
+    admin, _, _ = admin_gateway()
+    for _ in range(3):
+        assert request(admin.gw.port, "GET", "/api").status == 200
+
+    def series() -> list[dict[str, Any]]:
+        rows = admin.get("/stats?window=10s")["routes"]
+        return list(rows[0]["series"]) if rows else []
+
+    wait_for(lambda: len(series()) >= 3 and sum(point["requests"] for point in series()) == 3)
+    points = series()
+    assert all(0 < point["seconds"] <= 0.25 + 1e-6 for point in points), points
+    assert [point["at"] for point in points] == sorted({point["at"] for point in points})
+    assert admin.get("/stats")["interval_seconds"] == 0.25
 
 
 def test_errors_list_recent_server_errors_newest_first(admin_gateway: Callable[..., Any]) -> None:

@@ -42,9 +42,14 @@ def status(admin_port: int) -> dict[str, Any]:
     return result
 
 
-def both_answer(admin_port: int) -> bool:
-    current = status(admin_port)
-    return [w["answered"] and w["ready"] for w in current["workers"]] == [True, True]
+def both_answer(admin_port: int, replacing: int | None = None) -> bool:
+    """Both workers answer (and worker 0 is no longer the pid `replacing`)."""
+    try:
+        current = status(admin_port)
+    except ConnectionError:  # queued on the socket of a worker just killed: reset by the kernel
+        return False
+    workers = current["workers"]
+    return [w["answered"] and w["ready"] for w in workers] == [True, True] and workers[0]["pid"] != replacing
 
 
 def landed(port: int, count: int) -> Counter[str]:
@@ -75,6 +80,13 @@ def test_with_two_workers_every_endpoint_answers_for_the_whole_gateway(
         assert sum(per_worker) == sent and min(per_worker) > 0, per_worker  # both workers served
         for _ in range(6):  # whichever worker takes the scrape, the count is the gateway's
             assert requests_total(admin_port) == sent
+            assert request(admin_port, "GET", "/stats").json()["total"]["requests"] == sent
+
+        failed = [request(port, "GET", "/status/500").header("x-request-id") for _ in range(10)]
+        for _ in range(4):  # the recent errors of both workers, newest first
+            errors = request(admin_port, "GET", "/errors").json()
+            assert errors["seen"] == 10
+            assert [e["request_id"] for e in errors["errors"]] == failed[::-1]
 
         drained = request(admin_port, "POST", f"/upstreams/app/targets/{a.address}/drain")
         assert drained.status == 200
@@ -87,7 +99,7 @@ def test_with_two_workers_every_endpoint_answers_for_the_whole_gateway(
         # A worker that dies is replaced, and the replacement knows about the drain.
         victim = status(admin_port)["workers"][0]["pid"]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: both_answer(admin_port) and status(admin_port)["workers"][0]["pid"] != victim, timeout=10)
+        wait_for(lambda: both_answer(admin_port, replacing=victim), timeout=10)
         assert status(admin_port)["workers"][0]["restarts"] == 1
         assert landed(port, 30) == Counter({"b": 30})
 

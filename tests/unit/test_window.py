@@ -44,6 +44,8 @@ def test_samples_are_taken_on_wall_clock_boundaries() -> None:
     _, window = fresh()
     assert window.next_sample_at(1234.5) == 1240.0
     assert window.next_sample_at(1240.0) == 1250.0
+    window.sample(1250.0)
+    assert window.next_sample_at(1249.998) == 1260.0  # woken early: still the next boundary
 
 
 def test_a_window_subtracts_the_newest_sample_at_least_that_old() -> None:

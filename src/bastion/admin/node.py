@@ -54,7 +54,7 @@ class AdminNode:
         self.settings: Admin | None = None
         self.api = AdminAPI(self)
         self.server = AdminServer(self.api.handle)
-        self.window = traffic.TrafficWindow(gateway.metrics)
+        self.window = traffic.TrafficWindow(gateway.metrics, traffic.INTERVAL, traffic.KEEP)
         self._sampler: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------

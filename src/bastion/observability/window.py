@@ -77,8 +77,9 @@ class TrafficWindow:
         )
 
     def next_sample_at(self, now: float) -> float:
-        """The next wall-clock boundary after `now` (a multiple of the interval)."""
-        return (now // self.interval + 1) * self.interval
+        """The next wall-clock boundary (a multiple of the interval) after `now` and after the
+        last sample: a timer that fires a little early must not sample one boundary twice."""
+        return (max(now, self.samples[-1][0]) // self.interval + 1) * self.interval
 
     def sample(self, at: float) -> None:
         """Record the counts as of `at` (called by the admin node's sampler task)."""
