@@ -20,7 +20,7 @@ from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
 from bastion.observability.logs import AccessLog
-from bastion.observability.metrics import Metrics
+from bastion.observability.metrics import Metrics, RouteStats
 from bastion.pipeline import BuildEnv, Plugin, PluginProblems
 from bastion.plugins import plugin_class, plugin_names
 from bastion.plugins.consumers import ConsumerIndex
@@ -50,10 +50,15 @@ class RouteRuntime:
         "request_plugins",
         "response_plugins",
         "log_plugins",
+        "stats",
     )
 
-    def __init__(self, route: Route, upstream: UpstreamRuntime, plugins: Sequence[Plugin]) -> None:
+    def __init__(
+        self, route: Route, upstream: UpstreamRuntime, plugins: Sequence[Plugin], stats: RouteStats | None = None
+    ) -> None:
+        """`stats`: the process's counters for this route name (they outlive the snapshot)."""
         self.name = route.name
+        self.stats = stats if stats is not None else RouteStats()
         self.config = route
         self.upstream = upstream
         self.strip_prefix = route.strip_prefix
@@ -258,9 +263,13 @@ def build_snapshot(
         )
         for name, upstream in config.upstreams.items()
     }
-    routes = [RouteRuntime(route, upstreams[route.upstream], built.chains[i]) for i, route in enumerate(config.routes)]
+    metrics = registry.metrics
+    routes = [
+        RouteRuntime(route, upstreams[route.upstream], built.chains[i], metrics.route(route.name))
+        for i, route in enumerate(config.routes)
+    ]
     router = Router(config.routes)
-    return Snapshot(config, router, routes, upstreams, built.instances, built.consumers, built.store, registry.metrics)
+    return Snapshot(config, router, routes, upstreams, built.instances, built.consumers, built.store, metrics)
 
 
 async def close_later(snapshot: Snapshot, delay: float) -> None:
