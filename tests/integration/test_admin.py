@@ -288,6 +288,8 @@ def test_unknown_paths_and_wrong_methods_get_json_errors(admin_gateway: Callable
     assert head.status == 200 and head.body == b"" and int(head.header("content-length") or 0) > 0
     garbage = raw_exchange(admin.port, b"NOT HTTP AT ALL\r\n\r\n")
     assert garbage.startswith(b"HTTP/1.1 400 ")
+    huge = raw_exchange(admin.port, b"GET /status HTTP/1.1\r\nX-Big: " + b"x" * 20000 + b"\r\n\r\n")
+    assert huge.startswith(b"HTTP/1.1 431 ") and b'"headers_too_large"' in huge
 
 
 def test_keep_alive_and_pipelined_admin_requests_are_answered_in_order(admin_gateway: Callable[..., Any]) -> None:
@@ -331,6 +333,7 @@ def landed(port: int, count: int = 12) -> Counter[str]:
 def test_a_drained_target_gets_no_new_requests_until_enabled(admin_gateway: Callable[..., Any]) -> None:
     admin, (a, _), _ = admin_gateway(count=2)
     assert set(landed(admin.gw.port)) == {"a", "b"}
+    assert total(admin.metrics(), "bastion_upstream_target_up", target=a.address) == 1
     reply = admin.post(f"/upstreams/app/targets/{a.address}/drain")
     assert reply.status == 200
     assert reply.json() == {"upstream": "app", "target": a.address, "drained": True, "workers": 1, "workers_applied": 1}

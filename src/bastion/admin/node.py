@@ -147,6 +147,8 @@ class AdminNode:
             return False
         if state.admin_drained != drained:
             state.admin_drained = drained
+            if not drained:
+                state.start_ramp(time.monotonic())  # back in rotation: slow start, as after a recovery
             what = "DRAINED (no new requests)" if drained else "ENABLED again"
             log.warning("upstream %s target %s is %s through the admin API", state.upstream, state.name, what)
         return True

@@ -115,6 +115,7 @@ def _banner(config: str) -> str:
         f"  curl -s {gw}/orders/7                 # template route /orders/{{id}}",
         f"  curl -si {gw}/nope                    # 404: no route matches",
         f"  curl -si -X DELETE {gw}/orders/7      # 405: GET only (see the Allow header)",
+        f"  curl -s http://127.0.0.1:{os.environ[ADMIN_ENV]}/upstreams  # admin API: targets, health; also /metrics",
         "",
         "The origins echo what reached them as JSON. Ctrl-C stops everything.",
         "",
@@ -129,12 +130,13 @@ def run_demo() -> int:
     except ValueError as exc:
         print(f"bastion demo: {exc}", file=sys.stderr)
         return 1
-    busy = [p for p in [int(os.environ[GATEWAY_ENV])] + [o.port for o in ORIGINS] if not _port_free(p)]
+    ports = [int(os.environ[GATEWAY_ENV]), int(os.environ[ADMIN_ENV])] + [o.port for o in ORIGINS]
+    busy = [p for p in ports if not _port_free(p)]
     if busy:
         names = ", ".join(str(p) for p in busy)
         print(
             f"bastion demo: port {names} already in use on 127.0.0.1; "
-            f"pick others with {GATEWAY_ENV}, {', '.join(o.env for o in ORIGINS)}",
+            f"pick others with {GATEWAY_ENV}, {ADMIN_ENV}, {', '.join(o.env for o in ORIGINS)}",
             file=sys.stderr,
         )
         return 1
