@@ -6,8 +6,10 @@ the test sent; drains are checked by where requests land (the origins' X-Origin 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -146,6 +148,22 @@ def test_health_readiness_status_and_routes(admin_gateway: Callable[..., Any]) -
         "plugins": [],
     }
     assert routes[0]["plugins"] == ["key_auth"]
+
+
+def test_readiness_turns_503_while_the_gateway_drains(admin_gateway: Callable[..., Any]) -> None:
+    admin, _, _ = admin_gateway(routes=[{"name": "slow", "match": {"path": "/delay"}, "upstream": "app"}])
+    statuses: list[int] = []
+    slow = threading.Thread(target=lambda: statuses.append(request(admin.gw.port, "GET", "/delay/1500").status))
+    slow.start()
+    wait_for(lambda: total(admin.metrics(), "bastion_upstream_target_in_flight") == 1)
+    stopping = asyncio.run_coroutine_threadsafe(admin.gw.gateway.shutdown(10), admin.gw.loop)
+    wait_for(lambda: admin.call("GET", "/readyz").status == 503)  # still answering, not ready
+    assert admin.call("GET", "/readyz").json()["ready"] is False
+    assert admin.call("GET", "/healthz").status == 200
+    stopping.result(10)
+    slow.join(10)
+    assert statuses == [200]
+    assert _refused(admin.port)  # the admin listener closes last
 
 
 def test_upstreams_show_every_target_with_its_live_state(admin_gateway: Callable[..., Any]) -> None:

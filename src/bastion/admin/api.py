@@ -218,7 +218,7 @@ def _dashboard_file(name: str) -> bytes | None:
     if not name or "/" in name or "\\" in name or name.startswith("."):
         return None
     try:
-        resource = resources.files("bastion.admin").joinpath("dashboard", name)
+        resource = resources.files("bastion.admin").joinpath("dashboard").joinpath(name)
         return resource.read_bytes() if resource.is_file() else None
     except (OSError, ModuleNotFoundError):
         return None
