@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -42,7 +41,6 @@ from bastion.config.build import Snapshot, build_snapshot, close_later
 from bastion.config.loader import LoadedConfig, load_config, load_config_text
 from bastion.config.schema import Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
-from bastion.observability.logs import setup_logging
 from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
@@ -548,33 +546,3 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError) as exc:
         log.warning("could not raise the open files limit: %s", exc)
-
-
-def run_gateway(config_path: str, workers: int | None = None, follow: FollowSettings | None = None) -> int:
-    """The `bastion run` command: validate, then serve in the foreground. Returns the exit code.
-
-    One worker runs in this process; more run under a supervisor (bastion.workers). With
-    `follow` the config comes from Redis (`config_path` is then empty).
-    """
-    if follow is None:
-        try:
-            loaded = load_config(config_path)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                print(problem, file=sys.stderr)
-            return 1
-        setup_logging(loaded.config.log.level)
-    else:
-        setup_logging("info")
-    raise_open_files_limit()
-    if workers is not None and workers > 1:
-        from bastion.workers import supervise
-
-        return supervise(config_path, workers, follow)
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        try:
-            return runner.run(serve(config_path, follow=follow))
-        except ConfigError as exc:
-            for problem in exc.problems:
-                print(problem, file=sys.stderr)
-            return 1

@@ -118,15 +118,15 @@ def run(config: str | None, workers: int, from_redis: str | None, prefix: str, l
         if config is None:
             raise click.UsageError("give a CONFIG file, or --from-redis URL")
         _built_or_exit(_load_or_exit(config))
-        from bastion.app import run_gateway
+        from bastion.workers import run_gateway
 
         sys.exit(run_gateway(config, workers))
     if config is not None:
         raise click.UsageError("give either a CONFIG file or --from-redis URL, not both")
     _check_url(from_redis, "--from-redis")
     _check_prefix(prefix)
-    from bastion.app import run_gateway
     from bastion.cluster.follow import FollowSettings
+    from bastion.workers import run_gateway
 
     sys.exit(run_gateway("", workers, FollowSettings(from_redis, prefix, local_copy)))
 

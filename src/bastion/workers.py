@@ -265,3 +265,34 @@ def supervise(config_path: str, count: int, follow: FollowSettings | None = None
     os.environ[WORKERS_ENV] = str(count)  # the memory store shares rate-limit counters
     log.info("supervisor (pid %d): %d workers on SO_REUSEPORT listeners", os.getpid(), count)
     return Supervisor(config_path, count, follow).run()
+
+
+def run_gateway(config_path: str, workers: int | None = None, follow: FollowSettings | None = None) -> int:
+    """The `bastion run` command: validate, then serve in the foreground. Returns the exit code.
+
+    One worker runs in this process; more run under a supervisor (`supervise`). With
+    `follow` the config comes from Redis (`config_path` is then empty).
+    """
+    from bastion.app import new_event_loop, raise_open_files_limit, serve
+    from bastion.observability.logs import setup_logging
+
+    if follow is None:
+        try:
+            loaded = load_config(config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 1
+        setup_logging(loaded.config.log.level)
+    else:
+        setup_logging("info")
+    raise_open_files_limit()
+    if workers is not None and workers > 1:
+        return supervise(config_path, workers, follow)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        try:
+            return runner.run(serve(config_path, follow=follow))
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 1

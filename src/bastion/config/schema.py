@@ -23,6 +23,25 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A template segment: `{name}`, a whole segment (the router compiles templates with it).
+TEMPLATE_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` is not a usable prefix or template, or None; config checks can reuse it."""
+    seen: set[str] = set()
+    for segment in path[1:].split("/"):
+        if "{" not in segment and "}" not in segment:
+            continue
+        found = TEMPLATE_PARAM.fullmatch(segment)
+        if found is None:
+            return f"segment {segment!r} must be exactly {{name}} (a param is a whole segment)"
+        if found.group(1) in seen:
+            return f"param {{{found.group(1)}}} appears twice"
+        seen.add(found.group(1))
+    return None
+
+
 # --- listeners -------------------------------------------------------------------------------
 
 
@@ -361,8 +380,6 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         unique(upstream.targets, "address", ("upstreams", name, "targets"))
         if upstream.balance != "consistent_hash" and "hash_on" in upstream.model_fields_set:
             problems.append((("upstreams", name, "hash_on"), "only used with balance: consistent_hash"))
-    from bastion.http.router import path_problem  # the router owns template syntax
-
     for index, route in enumerate(config.routes):
         problem = path_problem(route.match.path) if route.match.path else None
         if problem:

@@ -139,7 +139,7 @@ def run_demo() -> int:
         )
         return 1
 
-    from bastion.app import run_gateway
+    from bastion.workers import run_gateway
 
     processes: list[subprocess.Popen[bytes]] = []
     try:

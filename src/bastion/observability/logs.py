@@ -12,11 +12,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, TextIO
-
-if TYPE_CHECKING:
-    from bastion.config.build import Snapshot
-    from bastion.http.exchange import Exchange
+from typing import Any, TextIO
 
 
 class AccessLog:
@@ -24,9 +20,6 @@ class AccessLog:
         self.fd = sys.stdout.fileno() if fd is None else fd
         self._lines: list[str] = []
         self._scheduled = False
-
-    def record(self, exchange: Exchange, snapshot: Snapshot) -> None:
-        self.write(exchange.log_record())
 
     def write(self, record: dict[str, Any]) -> None:
         self._lines.append(json.dumps(record, separators=(",", ":")))

@@ -1,27 +1,26 @@
-"""One HTTP/1.1 connection to a target, driven by the exchange that currently holds it.
+"""One HTTP/1.1 connection to a target: the `UpstreamStream` of http/streams.py for HTTP/1.1.
 
-The connection parses responses with httptools and hands every event straight to its
-`UpstreamListener` (the exchange): head, body chunks, end, failure. Nothing is queued here;
-the exchange relays body bytes to the client as they arrive and applies backpressure by
-pausing this transport. A connection serves one exchange at a time and goes back to its
-pool only when both the request and the response were complete and the upstream allows
-keep-alive.
+The connection frames the request (Content-Length, or chunked when the length is unknown,
+with trailers), parses responses with httptools and hands every event straight to its
+`UpstreamListener` (the exchange): interim heads, the head, body chunks, the end with
+trailers, failure. Nothing is queued here; the exchange relays body bytes to the client as
+they arrive and applies backpressure by pausing this transport. A connection serves one
+exchange at a time and goes back to its pool only when both the request and the response
+were complete and the upstream allows keep-alive.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import httptools
 
 from bastion.errors import GatewayError, UpstreamError, UpstreamTimeout
 from bastion.http.header_policy import DROP_RESPONSE, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Response
-
-if TYPE_CHECKING:
-    from bastion.upstream.pool import ConnectionPool
-
+from bastion.http.streams import UpstreamListener
 
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))  # name no other field
 
@@ -30,20 +29,9 @@ class _BytesAfterResponse(Exception):
     """The upstream sent more after the final response: the connection is not reusable."""
 
 
-class UpstreamListener(Protocol):
-    """What a connection reports to the exchange using it."""
-
-    def upstream_interim(self, response: Response) -> None: ...
-    def upstream_head(self, response: Response, content_length: int | None, keep_alive: bool) -> None: ...
-    def upstream_body(self, data: bytes) -> None: ...
-    def upstream_done(self, keep_alive: bool) -> None: ...
-    def upstream_failed(self, error: GatewayError) -> None: ...
-    def upstream_paused(self, paused: bool) -> None: ...
-
-
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "pool",
+        "on_lost",
         "transport",
         "parser",
         "listener",
@@ -59,6 +47,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_head_seen",
         "_interim",
         "_complete",
+        "_trailers",
+        "_send_chunked",
         "_timer",
         "_deadline",
         "_timeout",
@@ -66,8 +56,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_paused",
     )
 
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, on_lost: Callable[[UpstreamConnection], None]) -> None:
+        self.on_lost = on_lost  # the pool's bookkeeping, told once when the connection closes
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.listener: UpstreamListener | None = None
@@ -83,6 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_seen = False
         self._interim = False
         self._complete = False
+        self._trailers: HeaderList | None = None
+        self._send_chunked = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._timeout = 0.0
@@ -91,25 +83,73 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- used by the pool and the exchange -------------------------------------------------
 
-    def start(self, listener: UpstreamListener, head: bytes, head_only: bool, timeout: float) -> None:
-        """Send a request head; responses now go to `listener`."""
+    def send_head(
+        self,
+        listener: UpstreamListener,
+        method: str,
+        target: str,
+        headers: HeaderList,
+        length: int | None,
+        body: Sequence[bytes],
+        end_stream: bool,
+        timeout: float,
+    ) -> None:
+        """Send a request head (with what body there is, in one write); responses now go to
+        `listener`. A body of unknown length (`length` None, not ended) goes chunked."""
         self.listener = listener
-        self.head_only = head_only
+        self.head_only = method == "HEAD"
         self._head_seen = False
         self._interim = False
         self._complete = False
         self._headers = []
+        self._trailers = None
         self._content_length = None
         self._chunked = False
         self._connection = []
         self._timeout = timeout
         self._deadline = 0.0
+        parts = [method.encode(), b" ", target.encode("latin-1"), b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        chunked = self._send_chunked = length is None and (not end_stream or bool(body))
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n\r\n")
+            parts += [b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in body if chunk]
+            if end_stream:
+                parts.append(b"0\r\n\r\n")
+        else:
+            if length is not None:
+                parts += (b"content-length: ", str(length).encode(), b"\r\n")
+            parts.append(b"\r\n")
+            parts += body
         assert self.transport is not None
-        self.transport.write(head)
+        self.transport.write(b"".join(parts))
+        if end_stream:
+            self.arm_response_timeout()
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+    def send_data(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed and data:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self._send_chunked else data)
+
+    def send_end(self, trailers: Headers | None) -> None:
+        """The request body is complete: its terminator (and trailers), then the response clock."""
+        if self._send_chunked and self.transport is not None and not self.closed:
+            if trailers:
+                parts = [b"0\r\n"]
+                for name, value in trailers.items:
+                    parts += (name, b": ", value, b"\r\n")
+                parts.append(b"\r\n")
+                self.transport.write(b"".join(parts))
+            else:
+                self.transport.write(b"0\r\n\r\n")
+        self.arm_response_timeout()
+
+    def is_available(self) -> bool:
+        """Can take a request now (HTTP/1.1: one at a time, so only when no exchange holds it)."""
+        return not self.closed and self.listener is None
+
+    def is_closed(self) -> bool:
+        return self.closed
 
     def arm_response_timeout(self) -> None:
         """Start the response clock (request fully sent); each read pushes it back.
@@ -182,11 +222,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
         listener = self.listener
         self.listener = None
-        self.pool.connection_lost(self)
+        self.on_lost(self)
         if listener is None or self._complete:
             return
         if exc is None and self._head_seen and self._until_close():
-            listener.upstream_done(False)
+            listener.upstream_end(None, False)
         elif self._head_seen:
             listener.upstream_failed(UpstreamError("The upstream closed the connection mid-response."))
         else:
@@ -209,6 +249,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        if self._head_seen:  # after the head: a trailer of a chunked body
+            if self._trailers is None:
+                self._trailers = []
+            if name not in DROP_RESPONSE:
+                self._trailers.append((name, value))
+            return
         if name == b"content-length":
             self._content_length = int(value)
         elif name == b"transfer-encoding":
@@ -242,7 +288,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._head_seen = True
         keep_alive = self.parser.should_keep_alive()
-        listener.upstream_head(Response(status, Headers(headers), reason), self._content_length, keep_alive)
+        listener.upstream_head(Response(status, Headers(headers), reason), self._content_length)
         if self.head_only:
             # A response to HEAD has no body whatever its framing headers say; httptools cannot
             # be told, so the parser is replaced to start clean at the next response.
@@ -251,7 +297,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.listener is not None:
-            self.listener.upstream_body(body)
+            self.listener.upstream_data(body)
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -271,7 +317,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete = True
         listener = self.listener
         if listener is not None:
-            listener.upstream_done(keep_alive)
+            trailers = self._trailers
+            listener.upstream_end(Headers(trailers) if trailers else None, keep_alive)
 
     def _fail(self, error: GatewayError) -> None:
         listener = self.listener

@@ -144,7 +144,7 @@ class ConnectionPool:
         host, port = self.address
         try:
             async with asyncio.timeout(self.limits.connect_timeout):
-                _, conn = await loop.create_connection(lambda: UpstreamConnection(self), host, port)
+                _, conn = await loop.create_connection(lambda: UpstreamConnection(self.connection_lost), host, port)
         except TimeoutError:
             raise UpstreamConnectTimeout() from None
         except OSError as exc:
