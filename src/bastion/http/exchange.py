@@ -358,19 +358,14 @@ class Exchange:
         elif self.expect_continue and not self.body_complete and self.bytes_in == 0 and not self._continue_sent:
             self._continue_sent = True
             self.downstream.send_continue()
+        trailers = self._req_trailers  # the whole body came before the connection, with trailers
+        ended = self.body_complete and trailers is None
         conn.send_head(
-            self,
-            request.method,
-            path,
-            headers,
-            request.content_length,
-            body,
-            self.body_complete,
-            route.upstream.response_timeout,
+            self, request.method, path, headers, request.content_length, body, ended, route.upstream.response_timeout
         )
         self.conn = conn
-        if self.body_complete and self._req_trailers is not None:
-            conn.send_end(self._req_trailers)
+        if trailers is not None:
+            conn.send_end(trailers)
         if self._paused_client:
             self._paused_client = False
             self.downstream.resume_reading()
