@@ -41,6 +41,7 @@ from bastion.config.build import Snapshot, build_snapshot, close_later
 from bastion.config.loader import LoadedConfig, load_config, load_config_text
 from bastion.config.schema import Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
+from bastion.net.protocols import new_protocol
 from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
@@ -179,11 +180,9 @@ class Gateway:
             self.servers[bind] = server
             log.info("listener %s (%s) on http://%s", listener.name, listener.protocol, bind)
 
-    def _factory(self, bind: str) -> Callable[[], H1Server]:
-        def make() -> H1Server:
-            return H1Server(self, self.listeners[bind])
-
-        return make
+    def _factory(self, bind: str) -> Callable[[], asyncio.BaseProtocol]:
+        # The listener's settings are looked up at each accept: a reload changes them.
+        return lambda: new_protocol(self, self.listeners[bind])
 
     async def reload(self, consumers_only: bool = False) -> bool:
         """Build the config again and swap it in; on any error keep the running one.

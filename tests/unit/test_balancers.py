@@ -475,6 +475,9 @@ class FakeConn:
     def close(self) -> None:
         self.closed = True
 
+    def is_available(self) -> bool:
+        return not self.closed
+
 
 def fake_pool(max_connections: int, queue_size: int, timeout: float = 1.0) -> ConnectionPool:
     pool = ConnectionPool(HostPort("10.0.0.1", 80), PoolLimits(max_connections, 10, 60.0, 1.0))

@@ -1,4 +1,4 @@
-"""Keep-alive connections to one target, with a cap on how many are open and a bounded queue.
+"""Keep-alive connections to one target (`PooledConnection`s of http/streams.py), with a cap on how many are open and a bounded queue.
 
 Bookkeeping is synchronous (which idle connection to reuse, whether one may be opened, who
 is next in the queue); only opening a connection and waiting in the queue await. Idle
@@ -80,7 +80,7 @@ class ConnectionPool:
         deadline = asyncio.get_running_loop().time() - self.limits.idle_timeout
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.idle_since >= deadline:
+            if conn.is_available() and conn.idle_since >= deadline:
                 return conn
             conn.close()
         return None
@@ -161,7 +161,7 @@ class ConnectionPool:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Give a connection back after an exchange; close it unless it can serve again."""
         conn.detach()
-        if not reusable or conn.closed or self._closing:
+        if not reusable or not conn.is_available() or self._closing:
             conn.close()  # connection_lost frees the slot for a waiter
             return
         self._reuse(conn)
