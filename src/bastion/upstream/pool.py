@@ -1,4 +1,6 @@
-"""Keep-alive connections to one target (`PooledConnection`s of http/streams.py), with a cap on how many are open and a bounded queue.
+"""Keep-alive connections to one target, with a cap on how many are open and a bounded queue.
+Connections are seen through `PooledConnection` (http/streams.py): `is_available()` says
+whether one can take a request now.
 
 Bookkeeping is synchronous (which idle connection to reuse, whether one may be opened, who
 is next in the queue); only opening a connection and waiting in the queue await. Idle
