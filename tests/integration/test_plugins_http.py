@@ -67,6 +67,7 @@ def test_preflight_from_other_origins(gateway: Start, origin: OriginHandle, bad:
     assert reply.status == 403
     assert reply.json()["error"] == "cors_forbidden"
     assert not [k for k, _ in reply.headers if k.lower().startswith("access-control-")]
+    assert reply.header_all("Vary") == ["Origin"]  # once, not again by the response hook
 
 
 def test_actual_requests(gateway: Start, origin: OriginHandle) -> None:
@@ -206,7 +207,7 @@ def test_python_plugin_runs_in_process(gateway: Start, origin: OriginHandle) -> 
 
 def test_python_plugin_config_errors_point_at_lines(gateway: Start, origin: OriginHandle) -> None:
     plugins = [
-        {"python": {"module": f"{HERE}:Stamp", "config": {"header": "", "colour": "red"}}},
+        {"python": {"module": f"{HERE}:Stamp", "config": {"header": "", "colour": "red", "valeu": "x"}}},
         {"python": {"module": "no_such_module_anywhere:Thing"}},
         {"python": {"module": f"{HERE}:NotAPlugin"}},
         {"python": {"module": "not a target"}},
@@ -215,7 +216,10 @@ def test_python_plugin_config_errors_point_at_lines(gateway: Start, origin: Orig
         gateway(targets=[origin.port], plugins=plugins)
     text = "\n".join(caught.value.problems)
     assert re.search(r"gw0\.yaml:\d+: plugins\[0\]\.python\.config\.header: String should have at least 1", text)
-    assert re.search(r"gw0\.yaml:\d+: plugins\[0\]\.python\.config\.colour: Extra inputs are not permitted", text)
+    assert re.search(
+        r"gw0\.yaml:\d+: plugins\[0\]\.python\.config\.colour: unknown key \(expected one of: header,", text
+    )
+    assert re.search(r"plugins\[0\]\.python\.config\.valeu: unknown key \(did you mean 'value'\?\)", text)
     assert re.search(r"plugins\[1\]\.python\.module: cannot import no_such_module_anywhere", text)
     assert re.search(r"plugins\[2\]\.python\.module: .* is not a subclass of bastion\.pipeline\.Plugin", text)
     assert re.search(r"plugins\[3\]\.python\.module: String should match pattern", text)
