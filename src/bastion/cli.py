@@ -21,7 +21,6 @@ import click
 
 from bastion import __version__
 from bastion.config.loader import LoadedConfig, load_config
-from bastion.config.schema import Config
 from bastion.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
@@ -230,11 +229,10 @@ def routes(config: str, request: str | None, headers: tuple[str, ...]) -> None:
 
 @cli.command()
 def schema() -> None:
-    """Print the config's JSON Schema (point your editor's YAML support at it)."""
-    body = Config.model_json_schema()
-    body.pop("title", None)
-    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Bastion config", **body}
-    click.echo(json.dumps(document, indent=2))
+    """Print the config's JSON Schema, plugin settings included (point your editor's YAML support at it)."""
+    from bastion.config.json_schema import config_schema
+
+    click.echo(json.dumps(config_schema(), indent=2))
 
 
 @cli.command()
