@@ -235,6 +235,13 @@ def test_acl_next_to_an_unknown_plugin_is_not_judged() -> None:
     assert found == ["gw.yaml:9: plugins[0].key_authh: unknown plugin (did you mean 'key_auth'?)"]
 
 
+def test_acl_next_to_a_failing_python_plugin_is_not_judged() -> None:
+    # The custom class might have been the authentication plugin: its class is unknown.
+    found = problems('plugins:\n  - python: { module: "no_such_module_here:Auth" }\n  - acl: { allow_groups: [x] }\n')
+    assert len(found) == 1
+    assert found[0].startswith("gw.yaml:9: plugins[0].python.module: cannot import no_such_module_here")
+
+
 def test_jwt_refuses_none_and_mixed_key_types() -> None:
     secret = "x" * 32
     text = "\n".join(
