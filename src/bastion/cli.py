@@ -15,13 +15,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
-from urllib.parse import urlsplit
 
 import click
 
 from bastion import __version__
 from bastion.config.loader import LoadedConfig, load_config
-from bastion.config.schema import Config
 from bastion.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
@@ -171,26 +169,50 @@ def _parse_header(value: str) -> tuple[str, str]:
     return name.strip(), rest.strip()
 
 
-def _parse_request(text: str) -> tuple[str, str, str]:
-    """'GET http://host:8080/path?q' -> ('GET', 'host', '/path'); a bare '/path' means any host."""
+def _explained_request(text: str, headers: Sequence[tuple[str, str]]) -> tuple[str, str, str]:
+    """'GET http://host:8080/path?q' and the -H headers -> (method, routing host, normalised path),
+    read the way the gateway reads the request curl sends for them. Raises BadRequest.
+
+    As with curl, the URL's host is the `Host` header unless -H 'Host: ...' gives one; a bare
+    '/path' without a Host header means no host (only routes without `hosts` fit). The host and
+    the path go through the gateway's own parsing (http.paths): a trailing dot is dropped, the
+    port ignored, case folded, and whatever the gateway refuses with 400 is refused here too."""
+    from bastion.http.paths import parse_target, request_host
+
     parts = text.split(None, 1)
     if len(parts) != 2:
         raise click.BadParameter(f"{text!r} is not 'METHOD URL', e.g. 'GET http://api.example.com/v1/users'")
     method, url = parts[0].upper(), parts[1].strip()
     if not url.startswith("/") and "://" not in url:
         url = "http://" + url
-    split = urlsplit(url)
-    return method, (split.hostname or "").lower(), split.path or "/"
+    path, _, authority = parse_target(url.encode("latin-1"))
+    fields = [value.encode("latin-1") for name, value in headers if name.lower() == "host"]
+    if fields:
+        host, _ = request_host(None, fields, http11=True)
+    else:
+        host = authority[0] if authority is not None else ""
+    return method, host, path
 
 
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--explain", "request", metavar="'METHOD URL'", help="Say which route this request matches, and why.")
-@click.option("-H", "--header", "headers", multiple=True, metavar="'Name: value'", help="A request header (repeat).")
+@click.option(
+    "--explain",
+    "request",
+    metavar="'METHOD URL'",
+    help="Say which route this request matches, and why (the URL as given to curl).",
+)
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="'Name: value'",
+    help="A request header (repeat); 'Host: ...' replaces the URL's host, as with curl.",
+)
 def routes(config: str, request: str | None, headers: tuple[str, ...]) -> None:
     """Print the compiled route table in match order; with --explain, trace one request."""
     from bastion.http.model import Headers
-    from bastion.http.paths import normalize_path
     from bastion.http.router import Router
 
     loaded = _load_or_exit(config)
@@ -205,16 +227,16 @@ def routes(config: str, request: str | None, headers: tuple[str, ...]) -> None:
         if headers:
             raise click.UsageError("-H only makes sense with --explain")
         return
-    method, host, raw_path = _parse_request(request)
+    pairs = [_parse_header(value) for value in headers]
     try:
-        path = normalize_path(raw_path)
+        method, host, path = _explained_request(request, pairs)
     except BadRequest as exc:
         click.echo("")
         click.echo(f"=> 400 {exc.message}")
         return
     header_map = Headers()
-    for value in headers:
-        header_map.add(*_parse_header(value))
+    for name, value in pairs:
+        header_map.add(name, value)
     click.echo("")
     click.echo(f"{method} host={host or '(none)'} path={path}")
     explanation = router.explain(method, host, path, header_map)
@@ -230,11 +252,10 @@ def routes(config: str, request: str | None, headers: tuple[str, ...]) -> None:
 
 @cli.command()
 def schema() -> None:
-    """Print the config's JSON Schema (point your editor's YAML support at it)."""
-    body = Config.model_json_schema()
-    body.pop("title", None)
-    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Bastion config", **body}
-    click.echo(json.dumps(document, indent=2))
+    """Print the config's JSON Schema, plugin settings included (point your editor's YAML support at it)."""
+    from bastion.config.json_schema import config_schema
+
+    click.echo(json.dumps(config_schema(), indent=2))
 
 
 @cli.command()

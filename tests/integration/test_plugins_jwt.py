@@ -268,6 +268,30 @@ def test_jwt_consumer_then_acl(gateway: Start, origin: OriginHandle) -> None:
     refused(request(gw.port, headers=bearer(hs256(claims(sub="web-1")))), 403, "forbidden")
 
 
+def test_acl_401_carries_the_routes_challenges(gateway: Start, origin: OriginHandle) -> None:
+    """jwt without consumer_claim accepts a token but names no consumer: acl's 401 then says
+    how to authenticate, as every 401 must (RFC 9110 15.5.2), with its route's challenges."""
+    routes = [
+        {"name": "one", "match": {"path": "/one"}, "upstream": "app"},
+        {
+            "name": "two",
+            "match": {"path": "/two"},
+            "upstream": "app",
+            "plugins": [{"jwt": {"secret": SECRET, "realm": "b"}}],
+        },
+    ]
+    plugins = [{"jwt": {"secret": SECRET, "realm": "a"}}, {"acl": {"allow_groups": ["x"]}}]
+    gw = gateway(targets=[origin.port], plugins=plugins, routes=routes)
+    token = bearer(hs256(claims()))
+    one = request(gw.port, path="/one", headers=token)
+    refused(one, 401, "unauthenticated")
+    assert one.header_all("WWW-Authenticate") == ['Bearer realm="a"']
+    two = request(gw.port, path="/two", headers=token)
+    refused(two, 401, "unauthenticated")
+    assert two.header_all("WWW-Authenticate") == ['Bearer realm="a"', 'Bearer realm="b"']
+    assert origin.origin.requests == 0
+
+
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: \S")
 
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from bastion.config.loader import model_problems, suggest
 from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
 from bastion.observability.logs import AccessLog
-from bastion.pipeline import BuildEnv, Plugin, PluginProblems
+from bastion.pipeline import BuildEnv, Plugin, PluginConfigError, PluginProblems
 from bastion.plugins import plugin_class, plugin_names
 from bastion.plugins.consumers import ConsumerIndex
 from bastion.store.base import Store
@@ -111,20 +112,31 @@ class Snapshot:
         return {t.key for u in self.upstreams.values() for t in u.targets}
 
 
+_BASE_CREATE = getattr(Plugin.create, "__func__", None)
+
+
 class PluginBuilder:
     """Instantiates plugin entries, collecting every error with its location.
 
     Each plugin gets a `BuildEnv`: the consumers index and the store are shared by the
     whole snapshot, the scope says whether the entry is global or belongs to a route.
+
+    An entry with problems still takes its place in the chain, as an uninitialised instance
+    of its class (a placeholder), so that the chain checks (`acl` needs authentication) are
+    reported in the same round as the entries' own problems, and not wrongly: an `acl` after
+    a `key_auth` with a typo still has its authentication plugin. A `python` entry that fails
+    has no known class; the chains it is in are not checked.
     """
 
     def __init__(self, loaded: LoadedConfig, consumers: ConsumerIndex, store: Store) -> None:
         self.loaded = loaded
         self.consumers = consumers
         self.store = store
-        self.problems: list[str] = []
+        self.problems: list[tuple[Loc, str]] = []
         self.instances: list[Plugin] = []
         self.locations: dict[int, Loc] = {}  # id(plugin) -> its entry's key path
+        self.placeholders: set[int] = set()  # ids of entries that failed, standing in for chain checks
+        self.incomplete: set[Loc] = set()  # entry lists holding an entry of unknown kind
 
     def build(self, entries: Sequence[PluginEntry], loc: Loc, scope: str = "") -> list[Plugin]:
         env = BuildEnv(self.consumers, self.store, scope, self.loaded.path)
@@ -132,40 +144,71 @@ class PluginBuilder:
         for index, entry in enumerate(entries):
             here = (*loc, index)
             if not isinstance(entry, dict) or len(entry) != 1:
-                self.problems.append(self.loaded.where(here, "a plugin entry is {NAME: {...config}}"))
+                self.problems.append((here, "a plugin entry is {NAME: {...config}}"))
+                self.incomplete.add(loc)
                 continue
             ((name, raw),) = entry.items()
             cls = plugin_class(name)
             if cls is None:
-                known = ", ".join(plugin_names())
-                self.problems.append(self.loaded.where((*here, name), f"unknown plugin (known: {known})"))
+                self.problems.append(((*here, name), suggest("plugin", name, plugin_names())))
+                self.incomplete.add(loc)
                 continue
-            try:
-                plugin = cls.create(raw, env)
-            except ValidationError as exc:
-                for error in exc.errors():
-                    message = str(error["msg"]).removeprefix("Value error, ")
-                    self.problems.append(self.loaded.where((*here, name, *error["loc"]), message))
-                continue
-            except PluginProblems as exc:
-                for sub, message in exc.problems:
-                    self.problems.append(self.loaded.where((*here, name, *sub), message))
-                continue
-            except (ValueError, TypeError) as exc:
-                self.problems.append(self.loaded.where((*here, name), str(exc)))
-                continue
+            plugin = self._create(cls, raw, env, (*here, name))
+            if plugin is None:
+                if getattr(cls.create, "__func__", None) is not _BASE_CREATE:
+                    self.incomplete.add(loc)  # python: the class it would have built is unknown
+                    continue
+                plugin = cls.__new__(cls)
+                self.placeholders.add(id(plugin))
+            else:
+                self.instances.append(plugin)
             plugins.append(plugin)
-            self.instances.append(plugin)
             self.locations[id(plugin)] = (*here, name)
         return plugins
 
-    def check_chain(self, chain: Sequence[Plugin], route: str) -> None:
-        """Let each plugin object to the chain it ended up in (reported once per plugin and route)."""
+    def _create(self, cls: type[Plugin], raw: Any, env: BuildEnv, at: Loc) -> Plugin | None:
+        """The plugin, or None with its problems recorded."""
+        loaded = self.loaded
+        try:
+            return cls.create(raw, env)
+        except ValidationError as exc:
+            found = [((*at, *sub), message) for sub, message in model_problems(exc, cls.Config, _secret(loaded, at))]
+        except PluginConfigError as exc:
+            inner = (*at, *exc.prefix)
+            found = [
+                ((*inner, *sub), message)
+                for sub, message in model_problems(exc.error, exc.model, _secret(loaded, inner))
+            ]
+        except PluginProblems as exc:
+            found = [((*at, *sub), message) for sub, message in exc.problems]
+        except (ValueError, TypeError) as exc:
+            found = [(at, str(exc))]
+        self.problems.extend(found)
+        return None
+
+    def check_chain(self, chain: Sequence[Plugin], route: str, complete: bool) -> None:
+        """Let each plugin object to the chain it ended up in (reported once per plugin and route).
+
+        `complete` is False when an entry of unknown kind failed: then there is nothing to check."""
+        if not complete:
+            return
         for plugin in chain:
+            if id(plugin) in self.placeholders:
+                continue
             problem = plugin.check_chain(chain)
             if problem is not None:
                 where = self.locations.get(id(plugin), ())
-                self.problems.append(self.loaded.where(where, f"{problem} (route {route!r})"))
+                self.problems.append((where, f"{problem} (route {route!r})"))
+
+    def error(self) -> ConfigError:
+        """Every problem as `FILE:LINE: key.path: message`, sorted by line like the loader's."""
+        lines = {loc: self.loaded.line_of(loc) or 0 for loc, _ in self.problems}
+        ordered = sorted(self.problems, key=lambda problem: lines[problem[0]])
+        return ConfigError(list(dict.fromkeys(self.loaded.where(loc, message) for loc, message in ordered)))
+
+
+def _secret(loaded: LoadedConfig, at: Loc) -> Callable[[Loc], bool]:
+    return lambda sub: loaded.from_environment((*at, *sub))
 
 
 def order_plugins(global_plugins: Sequence[Plugin], route_plugins: Sequence[Plugin]) -> list[Plugin]:
@@ -216,17 +259,21 @@ class _Built:
                 consumer_problems.append((loc, message))
         self.store = make_store(config, loaded.path)
         builder = PluginBuilder(loaded, self.consumers, self.store)
-        builder.problems.extend(loaded.where(loc, message) for loc, message in consumer_problems)
+        builder.problems.extend(consumer_problems)
         global_plugins = builder.build(config.plugins, ("plugins",))
         route_plugins = [
             builder.build(route.plugins, ("routes", i, "plugins"), route.name) for i, route in enumerate(config.routes)
         ]
         self.chains = [order_plugins(global_plugins, route_plugins[i]) for i in range(len(config.routes))]
-        if not builder.problems:
-            for route, chain in zip(config.routes, self.chains, strict=True):
-                builder.check_chain(chain, route.name)
+        global_complete = ("plugins",) not in builder.incomplete
+        for i, (route, chain) in enumerate(zip(config.routes, self.chains, strict=True)):
+            complete = global_complete and ("routes", i, "plugins") not in builder.incomplete
+            builder.check_chain(chain, route.name, complete)
         if builder.problems:
-            raise ConfigError(list(dict.fromkeys(builder.problems)))
+            raise builder.error()
+        for route, chain in zip(config.routes, self.chains, strict=True):
+            for plugin in chain:
+                plugin.prepare_route(route.name, chain)
         self.instances = builder.instances
 
 

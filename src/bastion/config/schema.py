@@ -9,9 +9,9 @@ together with the model's own errors.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from bastion.config.types import Address, Duration, HostPort, Size
 
@@ -90,18 +90,20 @@ class Listener(Model):
 
 
 class Target(Model):
-    address: Address
+    address: Address = Field(description="host:port of the target.")
     weight: int = Field(1, ge=0, le=10000, description="Share of traffic; 0 takes the target out of rotation.")
     backup: bool = Field(False, description="Used only when no primary target is healthy.")
 
 
 class ActiveHealthCheck(Model):
-    type: Literal["http", "tcp"] = "http"
-    path: str = "/"
+    type: Literal["http", "tcp"] = Field("http", description="http: GET path, status checked; tcp: connect only.")
+    path: str = Field("/", description="Path of http probes.")
     host: str | None = Field(None, description="Host header for http checks; default: the target address.")
-    statuses: list[int] = Field(default_factory=lambda: list(range(200, 400)), min_length=1)
-    interval: Duration = 5.0
-    timeout: Duration = 1.0
+    statuses: list[int] = Field(
+        default_factory=lambda: list(range(200, 400)), min_length=1, description="Statuses that count as healthy."
+    )
+    interval: Duration = Field(5.0, description="Time between probes of one target.")
+    timeout: Duration = Field(1.0, description="A probe that takes longer has failed.")
     healthy: int = Field(2, ge=1, description="Consecutive successes to mark a target healthy.")
     unhealthy: int = Field(2, ge=1, description="Consecutive failures to mark a target unhealthy.")
 
@@ -119,12 +121,12 @@ class PassiveHealthCheck(Model):
 
 
 class HealthCheck(Model):
-    active: ActiveHealthCheck | None = None
-    passive: PassiveHealthCheck | None = None
+    active: ActiveHealthCheck | None = Field(None, description="Probes sent to every target; omitted: none.")
+    passive: PassiveHealthCheck | None = Field(None, description="Ejection after failed requests; omitted: none.")
 
 
 class Sticky(Model):
-    cookie: str = Field("bastion_affinity", pattern=_TOKEN.pattern)
+    cookie: str = Field("bastion_affinity", pattern=_TOKEN.pattern, description="Name of the affinity cookie.")
     ttl: Duration = Field(3600.0, description="Cookie lifetime (Max-Age); 0: a session cookie.")
     secret: str | None = Field(
         None,
@@ -135,20 +137,22 @@ class Sticky(Model):
 
 class Retries(Model):
     attempts: int = Field(1, ge=0, le=10, description="Retries after the first try (0 disables).")
-    on_statuses: list[Literal[502, 503, 504]] = Field(default_factory=list)
+    on_statuses: list[Literal[502, 503, 504]] = Field(
+        default_factory=list, description="Upstream statuses that are retried too (besides connection failures)."
+    )
     budget: float = Field(0.2, ge=0.0, le=1.0, description="Retries allowed as a share of live requests.")
     min_retries_per_second: int = Field(10, ge=0, description="Retries always allowed, budget or not.")
 
 
 class UpstreamTimeouts(Model):
-    connect: Duration = 5.0
+    connect: Duration = Field(5.0, description="Longest wait for a connection to a target.")
     response: Duration = Field(60.0, description="From request sent to response head, and between body reads.")
     idle: Duration = Field(60.0, description="How long an idle pooled connection is kept.")
 
 
 class Queue(Model):
     size: int = Field(0, ge=0, description="Requests that may wait for a connection slot; 0: none.")
-    timeout: Duration = 1.0
+    timeout: Duration = Field(1.0, description="Longest wait in the queue; then 503.")
 
 
 class Upstream(Model):
@@ -182,9 +186,11 @@ class RouteMatch(Model):
     hosts: list[str] = Field(default_factory=list, description="Exact or *.wildcard hosts; empty: any host.")
     path: str | None = Field(None, description="Prefix at a segment boundary, or a template with {name}.")
     path_exact: str | None = Field(None, description="This path only: no prefix, no params.")
-    path_regex: str | None = None
-    methods: list[str] = Field(default_factory=list)
-    headers: dict[str, str] = Field(default_factory=dict)
+    path_regex: str | None = Field(None, description="Python regular expression matched from the path's start.")
+    methods: list[str] = Field(default_factory=list, description="Methods; empty: any (GET also accepts HEAD).")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Header fields that must have exactly this value."
+    )
 
     @field_validator("hosts")
     @classmethod
@@ -239,17 +245,24 @@ class RouteMatch(Model):
         return self
 
 
-PluginEntry = dict[str, Any]
+# The JSON Schema of an entry depends on the plugin registry, which this module does not
+# import: the marker is replaced by every plugin's own schema in config/json_schema.py.
+PLUGIN_ENTRY_MARKER = "x-bastion-plugin-entry"
+PluginEntry = Annotated[dict[str, Any], WithJsonSchema({"type": "object", PLUGIN_ENTRY_MARKER: True})]
 """`{NAME: {...config}}`; validated against the plugin registry when the snapshot is built."""
 
 
 class Route(Model):
-    name: str = Field(min_length=1)
-    match: RouteMatch = RouteMatch()
-    upstream: str
-    strip_prefix: str | None = None
+    name: str = Field(min_length=1, description="Unique name, shown by bastion routes and in the access log.")
+    match: RouteMatch = Field(RouteMatch(), description="Conditions a request must meet; omitted: every request.")
+    upstream: str = Field(description="Name of the upstream the route forwards to.")
+    strip_prefix: str | None = Field(
+        None, description="Leading path prefix removed before forwarding (at a / boundary)."
+    )
     preserve_host: bool = Field(True, description="Send the client's Host upstream (else the target's).")
-    plugins: list[PluginEntry] = Field(default_factory=list)
+    plugins: list[PluginEntry] = Field(
+        default_factory=list, description="Plugins of this route, run after the global ones of the same stage."
+    )
 
     @field_validator("strip_prefix")
     @classmethod
@@ -263,7 +276,7 @@ class Route(Model):
 
 
 class KeyCredential(Model):
-    key: str | None = Field(None, min_length=1)
+    key: str | None = Field(None, min_length=1, description="The API key (better from the environment: ${NAME}).")
     key_sha256: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="The key's SHA-256 digest (hex), instead of the key itself."
     )
@@ -276,24 +289,26 @@ class KeyCredential(Model):
 
 
 class BasicCredential(Model):
-    username: str = Field(min_length=1)
+    username: str = Field(min_length=1, description="The user name.")
     password_hash: str = Field(description="bcrypt ($2b$...) or argon2 ($argon2id$...) hash.")
 
 
 class JwtCredential(Model):
-    subject: str = Field(min_length=1)
+    subject: str = Field(min_length=1, description="A token whose consumer_claim equals this names the consumer.")
 
 
 class Credentials(Model):
-    key_auth: list[KeyCredential] = Field(default_factory=list)
-    basic_auth: list[BasicCredential] = Field(default_factory=list)
-    jwt: list[JwtCredential] = Field(default_factory=list)
+    key_auth: list[KeyCredential] = Field(default_factory=list, description="API keys for key_auth.")
+    basic_auth: list[BasicCredential] = Field(default_factory=list, description="Users for basic_auth.")
+    jwt: list[JwtCredential] = Field(default_factory=list, description="JWT subjects for jwt.")
 
 
 class Consumer(Model):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._~-]+$")
-    groups: list[str] = Field(default_factory=list)
-    credentials: Credentials = Credentials()
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9._~-]+$", description="Unique name, sent upstream as X-Consumer."
+    )
+    groups: list[str] = Field(default_factory=list, description="Groups, for acl.")
+    credentials: Credentials = Field(Credentials(), description="Credentials per authentication plugin.")
 
 
 # --- the rest ---------------------------------------------------------------------------------
@@ -349,7 +364,9 @@ class Config(Model):
     listeners: list[Listener] = Field(min_length=1)
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
-    plugins: list[PluginEntry] = Field(default_factory=list)
+    plugins: list[PluginEntry] = Field(
+        default_factory=list, description="Global plugins, on every route: entries { NAME: { ...settings } }."
+    )
     consumers: list[Consumer] = Field(default_factory=list)
     admin: Admin = Admin()
     cluster: Cluster | None = None
