@@ -1,0 +1,1 @@
+"""Transport-level pieces shared by protocols: the byte relay."""
