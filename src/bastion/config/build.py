@@ -50,6 +50,9 @@ class RouteRuntime:
         "request_plugins",
         "response_plugins",
         "log_plugins",
+        "websocket",
+        "websocket_idle_timeout",
+        "websocket_max_duration",
     )
 
     def __init__(self, route: Route, upstream: UpstreamRuntime, plugins: Sequence[Plugin]) -> None:
@@ -62,6 +65,9 @@ class RouteRuntime:
         self.request_plugins = tuple(p for p in plugins if _overrides(p, "on_request"))
         self.response_plugins = tuple(p for p in reversed(plugins) if _overrides(p, "on_response"))
         self.log_plugins = tuple(p for p in plugins if _overrides(p, "on_log"))
+        self.websocket = route.websocket
+        self.websocket_idle_timeout = route.websocket_idle_timeout or None  # None: off
+        self.websocket_max_duration = route.websocket_max_duration or None
 
 
 class Snapshot:

@@ -263,6 +263,17 @@ class Route(Model):
     plugins: list[PluginEntry] = Field(
         default_factory=list, description="Plugins of this route, run after the global ones of the same stage."
     )
+    websocket: bool = Field(
+        False,
+        description="Allow WebSocket upgrades on this route: the handshake goes through the route's plugins, "
+        "then bytes are relayed both ways. Without it an Upgrade request is forwarded as a plain request.",
+    )
+    websocket_idle_timeout: Duration = Field(
+        300.0, description="A WebSocket with no byte in either direction for this long is closed; 0: never."
+    )
+    websocket_max_duration: Duration = Field(
+        0.0, description="A WebSocket open this long is closed, busy or not; 0: no limit."
+    )
 
     @field_validator("strip_prefix")
     @classmethod
@@ -404,6 +415,10 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         if route.upstream not in config.upstreams:
             known = ", ".join(sorted(config.upstreams)) or "none defined"
             problems.append((("routes", index, "upstream"), f"no upstream named {route.upstream!r} ({known})"))
+        if not route.websocket:
+            for key in ("websocket_idle_timeout", "websocket_max_duration"):
+                if key in route.model_fields_set:
+                    problems.append((("routes", index, key), "only used with websocket: true"))
         prefix = route.strip_prefix
         path = route.match.path
         if prefix and path and "{" not in path and not (path == prefix or path.startswith(prefix + "/")):
