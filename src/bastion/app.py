@@ -432,6 +432,11 @@ class Gateway:
             log.warning("drain timeout: closing %d connections still busy", len(self.connections))
         for conn in list(self.connections):
             conn.abort()
+        # Cut connections end within a loop turn or two; a relayed one (WebSocket) when its
+        # relay has closed both sides, which is when its access log line is written.
+        cut_deadline = loop.time() + 1.0
+        while self.connections and loop.time() < cut_deadline:
+            await asyncio.sleep(0.01)
         await self.health.close()
         for task in list(self._tasks):
             task.cancel()

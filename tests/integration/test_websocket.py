@@ -4,9 +4,6 @@ The data-plane tests run against two fronts: the gateway, and `RelayFront` (ws_s
 bare proxy over the same `bastion.net.relay` that the gateway uses after a 101. The second
 shows that the tests and the relay are right on their own; the first that the gateway is.
 
-Tests marked NEEDS_EXCHANGE wait for the exchange to handle Upgrade (handshake through the
-plugins, 101 relayed, the connection handed to the relay); the lead removes the marks when it
-lands. Tests without the mark hold today and must keep holding.
 """
 
 from __future__ import annotations
@@ -26,8 +23,6 @@ from bastion.config.types import parse_duration
 from support import GatewayProcess, GatewayThread, free_port, request, simple_config, write_config
 from ws_support import BLOCK, MIB, RelayFront, WsOrigin, wait_steady, wait_until, ws_connect
 
-NEEDS_EXCHANGE = pytest.mark.xfail(reason="needs exchange Upgrade support (lead)", strict=True)
-
 # What a slow reader may cost in this process (gateway, origin and client together) while the
 # other side tries to push 64 MiB through; without backpressure most of it would pile up.
 MEMORY_BOUND = 24 * MIB
@@ -42,7 +37,7 @@ def ws_route(**extra: Any) -> dict[str, Any]:
     return {"name": "chat", "match": {"path": "/"}, "upstream": "app", "websocket": True, **extra}
 
 
-@pytest.fixture(params=[pytest.param("gateway", marks=NEEDS_EXCHANGE), "relay"])
+@pytest.fixture(params=["gateway", "relay"])
 def front(request: pytest.FixtureRequest, gateway: StartGateway, ws_origin: StartOrigin) -> Iterator[StartFront]:
     """Factory: `front(idle_timeout="300ms")` -> (port to connect to, the origin behind it)."""
     relays: list[RelayFront] = []
@@ -213,7 +208,6 @@ def test_a_handshake_without_a_key_is_refused_and_never_upgraded(gateway: StartG
     assert origin.requests == []  # the origin never saw the handshake
 
 
-@NEEDS_EXCHANGE
 def test_a_handshake_with_a_key_upgrades_and_the_origin_sees_the_consumer(
     gateway: StartGateway, ws_origin: StartOrigin
 ) -> None:
@@ -227,7 +221,6 @@ def test_a_handshake_with_a_key_upgrades_and_the_origin_sees_the_consumer(
     assert headers["X-Forwarded-For"] == "127.0.0.1"
 
 
-@NEEDS_EXCHANGE
 def test_a_refused_handshake_reaches_the_client_as_the_origin_sent_it(
     gateway: StartGateway, ws_origin: StartOrigin
 ) -> None:
@@ -265,7 +258,6 @@ def test_an_upgrade_on_a_route_without_websocket_is_a_plain_request(
     assert info.value.response.status_code == 200
 
 
-@NEEDS_EXCHANGE
 def test_a_reload_leaves_an_open_websocket_running(gateway: StartGateway, ws_origin: StartOrigin) -> None:
     origin = ws_origin()
     gw = gateway(targets=[origin.port], routes=[ws_route()])
@@ -296,7 +288,6 @@ def access_lines(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-@NEEDS_EXCHANGE
 def test_one_access_log_line_at_close(ws_origin: StartOrigin, tmp_path: Path) -> None:
     origin = ws_origin()
     gw = ws_process(origin, tmp_path)
@@ -317,7 +308,6 @@ def test_one_access_log_line_at_close(ws_origin: StartOrigin, tmp_path: Path) ->
     assert isinstance(line["duration_ms"], int | float) and line["duration_ms"] > 0
 
 
-@NEEDS_EXCHANGE
 def test_sigterm_lets_an_open_websocket_run_until_drain_timeout_then_closes_it(
     ws_origin: StartOrigin, tmp_path: Path
 ) -> None:

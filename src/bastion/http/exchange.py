@@ -37,6 +37,7 @@ from bastion.http.header_policy import forwarded_headers, gateway_response_heade
 from bastion.http.model import Headers, Request, Response
 from bastion.http.phases import reply_response, request_phase, response_phase, run_log_hooks
 from bastion.http.streams import Downstream
+from bastion.net.relay import Relay
 from bastion.pipeline import Context
 from bastion.upstream.conn import UpstreamConnection
 from bastion.upstream.targets import TargetState
@@ -83,6 +84,7 @@ class Exchange:
         "_limit",
         "_client_gone",
         "_continue_sent",
+        "relay",
     )
 
     def __init__(self, downstream: Downstream, request: Request, snapshot: Snapshot, expect_continue: bool) -> None:
@@ -117,6 +119,7 @@ class Exchange:
         self._limit: int | None = None
         self._client_gone = False
         self._continue_sent = False
+        self.relay: Relay | None = None  # after a 101: the byte relay that carries the connection
 
     # --- DownstreamListener: the request body from the client ---------------------------------
 
@@ -351,6 +354,9 @@ class Exchange:
         if request.query:
             path = path + "?" + request.query
         headers = forwarded_headers(request, None if route.preserve_host else target.host_header)
+        upgrade = request.upgrade == "websocket" and route.websocket
+        if upgrade:
+            headers += ((b"connection", b"upgrade"), (b"upgrade", b"websocket"))
         body = self._body
         if body:
             self._body = []
@@ -364,6 +370,8 @@ class Exchange:
             self, request.method, path, headers, request.content_length, body, ended, route.upstream.response_timeout
         )
         self.conn = conn
+        if upgrade:
+            conn.expect_upgrade()
         if trailers is not None:
             conn.send_end(trailers)
         if self._paused_client:
@@ -383,6 +391,9 @@ class Exchange:
             await response_phase(route.response_plugins, ctx, response)
         if self._error is not None:
             raise self._error
+        if response.status == 101:
+            await self._relay_upgraded(route, target, response)
+            return
         pending, self._pending = self._pending, None
         finished = self._upstream_done
         if not self.body_complete:
@@ -397,6 +408,48 @@ class Exchange:
         if not finished or self._resp_trailers is not None:
             self.downstream.send_end(self._resp_trailers)
         self._detach(target, self._upstream_reusable and self.body_complete)
+
+    async def _relay_upgraded(self, route: RouteRuntime, target: TargetState, response: Response) -> None:
+        """The upstream switched protocols (WebSocket): relay the 101, then bytes both ways
+        until either side closes; the access log line is written at the end."""
+        conn = self.conn
+        assert conn is not None and self.request.upgrade is not None
+        response.headers.items += ((b"connection", b"upgrade"), (b"upgrade", self.request.upgrade.encode("latin-1")))
+        self.close = True
+        self._send_head(response, None, (), False)
+        upstream_transport, upstream_pending = conn.take_over()
+        client_transport, client_pending, client_paused = self.downstream.take_over(self._abort_relay)
+        relay = self.relay = Relay(
+            self.downstream.loop,
+            client_transport,
+            upstream_transport,
+            idle_timeout=route.config.websocket_idle_timeout,
+            max_duration=route.config.websocket_max_duration,
+        )
+        relay.start(
+            client_pending,
+            upstream_pending,
+            client_write_paused=client_paused,
+            upstream_write_paused=self._paused_by_upstream,
+        )
+        # The relay owns both transports' reading now: no pause of ours is left to release.
+        self._paused_by_upstream = self._paused_client = False
+        try:
+            stats = await relay.wait_closed()
+        except asyncio.CancelledError:
+            relay.abort("shutdown")
+            raise
+        finally:
+            self.conn = None
+            target.in_flight -= 1
+            target.requests += 1
+            conn.relay_ended()
+        self.bytes_in, self.bytes_out = stats.bytes_in, stats.bytes_out
+
+    def _abort_relay(self) -> None:
+        """The gateway is shutting down (drain over): end the relay now."""
+        if self.relay is not None:
+            self.relay.abort("shutdown")
 
     def _detach(self, target: TargetState, reusable: bool) -> None:
         conn = self.conn
@@ -458,7 +511,7 @@ class Exchange:
         route = self.route
         target = self.target
         consumer = self.ctx.consumer if self.ctx is not None else None
-        return access_record(
+        record = access_record(
             self.request,
             route.name if route is not None else None,
             route.upstream.name if route is not None else None,
@@ -469,3 +522,7 @@ class Exchange:
             self.bytes_out,
             self.started,
         )
+        relay = self.relay
+        if relay is not None:  # a relayed connection (WebSocket): why it ended
+            record["close_reason"] = relay.reason
+        return record

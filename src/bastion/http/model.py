@@ -81,7 +81,8 @@ class Request:
     forwarding; `query` is the raw query string without '?'. `host` is lower-case, no port,
     and the authority as forwarded is the `host` header field. `has_body` says a body follows;
     `content_length` is its declared length (None: unknown, streamed). `version` is the
-    client's protocol version ("1.1", "1.0", "2"), for logs and plugins.
+    client's protocol version ("1.1", "1.0", "2"), for logs and plugins; `upgrade` the protocol
+    a client asks to switch to (an HTTP/1.1 Upgrade, later HTTP/2's extended CONNECT).
     """
 
     __slots__ = (
@@ -97,6 +98,7 @@ class Request:
         "scheme",
         "content_length",
         "has_body",
+        "upgrade",
     )
 
     def __init__(
@@ -122,6 +124,7 @@ class Request:
         self.scheme = "http"
         self.content_length: int | None = None
         self.has_body = False
+        self.upgrade: str | None = None  # the protocol asked for ("websocket"), if any
 
 
 class Response:

@@ -17,7 +17,7 @@ httpcore's pooled-connection interface:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from bastion.errors import GatewayError
@@ -56,6 +56,12 @@ class Downstream(Protocol):
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
+
+    def take_over(self, on_abort: Callable[[], None]) -> tuple[asyncio.Transport, bytes, bool]:
+        """After a 101: hand the connection to a relay. (transport, bytes the client sent
+        behind its request, whether writing is paused); `on_abort` ends the relay if the
+        gateway has to cut the connection (the end of a drain)."""
+        ...
 
     def discard_body(self) -> None:
         """The rest of the request body is refused: read and drop it, then close."""
@@ -134,6 +140,18 @@ class UpstreamStream(Protocol):
     def resume_reading(self) -> None: ...
 
     def abort(self) -> None: ...
+
+    def expect_upgrade(self) -> None:
+        """The request asks to switch protocols: a 101 is its answer, not an error."""
+        ...
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the transport and the bytes behind the head, for a relay."""
+        ...
+
+    def relay_ended(self) -> None:
+        """The relay that took the connection over is done."""
+        ...
 
 
 class PooledConnection(Protocol):

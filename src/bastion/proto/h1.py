@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -108,7 +108,9 @@ class _PipelineFull(Exception):
     """One slice carried more pipelined requests than PIPELINE_LIMIT: stop parsing."""
 
 
-_SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id"))
+_SPECIAL = frozenset(
+    (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id", b"upgrade")
+)
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 _ID_PREFIX = os.urandom(6).hex()
 _request_counter = 0
@@ -190,6 +192,8 @@ class H1Server(asyncio.BufferedProtocol):
         "_held",
         "_trailers",
         "_framing",
+        "_upgrade_pending",
+        "_relay",
     )
 
     def __init__(self, gateway: Host, settings: Listener) -> None:
@@ -232,6 +236,8 @@ class H1Server(asyncio.BufferedProtocol):
         self._held: bytes | None = None  # read but not parsed yet: the pipeline queue is full
         self._trailers: Headers | None = None  # of the chunked request body being received
         self._framing = _FRAME_NONE  # of the active exchange's response
+        self._upgrade_pending: bytes | None = None  # bytes behind an Upgrade request
+        self._relay: Callable[[], None] | None = None  # aborts the relay that took this connection
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -261,6 +267,8 @@ class H1Server(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._broken:
+            if self._upgrade_pending is not None:
+                self._upgrade_pending += data  # the upgraded protocol's first bytes: for the relay
             return
         if self._held is not None:
             self._held += data
@@ -282,6 +290,8 @@ class H1Server(asyncio.BufferedProtocol):
             step = self._body_left if self._receiving is not None and self._body_left > 0 else FEED_SLICE
             self._feed(view[pos : pos + step])
             pos += step
+        if self._upgrade_pending is not None and pos < end:
+            self._upgrade_pending += data[pos:]
         self._held = data[pos:] if pos < end and not self._broken else None  # bytes: a copy
 
     def _feed(self, data: bytes | memoryview) -> None:
@@ -297,11 +307,13 @@ class H1Server(asyncio.BufferedProtocol):
             if not isinstance(cause, GatewayError):
                 log.error("request parsing failed", exc_info=cause)
             return
-        except httptools.HttpParserUpgrade:
-            # Upgrades (WebSocket) are not supported yet: the request was forwarded without
-            # its Upgrade header; whatever the client sends after it is not HTTP/1.1 for us.
+        except httptools.HttpParserUpgrade as exc:
+            # Whatever follows an Upgrade request is not HTTP/1.1: kept for a relay if the
+            # route takes the upgrade (WebSocket), dropped otherwise; reading stops meanwhile.
             self._broken = True
             self.keep_alive = False
+            self._upgrade_pending = bytes(data[exc.args[0] :])
+            self.pause_reading()
             return
         except httptools.HttpParserError as exc:
             self._protocol_error(BadRequest(f"The request is malformed: {exc}."))
@@ -481,6 +493,9 @@ class H1Server(asyncio.BufferedProtocol):
             if lengths is not None:
                 request.content_length = int(lengths[0])
                 request.has_body = request.content_length > 0
+        upgrade = special.get(b"upgrade")
+        if upgrade is not None and parser.should_upgrade():
+            request.upgrade = upgrade[0].decode("latin-1").strip().lower()
         ids = special.get(b"x-request-id")
         if ids is not None and _VALID_REQUEST_ID.match(ids[0]):
             request.request_id = ids[0].decode("ascii")
@@ -568,6 +583,10 @@ class H1Server(asyncio.BufferedProtocol):
         status = response.status
         parts = [status_line(status, response.reason)]
         _field_lines(parts, response.headers.items)
+        if status == 101:  # switching protocols: the head carries its own Connection: upgrade
+            parts.append(b"\r\n")
+            self.write(b"".join(parts))
+            return
         if request.method == "HEAD" or status in _NO_BODY_STATUSES:
             framing = _FRAME_NONE
             if length is not None and status != 204:
@@ -616,6 +635,19 @@ class H1Server(asyncio.BufferedProtocol):
             else:
                 self.write(b"0\r\n\r\n")
 
+    def take_over(self, on_abort: Callable[[], None]) -> tuple[asyncio.Transport, bytes, bool]:
+        """Hand the connection over after a 101: (transport, the bytes the client sent behind
+        its request, whether writing is paused). No deadline runs from now on; a shutdown
+        that cuts this connection calls `on_abort` instead of aborting the transport."""
+        assert self.transport is not None
+        self._relay = on_abort
+        self._deadline = 0.0
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        pending, self._upgrade_pending = self._upgrade_pending or b"", None
+        return self.transport, pending, self._write_paused
+
     def discard_body(self) -> None:
         """Discard the rest of the current request body (it was refused)."""
         self._discard_body = True
@@ -628,6 +660,10 @@ class H1Server(asyncio.BufferedProtocol):
         """The active exchange is over: the next one starts, or the connection idles or closes."""
         self._active = None
         self._task = None
+        if self._relay is not None:  # the relay has ended, its transport is closed
+            self._closed = True
+            self.gateway.connections.discard(self)
+            return
         if self._closed:
             return
         if close or not self.keep_alive:
@@ -662,7 +698,9 @@ class H1Server(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         self._closed = True
-        if self.transport is not None:
+        if self._relay is not None:
+            self._relay()  # the transport is the relay's now
+        elif self.transport is not None:
             self.transport.abort()
 
     def drain(self) -> None:

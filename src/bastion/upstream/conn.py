@@ -49,6 +49,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_complete",
         "_trailers",
         "_send_chunked",
+        "_upgrading",
+        "upgrade_pending",
         "_timer",
         "_deadline",
         "_timeout",
@@ -75,6 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete = False
         self._trailers: HeaderList | None = None
         self._send_chunked = False
+        self._upgrading = False  # the request asked to switch protocols (WebSocket)
+        self.upgrade_pending: bytes | None = None  # set by a 101: bytes behind it, for a relay
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._timeout = 0.0
@@ -108,6 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._connection = []
         self._timeout = timeout
         self._deadline = 0.0
+        self._upgrading = False
         parts = [method.encode(), b" ", target.encode("latin-1"), b" HTTP/1.1\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -143,6 +148,28 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.transport.write(b"0\r\n\r\n")
         self.arm_response_timeout()
+
+    def expect_upgrade(self) -> None:
+        """The request being sent asks to switch protocols: a 101 is its answer, not an error."""
+        self._upgrading = True
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the transport and the bytes the upstream sent behind its head, for a
+        relay. The connection is the relay's from now on (`relay_ended` returns its slot)."""
+        assert self.transport is not None
+        self.listener = None
+        self._deadline = 0.0
+        pending, self.upgrade_pending = self.upgrade_pending or b"", None
+        return self.transport, pending
+
+    def relay_ended(self) -> None:
+        """The relay that took this connection over is done: the pool's slot is free again."""
+        if not self.closed:
+            self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.on_lost(self)
 
     def is_available(self) -> bool:
         """Can take a request now (HTTP/1.1: one at a time, so only when no exchange holds it)."""
@@ -200,11 +227,19 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the upstream is confused; never reuse it.
             self.abort()
             return
+        if self.upgrade_pending is not None:
+            self.upgrade_pending += data  # after the 101, before the relay takes over
+            return
         if self._deadline:
             self._deadline = self._loop.time() + self._timeout
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if isinstance(exc, httptools.HttpParserUpgrade) and self.upgrade_pending is not None:
+                # The 101 the request asked for: what follows is the new protocol's.
+                self.upgrade_pending = bytes(data[exc.args[0] :])
+                self.pause_reading()
+                return
             if self._complete:
                 self.abort()  # bytes after the final response: the listener has it all; no reuse
             elif isinstance(exc, httptools.HttpParserCallbackError):
@@ -280,7 +315,12 @@ class UpstreamConnection(asyncio.Protocol):
             # An interim response (RFC 9110 section 15.2): the final one is still to come, and
             # until it is complete this connection belongs to this exchange.
             if status == 101:
-                raise UpstreamError("The upstream switched protocols, which this route does not support.")
+                if not self._upgrading:
+                    raise UpstreamError("The upstream switched protocols, which this route does not support.")
+                self._head_seen = True
+                self.upgrade_pending = b""
+                listener.upstream_head(Response(101, Headers(headers), reason), None)
+                return
             self._interim = True
             self._content_length = None
             self._chunked = False
@@ -303,8 +343,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._interim:
             self._interim = False  # the end of a 1xx, not of the response
             return
-        if self._complete:
-            return  # a HEAD response's old parser, already answered for
+        if self._complete or self.upgrade_pending is not None:
+            return  # a HEAD response's old parser, already answered for; or a 101
         self._done(self.parser.should_keep_alive())
 
     # --- internals -------------------------------------------------------------------------
