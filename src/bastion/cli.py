@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from bastion.cluster.connect import Keys
+    from bastion.net.tls import CertSet
 
 __all__ = ["cli", "main"]
 
@@ -65,12 +66,13 @@ def _load_or_exit(path: str) -> LoadedConfig:
         _problems_exit(exc, path)
 
 
-def _built_or_exit(loaded: LoadedConfig) -> None:
-    """Check what only building finds (plugin configs, consumers), or print every problem and exit 1."""
+def _built_or_exit(loaded: LoadedConfig) -> dict[str, CertSet]:
+    """Check what only building finds (plugin configs, consumers, TLS files), or print every
+    problem and exit 1. Returns the https listeners' certificates by bind."""
     from bastion.config.build import check_config
 
     try:
-        check_config(loaded)
+        return check_config(loaded)
     except ConfigError as exc:
         _problems_exit(exc, loaded.path)
 
@@ -137,13 +139,22 @@ def check(config: str) -> None:
     """Validate CONFIG; print a summary, or every problem with file:line and key path."""
     loaded = _load_or_exit(config)
     cfg = loaded.config
-    _built_or_exit(loaded)
+    certificates = _built_or_exit(loaded)
     click.echo(f"{config}:")
     click.echo(f"  listeners ({len(cfg.listeners)}):")
     for row in _table(["name", "protocol", "bind"], [[lst.name, lst.protocol, str(lst.bind)] for lst in cfg.listeners])[
         1:
     ]:
         click.echo(f"    {row}")
+    if certificates:
+        click.echo("  certificates (SNI: exact names, then wildcards, then the first of each listener):")
+        rows = [
+            [bind, ", ".join(cert.names) or "(no name)", f"until {cert.not_after:%Y-%m-%d}"]
+            for bind, certs in certificates.items()
+            for cert in certs.certificates
+        ]
+        for row in _table(["bind", "names", "valid"], rows)[1:]:
+            click.echo(f"    {row}")
     click.echo(f"  upstreams ({len(cfg.upstreams)}):")
     rows = []
     for name, upstream in cfg.upstreams.items():

@@ -34,6 +34,8 @@ class Listener:
 
 
 class Pool:
+    epoch = 0
+
     def connection_lost(self, conn: UpstreamConnection) -> None:
         pass
 

@@ -32,6 +32,7 @@ from bastion.errors import (
     UpstreamTimeout,
 )
 from bastion.http.model import Headers, Request, Response
+from bastion.http.redirect import https_redirect
 from bastion.pipeline import Context, Plugin, Reply, plugin_failed
 from bastion.upstream.conn import UpstreamConnection
 from bastion.upstream.targets import TargetState
@@ -265,6 +266,11 @@ class Exchange:
         # _forward below it): every resume after an upstream event passes through each frame.
         request = self.request
         try:
+            redirect = self.server.settings.redirect_https
+            if redirect is not None:  # an http listener that only sends clients to https
+                self.keep_alive = self.keep_alive and self.body_complete  # an unread body is not a next request
+                self._send_whole(https_redirect(request, redirect), b"")
+                return
             index, params = snapshot.router.match(request.method, request.host, request.path, request.headers)
             route = self.route = snapshot.routes[index]
             ctx = None
@@ -429,7 +435,7 @@ class Exchange:
         host = request.headers.get_raw(b"host")
         if host:
             parts += (b"x-forwarded-host: ", host, b"\r\n")
-        parts += (b"x-real-ip: ", client, b"\r\nx-forwarded-proto: http\r\nx-request-id: ")
+        parts += (b"x-real-ip: ", client, b"\r\nx-forwarded-proto: ", request.scheme.encode(), b"\r\nx-request-id: ")
         parts += (request.request_id.encode(), b"\r\n")
         if request.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")

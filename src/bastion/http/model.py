@@ -93,6 +93,8 @@ class Request:
         "keep_alive",
         "content_length",
         "chunked",
+        "scheme",
+        "client_cert",
     )
 
     def __init__(
@@ -118,6 +120,8 @@ class Request:
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False
+        self.scheme = "http"  # "https" when it arrived over TLS
+        self.client_cert: bytes | None = None  # the verified client certificate (DER), mTLS only
 
     @property
     def has_body(self) -> bool:

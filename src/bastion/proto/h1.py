@@ -140,6 +140,8 @@ class H1Server(asyncio.BufferedProtocol):
         "_body_bytes",
         "_body_left",
         "_held",
+        "scheme",
+        "client_cert",
     )
 
     def __init__(self, gateway: Gateway, settings: Listener) -> None:
@@ -180,6 +182,8 @@ class H1Server(asyncio.BufferedProtocol):
         self._body_bytes = 0
         self._body_left = 0  # Content-Length bytes still to come; -1 while a chunked body arrives
         self._held: bytes | None = None  # read but not parsed yet: the pipeline queue is full
+        self.scheme = "http"
+        self.client_cert: bytes | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -189,6 +193,10 @@ class H1Server(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = peer[0], peer[1]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # the handshake is over: a client certificate has been verified
+            self.scheme = "https"
+            self.client_cert = ssl_object.getpeercert(binary_form=True)
         self.gateway.connections.add(self)
         self._set_deadline(self.settings.timeouts.header)
 
@@ -401,6 +409,8 @@ class H1Server(asyncio.BufferedProtocol):
             kept = [item for item in headers if item[0] not in drop]
         request = Request(method, path, query, Headers(kept), version, host, self.client_ip, self.client_port)
         request.keep_alive = parser.should_keep_alive() and self.keep_alive
+        request.scheme = self.scheme
+        request.client_cert = self.client_cert
         codings = special.get(b"transfer-encoding")
         if codings is not None:
             # RFC 9112 section 6.3: a request whose last coding is not chunked has no reliable

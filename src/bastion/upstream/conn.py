@@ -50,6 +50,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "idle_since",
         "served",
+        "epoch",
         "head_only",
         "_headers",
         "_reason",
@@ -74,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.served = 0
+        self.epoch = pool.epoch  # the pool's TLS settings it was made under
         self.head_only = False
         self._headers: HeaderList = []
         self._reason = b""
