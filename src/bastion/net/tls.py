@@ -149,9 +149,8 @@ def load_pair(reader: FileReader, cert: str, key: str, loc: Loc = ()) -> Certifi
     return Certificate(cert_path, key_path, chain[0])
 
 
-def _harden(context: ssl.SSLContext, min_version: str) -> None:
-    """The settings every server context shares: versions, ciphers, options."""
-    context.minimum_version = _VERSIONS[min_version]
+def _harden(context: ssl.SSLContext) -> None:
+    """What every server context shares whatever the config says: ciphers and options."""
     context.set_ciphers(CIPHERS_TLS12)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
 
@@ -181,11 +180,12 @@ class CertSet:
         self.min_version = settings.min_version
         self.client_ca: str | None = None
         problems: list[tuple[Loc, str]] = []
+        ca_problems: list[tuple[Loc, str]] = []  # reported after the certificates, as the file lists them
         if settings.client_ca is not None:
             try:
                 self.client_ca = _ca_file(reader, settings.client_ca, ("client_ca",))
             except TlsProblems as exc:
-                problems += exc.problems
+                ca_problems = exc.problems
         self.certificates: list[Certificate] = []
         self.contexts: list[ssl.SSLContext] = []
         self.exact: dict[str, ssl.SSLContext] = {}
@@ -208,13 +208,14 @@ class CertSet:
                     self.wildcard.setdefault(name[2:], context)
                 else:
                     self.exact.setdefault(name, context)
-        if problems:
-            raise TlsProblems(problems)
+        if problems or ca_problems:
+            raise TlsProblems(problems + ca_problems)
         self.default = self.contexts[0]
 
     def _context(self, cert: Certificate) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        _harden(context, self.min_version)
+        _harden(context)
+        context.minimum_version = _VERSIONS[self.min_version]
         context.set_alpn_protocols(ALPN_HTTP1)
         context.load_cert_chain(cert.cert_path, cert.key_path)
         if self.client_ca is not None:
@@ -253,7 +254,7 @@ class TlsFront:
 
     def __init__(self, certs: CertSet) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        _harden(self.context, certs.min_version)
+        _harden(self.context)
         self.context.set_alpn_protocols(ALPN_HTTP1)
         self.context.sni_callback = self._select
         self.certs = certs
