@@ -412,6 +412,10 @@ def consumers() -> None:
 @click.option("--key-sha256", "digests", multiple=True, help="An API key given as its SHA-256 digest (hex).")
 @click.option("--basic-auth", "basic", multiple=True, metavar="USER:HASH", help="A basic_auth user and its hash.")
 @click.option("--jwt", "subjects", multiple=True, metavar="SUBJECT", help="A JWT subject (repeat).")
+@click.option(
+    "--cert-sha256", "certs", multiple=True, help="A client certificate's SHA-256 fingerprint, for mtls_auth."
+)
+@click.option("--cert-subject", "cert_subjects", multiple=True, help="A client certificate subject (CN=app,O=Example).")
 @click.option("--replace", is_flag=True, help="Replace a consumer of that name instead of refusing.")
 def consumers_add(
     name: str,
@@ -422,6 +426,8 @@ def consumers_add(
     digests: tuple[str, ...],
     basic: tuple[str, ...],
     subjects: tuple[str, ...],
+    certs: tuple[str, ...],
+    cert_subjects: tuple[str, ...],
     replace: bool,
 ) -> None:
     """Add consumer NAME with its credentials. Keys are stored as their SHA-256 digests."""
@@ -448,6 +454,7 @@ def consumers_add(
             "key_auth": [{"key": k} for k in key_list] + [{"key_sha256": d.lower()} for d in digests],
             "basic_auth": users,
             "jwt": [{"subject": subject} for subject in subjects],
+            "mtls_auth": [{"fingerprint_sha256": c} for c in certs] + [{"subject": c} for c in cert_subjects],
         },
     }
     try:
@@ -500,10 +507,11 @@ def consumers_list(redis_url: str, prefix: str | None) -> None:
             str(len(c.credentials.key_auth)),
             str(len(c.credentials.basic_auth)),
             str(len(c.credentials.jwt)),
+            str(len(c.credentials.mtls_auth)),
         ]
         for c in found
     ]
-    for line in _table(["NAME", "GROUPS", "KEYS", "BASIC", "JWT"], rows):
+    for line in _table(["NAME", "GROUPS", "KEYS", "BASIC", "JWT", "CERTS"], rows):
         click.echo(line)
     click.echo(f"(consumers rev {rev})")
 
