@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import ssl
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_sni_picks_the_exact_name_then_a_wildcard_then_the_first_certificate(
     default = pki.issue("default", "default.test")
     wildcard = pki.issue("wildcard", "*.example.com")
     exact = pki.issue("exact", "api.example.com")  # listed after the wildcard: exact still wins
-    threads(https_config(port, origin, [default, wildcard, exact]))
+    gw = threads(https_config(port, origin, [default, wildcard, exact]))
     assert handshake_names(port, "api.example.com") == ["api.example.com"]
     assert handshake_names(port, "API.Example.COM") == ["api.example.com"]
     assert handshake_names(port, "www.example.com") == ["*.example.com"]
@@ -97,6 +98,8 @@ def test_sni_picks_the_exact_name_then_a_wildcard_then_the_first_certificate(
     assert handshake_names(port, "example.com") == ["default.test"]
     assert handshake_names(port, "other.test") == ["default.test"]
     assert handshake_names(port, None) == ["default.test"]  # no SNI at all
+    served = gw.gateway.statistics()["tls"][f"127.0.0.1:{port}"]
+    assert [entry["names"] for entry in served] == [["default.test"], ["*.example.com"], ["api.example.com"]]
     # And a verifying client gets a full answer through the chosen certificate.
     reply = https_request(port, "www.example.com", pki.client_context(), "/hello")
     assert reply.status == 200
@@ -135,6 +138,17 @@ def test_a_name_no_certificate_has_gets_the_first_one_and_fails_verification(
     with pytest.raises(ssl.SSLCertVerificationError) as caught:
         https_request(port, "shop.example.net", pki.client_context())
     assert "match" in caught.value.verify_message  # Hostname mismatch
+
+
+def test_a_client_that_never_finishes_its_handshake_is_closed_after_the_header_timeout(
+    pki: Pki, origin: OriginHandle, threads: Callable[..., GatewayThread]
+) -> None:
+    port = free_port()
+    config = https_config(port, origin, [pki.issue("api", "api.example.com")])
+    config["listeners"][0]["timeouts"] = {"header": "300ms"}
+    threads(config)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        assert sock.recv(1) == b""  # closed by the gateway long before the 5 s bound
 
 
 # --- versions, ciphers, ALPN -----------------------------------------------------------------
