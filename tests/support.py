@@ -53,11 +53,11 @@ def simple_config(port: int, targets: list[int], **extra: Any) -> dict[str, Any]
 class GatewayThread:
     """A Gateway running on its own uvloop in a background thread."""
 
-    def __init__(self, config_path: Path, port: int) -> None:
+    def __init__(self, config_path: Path, port: int, tls_watch: float | None = None) -> None:
         self.config_path = config_path
         self.port = port
         self.loop = new_event_loop()
-        self.gateway = Gateway(str(config_path))
+        self.gateway = Gateway(str(config_path), tls_watch=tls_watch)
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def run() -> None:

@@ -42,6 +42,7 @@ from bastion.config.loader import LoadedConfig, load_config, load_config_text
 from bastion.config.schema import Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
 from bastion.net.protocols import new_protocol
+from bastion.net.tls import TlsFront, file_digest
 from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
@@ -86,15 +87,21 @@ class Gateway:
         workers: int = 1,
         watch: float | None = None,
         follow: FollowSettings | None = None,
+        tls_watch: float | None = None,
     ) -> None:
         """`worker`/`workers`: this process's place among the workers (spreads health checks);
         `watch`: poll the config file every so many seconds and reload when it changes;
-        `follow`: take the config from Redis instead of `config_path` (`--from-redis`)."""
+        `follow`: take the config from Redis instead of `config_path` (`--from-redis`);
+        `tls_watch`: poll the certificate, key and CA files the config names, and reload
+        when one changes."""
         self.config_path = config_path
         self.follow = follow
         self.reuse_port = reuse_port
         self.worker = worker
         self.watch = watch
+        self.tls_watch = tls_watch
+        self.tls_fronts: dict[str, TlsFront] = {}  # https listeners by bind address
+        self._tls_seen: dict[str, str] = {}  # TLS file -> digest last seen
         self.registry = TargetRegistry()
         self.read_buffer = ReadBuffer()  # shared by this gateway's client connections
         self.health = HealthMonitor(worker, workers)
@@ -144,6 +151,8 @@ class Gateway:
         self._spawn(self._tick())
         if self.watch and self.follow is None:
             self._spawn(self._watch(self.watch))
+        if self.tls_watch:
+            self._spawn(self._watch_tls(self.tls_watch))
         for link in self._links.values():
             link.watch(self._cluster_poked)
 
@@ -155,20 +164,31 @@ class Gateway:
         self.registry.running = True
         self.registry.retain_only(snapshot.target_keys())
         self.health.sync(snapshot.upstreams)
+        self._tls_seen.update(snapshot.tls_files)
+        for bind, certs in snapshot.tls.items():
+            for cert in certs.expired():
+                log.warning("listener %s: certificate %s is outside its validity period", bind, cert.cert_path)
 
     async def _bind(self, snapshot: Snapshot) -> None:
-        """Open listeners that are new, close those that are gone, update settings of the rest."""
+        """Open listeners that are new, close those that are gone, update settings of the rest.
+
+        A socket's TLS context is fixed when it opens: a listener that turns TLS on or off is
+        closed and opened again; one that stays https gets the snapshot's certificates."""
         loop = asyncio.get_running_loop()
         wanted = {str(listener.bind): listener for listener in snapshot.config.listeners}
         for bind, server in list(self.servers.items()):
-            if bind not in wanted:
+            if bind not in wanted or (bind in self.tls_fronts) != (bind in snapshot.tls):
                 server.close()
                 del self.servers[bind]
+                self.tls_fronts.pop(bind, None)
                 log.info("listener %s closed", bind)
         self.listeners = wanted
+        fronts = dict(self.tls_fronts)
         for bind, listener in wanted.items():
             if bind in self.servers:
                 continue
+            certs = snapshot.tls.get(bind)
+            front = TlsFront(certs) if certs is not None else None
             server = await loop.create_server(
                 self._factory(bind),
                 listener.bind.host,
@@ -176,27 +196,35 @@ class Gateway:
                 backlog=listener.backlog,
                 reuse_address=True,
                 reuse_port=self.reuse_port or None,
+                ssl=front.context if front is not None else None,
+                ssl_handshake_timeout=listener.timeouts.header if front is not None else None,
             )
             self.servers[bind] = server
-            log.info("listener %s (%s) on http://%s", listener.name, listener.protocol, bind)
+            if front is not None:
+                self.tls_fronts[bind] = front
+            scheme = "https" if front is not None else "http"
+            log.info("listener %s (%s) on %s://%s", listener.name, listener.protocol, scheme, bind)
+        for bind, front in fronts.items():  # every new socket is open: only now swap certificates
+            front.install(snapshot.tls[bind])
 
     def _factory(self, bind: str) -> Callable[[], asyncio.BaseProtocol]:
         # The listener's settings are looked up at each accept: a reload changes them.
         return lambda: new_protocol(self, self.listeners[bind])
 
-    async def reload(self, consumers_only: bool = False) -> bool:
+    async def reload(self, same_config: bool = False, why: str = "config reloaded") -> bool:
         """Build the config again and swap it in; on any error keep the running one.
 
-        `consumers_only`: the consumers in Redis changed; rebuild from the config already loaded."""
+        `same_config`: the consumers in Redis changed, or TLS files did; rebuild from the
+        config already loaded (`why` says which in the log)."""
         async with self._reload_lock:
             if self._stopping:
                 return False
-            return await self._reload(consumers_only)
+            return await self._reload(same_config, why)
 
-    async def _reload(self, consumers_only: bool = False) -> bool:
+    async def _reload(self, same_config: bool = False, why: str = "config reloaded") -> bool:
         stored: StoredVersion | None = None
         try:
-            if consumers_only and self._loaded is not None:
+            if same_config and self._loaded is not None:
                 loaded, stored = self._loaded, self._stored
             else:
                 loaded, stored = await self._load_source()
@@ -221,8 +249,7 @@ class Gateway:
             self._spawn(close_later(old, snapshot.config.drain_timeout))
         self._applied(loaded, stored)
         self.reloads["applied"] += 1
-        what = "consumers from Redis updated" if consumers_only else "config reloaded"
-        log.info("%s: config %s", what, self.describe_config())
+        log.info("%s: config %s", why, self.describe_config())
         for link in self._links.values():
             link.watch(self._cluster_poked)  # a link the new config brought (no-op for the others)
         return True
@@ -389,7 +416,7 @@ class Gateway:
         if cluster is not None:
             _, rev = await self._link(cluster.redis, cluster.prefix).heads()
             if rev != self._consumers_rev:
-                await self.reload(consumers_only=True)
+                await self.reload(same_config=True, why="consumers from Redis updated")
 
     def statistics(self) -> dict[str, Any]:
         """What the admin API and metrics read: the config running and its source, reloads, the store."""
@@ -399,6 +426,7 @@ class Gateway:
             "uptime": time.time() - self.started_at,
             "store": self._snapshot.store.statistics() if self._snapshot is not None else None,
             "following": {link.describe(): link.subscribed for link in self._links.values()},
+            "tls": {bind: front.certs.statistics() for bind, front in self.tls_fronts.items()},
         }
 
     async def _watch(self, interval: float) -> None:
@@ -413,6 +441,25 @@ class Gateway:
                 continue
             log.info("config file %s changed, reloading", self.config_path)
             await self.reload()
+
+    async def _watch_tls(self, interval: float) -> None:
+        """Reload when a certificate, key or CA file the config names changes content.
+
+        A change is acted on once: if the new files are refused (a certificate and a key that
+        do not match yet, half-way through a renewal), the old ones keep serving and the next
+        change of either file tries again."""
+        while True:
+            await asyncio.sleep(interval)
+            snapshot = self._snapshot
+            if snapshot is None or not snapshot.tls_files:
+                continue
+            seen = await asyncio.to_thread(_digests, list(snapshot.tls_files))
+            changed = [path for path, digest in seen.items() if digest != self._tls_seen.get(path)]
+            if not changed:
+                continue
+            self._tls_seen.update(seen)
+            log.info("TLS files changed (%s): reloading", ", ".join(changed))
+            await self.reload(same_config=True, why="TLS files reloaded")
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish up to `timeout`, then cut the rest."""
@@ -480,6 +527,10 @@ class Gateway:
                 state.pool.sweep(now)
 
 
+def _digests(paths: list[str]) -> dict[str, str]:
+    return {path: file_digest(path) for path in paths}
+
+
 async def serve(
     config_path: str,
     snapshot: Snapshot | None = None,
@@ -490,13 +541,22 @@ async def serve(
     watch: float | None = WATCH_INTERVAL,
     ready: Callable[[], None] | None = None,
     follow: FollowSettings | None = None,
+    tls_watch: float | None = WATCH_INTERVAL,
 ) -> int:
     """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file, or a pushed
     version with `follow`) reloads.
 
     `ready` is called once the listeners are open (the worker supervisor waits for it).
     """
-    gateway = Gateway(config_path, reuse_port=reuse_port, worker=worker, workers=workers, watch=watch, follow=follow)
+    gateway = Gateway(
+        config_path,
+        reuse_port=reuse_port,
+        worker=worker,
+        workers=workers,
+        watch=watch,
+        follow=follow,
+        tls_watch=tls_watch,
+    )
     try:
         await gateway.start(snapshot)
     except BaseException:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from bastion.cluster.connect import Keys
+    from bastion.net.tls import CertSet
 
 __all__ = ["cli", "main"]
 
@@ -63,12 +64,13 @@ def _load_or_exit(path: str) -> LoadedConfig:
         _problems_exit(exc, path)
 
 
-def _built_or_exit(loaded: LoadedConfig) -> None:
-    """Check what only building finds (plugin configs, consumers), or print every problem and exit 1."""
+def _built_or_exit(loaded: LoadedConfig) -> dict[str, CertSet]:
+    """Check what only building finds (plugin configs, consumers, TLS files), or print every
+    problem and exit 1. Returns the https listeners' certificates by bind."""
     from bastion.config.build import check_config
 
     try:
-        check_config(loaded)
+        return check_config(loaded)
     except ConfigError as exc:
         _problems_exit(exc, loaded.path)
 
@@ -135,13 +137,22 @@ def check(config: str) -> None:
     """Validate CONFIG; print a summary, or every problem with file:line and key path."""
     loaded = _load_or_exit(config)
     cfg = loaded.config
-    _built_or_exit(loaded)
+    certificates = _built_or_exit(loaded)
     click.echo(f"{config}:")
     click.echo(f"  listeners ({len(cfg.listeners)}):")
     for row in _table(["name", "protocol", "bind"], [[lst.name, lst.protocol, str(lst.bind)] for lst in cfg.listeners])[
         1:
     ]:
         click.echo(f"    {row}")
+    if certificates:
+        click.echo("  certificates (SNI: exact names, then wildcards, then the first of each listener):")
+        rows = [
+            [bind, ", ".join(cert.names) or "(no name)", f"until {cert.not_after:%Y-%m-%d}"]
+            for bind, certs in certificates.items()
+            for cert in certs.certificates
+        ]
+        for row in _table(["bind", "names", "valid"], rows)[1:]:
+            click.echo(f"    {row}")
     click.echo(f"  upstreams ({len(cfg.upstreams)}):")
     rows = []
     for name, upstream in cfg.upstreams.items():
@@ -422,6 +433,10 @@ def consumers() -> None:
 @click.option("--key-sha256", "digests", multiple=True, help="An API key given as its SHA-256 digest (hex).")
 @click.option("--basic-auth", "basic", multiple=True, metavar="USER:HASH", help="A basic_auth user and its hash.")
 @click.option("--jwt", "subjects", multiple=True, metavar="SUBJECT", help="A JWT subject (repeat).")
+@click.option(
+    "--cert-sha256", "certs", multiple=True, help="A client certificate's SHA-256 fingerprint, for mtls_auth."
+)
+@click.option("--cert-subject", "cert_subjects", multiple=True, help="A client certificate subject (CN=app,O=Example).")
 @click.option("--replace", is_flag=True, help="Replace a consumer of that name instead of refusing.")
 def consumers_add(
     name: str,
@@ -432,6 +447,8 @@ def consumers_add(
     digests: tuple[str, ...],
     basic: tuple[str, ...],
     subjects: tuple[str, ...],
+    certs: tuple[str, ...],
+    cert_subjects: tuple[str, ...],
     replace: bool,
 ) -> None:
     """Add consumer NAME with its credentials. Keys are stored as their SHA-256 digests."""
@@ -458,6 +475,7 @@ def consumers_add(
             "key_auth": [{"key": k} for k in key_list] + [{"key_sha256": d.lower()} for d in digests],
             "basic_auth": users,
             "jwt": [{"subject": subject} for subject in subjects],
+            "mtls_auth": [{"fingerprint_sha256": c} for c in certs] + [{"subject": c} for c in cert_subjects],
         },
     }
     try:
@@ -510,10 +528,11 @@ def consumers_list(redis_url: str, prefix: str | None) -> None:
             str(len(c.credentials.key_auth)),
             str(len(c.credentials.basic_auth)),
             str(len(c.credentials.jwt)),
+            str(len(c.credentials.mtls_auth)),
         ]
         for c in found
     ]
-    for line in _table(["NAME", "GROUPS", "KEYS", "BASIC", "JWT"], rows):
+    for line in _table(["NAME", "GROUPS", "KEYS", "BASIC", "JWT", "CERTS"], rows):
         click.echo(line)
     click.echo(f"(consumers rev {rev})")
 

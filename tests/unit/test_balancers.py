@@ -468,6 +468,7 @@ class FakeConn:
         self.closed = False
         self.served = 0
         self.idle_since = 0.0
+        self.epoch = 0
 
     def detach(self) -> None:
         self.served += 1

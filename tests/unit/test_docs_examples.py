@@ -18,6 +18,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import trustme
 import yaml
 from click.testing import CliRunner
 
@@ -87,11 +88,34 @@ def test_the_docs_have_examples() -> None:
     assert {b.path.name for b in VALID} >= {"README.md", "config.md", "plugins.md", "load-balancing.md", "cluster.md"}
 
 
+def write_tls_files(text: str, where: Path) -> None:
+    """Files for the certificate paths an example names (`certs/api.pem`): every `.pem` the
+    same certificate (also good as a CA file), every `.key` its key, so any pair matches."""
+    names = set(re.findall(r"[\w./-]+\.(?:pem|key|crt)", text))
+    if not names:
+        return
+    ca = trustme.CA()
+    leaf = ca.issue_cert("api.example.com", "*.example.com")
+    for name in names:
+        path = where / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".key"):
+            path.write_bytes(leaf.private_key_pem.bytes())
+        else:
+            path.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+
+
 @pytest.mark.parametrize("block", VALID, ids=lambda b: b.where)
 def test_config_examples_are_valid(
-    block: Block, examples_importable: None, schema_validator: jsonschema.Draft202012Validator
+    block: Block,
+    examples_importable: None,
+    schema_validator: jsonschema.Draft202012Validator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     text = as_config(block)
+    write_tls_files(text, tmp_path)  # relative file names start at the working directory
+    monkeypatch.chdir(tmp_path)
     try:
         check_config(load_config_text(text, block.where, env=AnyEnv()))
     except ConfigError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -20,6 +21,7 @@ from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
+from bastion.net.tls import CertSet, ClientTls, FileReader, TlsProblems, client_tls
 from bastion.observability.logs import AccessLog
 from bastion.pipeline import BuildEnv, Plugin, PluginConfigError, PluginProblems
 from bastion.plugins import plugin_class, plugin_names
@@ -80,6 +82,8 @@ class Snapshot:
         plugins: list[Plugin],
         consumers: ConsumerIndex | None = None,
         store: Store | None = None,
+        tls: dict[str, CertSet] | None = None,
+        tls_files: dict[str, str] | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -91,6 +95,8 @@ class Snapshot:
         self.access_log: AccessLog | None = AccessLog() if config.log.access else None
         # Request fields removed from every client request before routing (header_policy).
         self.request_drop = request_drop_set(name for plugin in plugins for name in plugin.identity_headers)
+        self.tls = tls or {}  # https listener bind -> its certificates
+        self.tls_files = tls_files or {}  # every TLS file read -> sha256 of its content, for the watch
         self.closed = False
 
     async def start(self) -> None:
@@ -275,6 +281,7 @@ class _Built:
         for i, (route, chain) in enumerate(zip(config.routes, self.chains, strict=True)):
             complete = global_complete and ("routes", i, "plugins") not in builder.incomplete
             builder.check_chain(chain, route.name, complete)
+        self.tls, self.upstream_tls, self.tls_files = build_tls(loaded, builder.problems)
         if builder.problems:
             raise builder.error()
         for route, chain in zip(config.routes, self.chains, strict=True):
@@ -283,12 +290,43 @@ class _Built:
         self.instances = builder.instances
 
 
-def check_config(loaded: LoadedConfig) -> None:
-    """Validate what only building can: plugin configs, consumers, chains. Raises ConfigError.
+def config_dir(path: str) -> Path:
+    """Where relative file names in a config start: the config file's directory (the working
+    directory for a config that is not a file, such as a version pulled from Redis)."""
+    file = Path(path)
+    return file.resolve().parent if file.is_file() else Path.cwd()
+
+
+def build_tls(
+    loaded: LoadedConfig, problems: list[tuple[Loc, str]]
+) -> tuple[dict[str, CertSet], dict[str, ClientTls], dict[str, str]]:
+    """Listener certificates (by bind), upstream client contexts (by name) and the digests of
+    every file read; a bad file adds a problem line and leaves its entry out."""
+    reader = FileReader(config_dir(loaded.path))
+    listeners: dict[str, CertSet] = {}
+    upstreams: dict[str, ClientTls] = {}
+    for index, listener in enumerate(loaded.config.listeners):
+        if listener.tls is not None:
+            try:
+                listeners[str(listener.bind)] = CertSet(listener.tls, reader)
+            except TlsProblems as exc:
+                problems.extend((("listeners", index, "tls", *loc), text) for loc, text in exc.problems)
+    for name, upstream in loaded.config.upstreams.items():
+        if upstream.tls is not None:
+            try:
+                upstreams[name] = client_tls(upstream.tls, reader)
+            except TlsProblems as exc:
+                problems.extend((("upstreams", name, "tls", *loc), text) for loc, text in exc.problems)
+    return listeners, upstreams, reader.digests
+
+
+def check_config(loaded: LoadedConfig) -> dict[str, CertSet]:
+    """Validate what only building can: plugin configs, consumers, chains, TLS files. Raises
+    ConfigError; returns the https listeners' certificates (by bind) for the summary.
 
     No side effects (no sockets, no shared memory): this is what `bastion check` runs.
     """
-    _Built(loaded)
+    return _Built(loaded).tls
 
 
 def build_snapshot(
@@ -298,11 +336,26 @@ def build_snapshot(
     config = loaded.config
     built = _Built(loaded, extra_consumers)
     upstreams = {
-        name: UpstreamRuntime(name, upstream, [registry.claim(name, upstream, t) for t in upstream.targets])
+        name: UpstreamRuntime(
+            name,
+            upstream,
+            [registry.claim(name, upstream, t) for t in upstream.targets],
+            tls=built.upstream_tls.get(name),
+        )
         for name, upstream in config.upstreams.items()
     }
     routes = [RouteRuntime(route, upstreams[route.upstream], built.chains[i]) for i, route in enumerate(config.routes)]
-    return Snapshot(config, Router(config.routes), routes, upstreams, built.instances, built.consumers, built.store)
+    return Snapshot(
+        config,
+        Router(config.routes),
+        routes,
+        upstreams,
+        built.instances,
+        built.consumers,
+        built.store,
+        tls=built.tls,
+        tls_files=built.tls_files,
+    )
 
 
 async def close_later(snapshot: Snapshot, delay: float) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from bastion.config.types import Address, Duration, HostPort, Size
 
@@ -65,10 +65,54 @@ class ListenerLimits(Model):
     )
 
 
+def _tls_version(value: Any) -> Any:
+    """`min_version: 1.2` unquoted is a YAML float: take it as the string it reads as."""
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)]
+
+
+class TlsCertificate(Model):
+    cert: str = Field(
+        min_length=1,
+        description="PEM file: the certificate, then its intermediates. Relative paths start at the config "
+        "file's directory.",
+    )
+    key: str = Field(min_length=1, description="PEM file: the certificate's private key (not encrypted).")
+
+
+class ListenerTls(Model):
+    certificates: list[TlsCertificate] = Field(
+        min_length=1,
+        description="SNI picks one: exact names, then wildcards, then the first. Names come from each "
+        "certificate's subjectAltName DNS entries (its CN when it has none).",
+    )
+    min_version: TlsVersion = Field("1.2", description="Oldest TLS version accepted: 1.2 or 1.3.")
+    client_ca: str | None = Field(
+        None,
+        description="PEM file of CAs that sign client certificates: clients may then present one "
+        "(mTLS; the mtls_auth plugin maps it to a consumer). A certificate that does not verify fails the handshake.",
+    )
+
+
 class Listener(Model):
     name: str = Field(min_length=1)
     bind: Address
     protocol: Literal["http", "https", "tcp", "udp"] = "http"
+    tls: ListenerTls | None = Field(None, description="Certificates and TLS settings; required for https.")
+    http2: bool | None = Field(
+        None,
+        description="Offer HTTP/2 in ALPN (https listeners; default true). HTTP/2 is not implemented yet: "
+        "only http/1.1 is offered for now.",
+    )
+    redirect_https: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="On an http listener: answer every request with 308 to https://HOST:PORT/path, no route, "
+        "no upstream.",
+    )
     timeouts: ListenerTimeouts = ListenerTimeouts()
     limits: ListenerLimits = ListenerLimits()
     backlog: int = Field(2048, ge=1)
@@ -80,10 +124,22 @@ class Listener(Model):
 
     @field_validator("protocol")
     @classmethod
-    def _only_http_for_now(cls, value: str) -> str:
-        if value != "http":
-            raise ValueError(f"protocol {value!r} is not supported yet (only http)")
+    def _http_or_https_for_now(cls, value: str) -> str:
+        if value not in ("http", "https"):
+            raise ValueError(f"protocol {value!r} is not supported yet (only http and https)")
         return value
+
+    @model_validator(mode="after")
+    def _tls_matches_protocol(self) -> Listener:
+        if self.protocol == "https" and self.tls is None:
+            raise ValueError("an https listener needs tls: { certificates: [{ cert: ..., key: ... }] }")
+        if self.protocol != "https" and self.tls is not None:
+            raise ValueError(f"tls is for https listeners (this one is {self.protocol})")
+        if self.redirect_https is not None and self.protocol != "http":
+            raise ValueError("redirect_https is for http listeners")
+        if self.http2 and self.protocol != "https":
+            raise ValueError("http2 is negotiated with ALPN on https listeners (cleartext HTTP/2 is not supported yet)")
+        return self
 
 
 # --- upstreams -------------------------------------------------------------------------------
@@ -155,6 +211,34 @@ class Queue(Model):
     timeout: Duration = Field(1.0, description="Longest wait in the queue; then 503.")
 
 
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*$"
+)
+
+
+class UpstreamTls(Model):
+    verify: bool = Field(True, description="Check the target's certificate chain and name (false: accept any).")
+    ca: str | None = Field(None, description="PEM file of CAs to trust for the targets; default: the system's.")
+    sni: str | None = Field(
+        None, description="Server name sent and verified; default: the target's host (no SNI for an IP address)."
+    )
+    cert: str | None = Field(None, description="PEM client certificate to present to the targets (with key).")
+    key: str | None = Field(None, description="PEM private key of cert.")
+
+    @field_validator("sni")
+    @classmethod
+    def _sni(cls, value: str | None) -> str | None:
+        if value is not None and not _HOSTNAME.match(value):
+            raise ValueError(f"not a host name: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTls:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key, or neither")
+        return self
+
+
 class Upstream(Model):
     balance: Literal["round_robin", "least_connections", "p2c_ewma", "consistent_hash", "random"] = "round_robin"
     hash_on: str = Field("ip", description="consistent_hash key: ip | path | header:NAME | cookie:NAME | query:NAME")
@@ -167,6 +251,7 @@ class Upstream(Model):
     max_idle_connections: int = Field(128, ge=0, description="Idle keep-alive connections kept per target.")
     queue: Queue = Queue()
     slow_start: Duration = Field(0.0, description="A target that joins or recovers ramps up over this window.")
+    tls: UpstreamTls | None = Field(None, description="Connect to the targets over TLS.")
 
     @field_validator("hash_on")
     @classmethod
@@ -308,10 +393,45 @@ class JwtCredential(Model):
     subject: str = Field(min_length=1, description="A token whose consumer_claim equals this names the consumer.")
 
 
+class MtlsCredential(Model):
+    fingerprint_sha256: str | None = Field(
+        None, description="SHA-256 of the client certificate (DER), hex; colons and case are ignored."
+    )
+    subject: str | None = Field(
+        None, description="The certificate's subject as RFC 4514 writes it, most specific first: CN=app,O=Example."
+    )
+
+    @field_validator("fingerprint_sha256")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digest = value.replace(":", "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+        return digest
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        from bastion.config.certnames import canonical_subject
+
+        return canonical_subject(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> MtlsCredential:
+        if (self.fingerprint_sha256 is None) == (self.subject is None):
+            raise ValueError("give one of fingerprint_sha256 or subject")
+        return self
+
+
 class Credentials(Model):
     key_auth: list[KeyCredential] = Field(default_factory=list, description="API keys for key_auth.")
     basic_auth: list[BasicCredential] = Field(default_factory=list, description="Users for basic_auth.")
     jwt: list[JwtCredential] = Field(default_factory=list, description="JWT subjects for jwt.")
+    mtls_auth: list[MtlsCredential] = Field(
+        default_factory=list, description="Client certificates (SHA-256 fingerprint or subject) for mtls_auth."
+    )
 
 
 class Consumer(Model):
@@ -408,6 +528,12 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         unique(upstream.targets, "address", ("upstreams", name, "targets"))
         if upstream.balance != "consistent_hash" and "hash_on" in upstream.model_fields_set:
             problems.append((("upstreams", name, "hash_on"), "only used with balance: consistent_hash"))
+    uses_mtls = any("mtls_auth" in entry for entry in config.plugins if isinstance(entry, dict)) or any(
+        "mtls_auth" in entry for route in config.routes for entry in route.plugins if isinstance(entry, dict)
+    )
+    if uses_mtls and not any(listener.tls is not None and listener.tls.client_ca for listener in config.listeners):
+        problems.append((("listeners",), "mtls_auth is used but no https listener sets tls.client_ca"))
+
     for index, route in enumerate(config.routes):
         problem = path_problem(route.match.path) if route.match.path else None
         if problem:

@@ -36,6 +36,7 @@ from bastion.http.access_record import access_record
 from bastion.http.header_policy import forwarded_headers, gateway_response_headers
 from bastion.http.model import Headers, Request, Response
 from bastion.http.phases import reply_response, request_phase, response_phase, run_log_hooks
+from bastion.http.redirect import https_redirect
 from bastion.http.streams import Downstream
 from bastion.net.relay import Relay
 from bastion.pipeline import Context
@@ -85,6 +86,7 @@ class Exchange:
         "_client_gone",
         "_continue_sent",
         "relay",
+        "redirect_https",
     )
 
     def __init__(self, downstream: Downstream, request: Request, snapshot: Snapshot, expect_continue: bool) -> None:
@@ -120,6 +122,7 @@ class Exchange:
         self._client_gone = False
         self._continue_sent = False
         self.relay: Relay | None = None  # after a 101: the byte relay that carries the connection
+        self.redirect_https: int | None = None  # set by the protocol: answer 308 to https on this port
 
     # --- DownstreamListener: the request body from the client ---------------------------------
 
@@ -243,6 +246,11 @@ class Exchange:
         snapshot = self.snapshot
         request = self.request
         try:
+            if self.redirect_https is not None:  # a listener that only sends clients to https
+                if not self.body_complete:
+                    self.close = True  # an unread body is not a next request
+                self._send_whole(https_redirect(request, self.redirect_https), b"")
+                return
             index, params = snapshot.router.match(request.method, request.host, request.path, request.headers)
             route = self.route = snapshot.routes[index]
             ctx = None

@@ -99,6 +99,7 @@ class Request:
         "content_length",
         "has_body",
         "upgrade",
+        "client_cert",
     )
 
     def __init__(
@@ -125,6 +126,7 @@ class Request:
         self.content_length: int | None = None
         self.has_body = False
         self.upgrade: str | None = None  # the protocol asked for ("websocket"), if any
+        self.client_cert: bytes | None = None  # the verified client certificate (DER), mTLS only
 
 
 class Response:

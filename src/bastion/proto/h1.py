@@ -184,6 +184,7 @@ class H1Server(asyncio.BufferedProtocol):
         "_max_head",
         "_max_headers",
         "_keep_underscores",
+        "_redirect_https",
         "_write_paused",
         "_pipeline_paused",
         "_body_started",
@@ -194,6 +195,8 @@ class H1Server(asyncio.BufferedProtocol):
         "_framing",
         "_upgrade_pending",
         "_relay",
+        "scheme",
+        "client_cert",
     )
 
     def __init__(self, gateway: Host, settings: Listener) -> None:
@@ -228,6 +231,7 @@ class H1Server(asyncio.BufferedProtocol):
         self._max_head = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._keep_underscores = settings.underscores_in_headers
+        self._redirect_https = settings.redirect_https
         self._write_paused = False
         self._pipeline_paused = False
         self._body_started = 0.0
@@ -238,6 +242,8 @@ class H1Server(asyncio.BufferedProtocol):
         self._framing = _FRAME_NONE  # of the active exchange's response
         self._upgrade_pending: bytes | None = None  # bytes behind an Upgrade request
         self._relay: Callable[[], None] | None = None  # aborts the relay that took this connection
+        self.scheme = "http"
+        self.client_cert: bytes | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -247,6 +253,10 @@ class H1Server(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = peer[0], peer[1]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # the handshake is over: a client certificate has been verified
+            self.scheme = "https"
+            self.client_cert = ssl_object.getpeercert(binary_form=True)
         self.gateway.connections.add(self)
         self._set_deadline(self.settings.timeouts.header)
 
@@ -398,6 +408,8 @@ class H1Server(asyncio.BufferedProtocol):
         self._special = {}
         exchange = Exchange(self, request, snapshot, expect_continue)
         exchange.close = not (self.parser.should_keep_alive() and self.keep_alive)
+        if self._redirect_https is not None:
+            exchange.redirect_https = self._redirect_https
         self.requests += 1
         limit = self.settings.limits.max_requests_per_connection
         if limit and self.requests >= limit:
@@ -476,6 +488,8 @@ class H1Server(asyncio.BufferedProtocol):
         else:
             kept = [item for item in headers if item[0] not in drop]
         request = Request(method, path, query, Headers(kept), version, host, self.client_ip, self.client_port)
+        request.scheme = self.scheme
+        request.client_cert = self.client_cert
         codings = special.get(b"transfer-encoding")
         if codings is not None:
             # RFC 9112 section 6.3: a request whose last coding is not chunked has no reliable

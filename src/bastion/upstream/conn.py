@@ -38,6 +38,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "idle_since",
         "served",
+        "epoch",
         "head_only",
         "_headers",
         "_reason",
@@ -66,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.served = 0
+        self.epoch = 0  # the pool's TLS settings it was made under (set by the pool)
         self.head_only = False
         self._headers: HeaderList = []
         self._reason = b""

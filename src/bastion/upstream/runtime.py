@@ -20,13 +20,16 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.config.schema import Upstream
 from bastion.errors import GatewayError, NoHealthyTarget, UpstreamError, UpstreamTimeout
 from bastion.http.model import Request
 from bastion.upstream.balancers import BALANCERS, Balancer, cookie_value
 from bastion.upstream.targets import TargetState, pool_limits
+
+if TYPE_CHECKING:
+    from bastion.net.tls import ClientTls
 
 log = logging.getLogger("bastion.upstream")
 
@@ -101,6 +104,7 @@ class UpstreamRuntime:
         "sticky_ids",
         "sticky_targets",
         "sticky_cookie",
+        "tls",
     )
 
     def __init__(
@@ -109,9 +113,11 @@ class UpstreamRuntime:
         config: Upstream,
         targets: Sequence[TargetState],
         clock: Callable[[], float] = time.monotonic,
+        tls: ClientTls | None = None,
         **balancer_options: Any,
     ) -> None:
         self.name = name
+        self.tls = tls  # applied to the targets' pools when this snapshot goes live
         self.config = config
         self.targets = list(targets)
         self.clock = clock
@@ -146,6 +152,7 @@ class UpstreamRuntime:
             target.pool.limits = limits
             target.pool.queue.size = queue.size
             target.pool.queue.timeout = queue.timeout
+            target.pool.set_tls(self.tls)
             if target.joining:
                 target.joining = False
                 target.start_ramp(now)
