@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 from bastion.config.types import parse_duration
 from support import GatewayProcess, GatewayThread, free_port, request, simple_config, write_config
@@ -331,3 +332,26 @@ def test_sigterm_lets_an_open_websocket_run_until_drain_timeout_then_closes_it(
     assert line["close_reason"] == "shutdown"
     wait_until(lambda: bool(origin.closes))
     assert origin.closes[0][0] == 1006  # the origin's connection was ended too
+
+
+def test_wss_through_a_tls_listener(gateway: StartGateway, ws_origin: StartOrigin, tmp_path: Path) -> None:
+    from tls_support import Pki
+
+    pki = Pki(tmp_path)
+    cert, key = pki.issue("gw", "localhost")
+    origin = ws_origin()
+    config = simple_config(free_port(), [origin.port], routes=[ws_route()])
+    config["listeners"][0].update(
+        {"bind": "127.0.0.1:PORT", "protocol": "https", "tls": {"certificates": [{"cert": cert, "key": key}]}}
+    )
+    gw = gateway(config)
+    context = pki.client_context()
+    with connect(
+        f"wss://localhost:{gw.port}/echo", ssl=context, compression=None, ping_interval=None, open_timeout=5
+    ) as ws:
+        ws.send("over tls")
+        assert ws.recv(timeout=5) == "over tls"
+        ws.send(b"\x00" * MIB)
+        assert ws.recv(timeout=10) == b"\x00" * MIB
+    path, headers = origin.requests[-1]
+    assert path == "/echo"
