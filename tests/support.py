@@ -191,6 +191,20 @@ def request(
             conn.close()
 
 
+def send_fields(port: int, fields: list[tuple[str, str]], path: str = "/") -> Reply:
+    """One request whose header fields are sent exactly as listed (repeated names included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in fields:
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
     """Send raw bytes, return everything received until the server closes (or timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bastion.errors import (
@@ -469,7 +470,7 @@ class Exchange:
 
     # --- toward the client ---------------------------------------------------------------------
 
-    def _send_head(self, response: Response, length: int | None, body: Any, end_stream: bool) -> None:
+    def _send_head(self, response: Response, length: int | None, body: Sequence[bytes], end_stream: bool) -> None:
         self.status = response.status
         response.headers.items.extend(gateway_response_headers(self.request.request_id))
         self._head_sent = True
