@@ -9,8 +9,9 @@ logged. Requests in flight finish on the snapshot they started with; keep-alive 
 connections stay open and their next request reads the new one.
 
 Shutdown (SIGTERM/SIGINT) stops accepting, lets in-flight requests finish up to the drain
-timeout, then cuts what is left; a second signal cuts at once. With `--workers N` a
-supervisor (workers.py) runs N of these processes on SO_REUSEPORT listeners.
+timeout, then cuts what is left; a second signal cuts at once. SIGUSR1 reopens the access
+log file (log rotation). With `--workers N` a supervisor (workers.py) runs N of these
+processes on SO_REUSEPORT listeners.
 
 Clusters. With `--from-redis` (`follow`) the config comes from the versions pushed to Redis
 instead of a file: the gateway reloads when a new version is pushed, and keeps a local copy
@@ -42,7 +43,7 @@ from bastion.config.build import Snapshot, build_snapshot, close_later
 from bastion.config.loader import LoadedConfig, load_config, load_config_text
 from bastion.config.schema import Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
-from bastion.observability.logs import setup_logging
+from bastion.observability.logs import reopen_access_logs, setup_logging
 from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
@@ -50,6 +51,7 @@ from bastion.upstream.targets import TargetRegistry
 if TYPE_CHECKING:
     from bastion.cluster.follow import ClusterLink, FollowSettings
     from bastion.cluster.versions import StoredVersion
+    from bastion.observability.logs import AccessLog
 
 log = logging.getLogger("bastion")
 
@@ -402,7 +404,15 @@ class Gateway:
             "uptime": time.time() - self.started_at,
             "store": self._snapshot.store.statistics() if self._snapshot is not None else None,
             "following": {link.describe(): link.subscribed for link in self._links.values()},
+            "access_log": access_log.statistics() if (access_log := self._access_log()) is not None else None,
         }
+
+    def _access_log(self) -> AccessLog | None:
+        return self._snapshot.access_log if self._snapshot is not None else None
+
+    def reopen_logs(self) -> list[str]:
+        """SIGUSR1: reopen the access log files (logrotate renamed them); the paths reopened."""
+        return reopen_access_logs()
 
     async def _watch(self, interval: float) -> None:
         """Reload when the config file's content changes (polling: no extra dependency)."""
@@ -490,7 +500,7 @@ async def serve(
     follow: FollowSettings | None = None,
 ) -> int:
     """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file, or a pushed
-    version with `follow`) reloads.
+    version with `follow`) reloads; SIGUSR1 reopens the access log file.
 
     `ready` is called once the listeners are open (the worker supervisor waits for it).
     """
@@ -518,9 +528,14 @@ async def serve(
         log.info("SIGHUP: reloading %s", config_path if follow is None else "the current version from Redis")
         gateway._spawn(gateway.reload())
 
+    def reopen() -> None:
+        if not gateway.reopen_logs():
+            log.info("SIGUSR1: no access log file to reopen")
+
     loop.add_signal_handler(signal.SIGTERM, stop)
     loop.add_signal_handler(signal.SIGINT, stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, reopen)
     await gateway.wait_stopped()
     log.info("stopped")
     return 0
@@ -571,6 +586,8 @@ def run_gateway(config_path: str, workers: int | None = None, follow: FollowSett
         from bastion.workers import supervise
 
         return supervise(config_path, workers, follow)
+    # A log rotation's SIGUSR1 that comes before serve() handles it must not end the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             return runner.run(serve(config_path, follow=follow))

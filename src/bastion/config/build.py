@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from bastion.config.loader import format_loc
 from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
@@ -73,7 +74,9 @@ class Snapshot:
         plugins: list[Plugin],
         consumers: ConsumerIndex | None = None,
         store: Store | None = None,
+        where: Callable[[Loc, str], str] | None = None,
     ) -> None:
+        """`where` formats a problem with the config's file and line (LoadedConfig.where)."""
         self.config = config
         self.router = router
         self.routes = routes
@@ -81,14 +84,30 @@ class Snapshot:
         self.plugins = plugins  # every distinct instance, for start/close
         self.consumers = consumers if consumers is not None else ConsumerIndex()
         self.store = store if store is not None else LocalStore()
-        self.access_log: AccessLog | None = AccessLog() if config.log.access else None
+        self.access_log: AccessLog | None = AccessLog(config.log) if config.log.access else None
+        self._where = where or (lambda loc, message: f"{format_loc(loc)}: {message}")
         # Request fields removed from every client request before routing (header_policy).
         self.request_drop = request_drop_set(name for plugin in plugins for name in plugin.identity_headers)
         self.closed = False
 
     async def start(self) -> None:
-        for plugin in self.plugins:
-            await plugin.start()
+        """Open the access log's destination, then start the plugins. Raises ConfigError when
+        the access log file cannot be opened."""
+        access_log = self.access_log
+        if access_log is not None:
+            try:
+                access_log.open()
+            except OSError as exc:
+                what = access_log.file or "standard output"
+                problem = self._where(("log", "access_file"), f"cannot open {what}: {exc.strerror or exc}")
+                raise ConfigError([problem]) from None
+        try:
+            for plugin in self.plugins:
+                await plugin.start()
+        except BaseException:
+            if access_log is not None:
+                await access_log.close()
+            raise
 
     async def close(self) -> None:
         """Close plugins and the store; a second call does nothing."""
@@ -105,7 +124,7 @@ class Snapshot:
         except Exception:
             log.exception("the store failed to close")
         if self.access_log is not None:
-            self.access_log.flush()
+            await self.access_log.close()
 
     def target_keys(self) -> set[str]:
         return {t.key for u in self.upstreams.values() for t in u.targets}
@@ -249,7 +268,16 @@ def build_snapshot(
         for name, upstream in config.upstreams.items()
     }
     routes = [RouteRuntime(route, upstreams[route.upstream], built.chains[i]) for i, route in enumerate(config.routes)]
-    return Snapshot(config, Router(config.routes), routes, upstreams, built.instances, built.consumers, built.store)
+    return Snapshot(
+        config,
+        Router(config.routes),
+        routes,
+        upstreams,
+        built.instances,
+        built.consumers,
+        built.store,
+        where=loaded.where,
+    )
 
 
 async def close_later(snapshot: Snapshot, delay: float) -> None:
