@@ -475,3 +475,27 @@ def test_stdout_regular_file_is_written_directly(fd1: Callable[[int], None], tmp
         out.close()  # not ours: fd 1 stays open
         os.fstat(1)
     assert (tmp_path / "out").read_bytes() == b"hello\n"
+
+
+def test_a_failing_destination_is_retried_on_a_timer_and_reported(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/full fails every write (ENOSPC) and cannot be polled: a timer retries, without
+    spinning, and the error is logged once per interval, not once per try."""
+    monkeypatch.setattr(sink_module, "RETRY", 0.05)
+    sink = LineSink(loop, "/dev/full", open_file("/dev/full"), 64 * 1024, 60.0)
+
+    async def scenario() -> None:
+        for n in range(3):
+            sink.add(line(n))
+        await until(lambda: sink.write_errors >= 3)
+        stats = sink.statistics()
+        assert stats["pending_bytes"] == 3 * len(line(0))  # kept for a later try, not dropped
+        assert stats["dropped_lines"] == 0
+        await sink.close(wait=0)
+
+    with caplog.at_level(logging.ERROR, logger="bastion.access"):
+        run(loop, scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["access log: cannot write to /dev/full: No space left on device"]
+    assert sink.dropped_lines == 3
