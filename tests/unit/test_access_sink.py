@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import select
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from bastion.app import new_event_loop
+from bastion.config.schema import Log
 from bastion.observability import sink as sink_module
 from bastion.observability.logs import AccessLog, encode
 from bastion.observability.sink import PIPE_BUF, LineSink, Output, Sinks, open_file, open_stdout
@@ -499,3 +501,44 @@ def test_a_failing_destination_is_retried_on_a_timer_and_reported(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == ["access log: cannot write to /dev/full: No space left on device"]
     assert sink.dropped_lines == 3
+
+
+def test_a_line_after_a_snapshot_closed_goes_to_the_sink_while_another_holds_it(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    """A request still running on a retired snapshot ends after that snapshot's close."""
+    sinks = Sinks()
+    path = tmp_path / "a.log"
+    settings = Log(access_file=str(path))
+    old, new = AccessLog(settings, sinks), AccessLog(settings, sinks)
+
+    async def scenario() -> LineSink:
+        old.open()
+        new.open()
+        await old.close()
+        old.write(record(1))  # the sink is still open for the new snapshot: written
+        await asyncio.sleep(0)
+        await new.close()
+        old.write(record(2))  # nobody holds it any more: counted, not written
+        return sinks_of(old)
+
+    sink = run(loop, scenario())
+    assert [r["request_id"] for r in lines_of(path.read_bytes())] == [record(1)["request_id"]]
+    assert sink.dropped_lines == 1
+
+
+def sinks_of(log: AccessLog) -> LineSink:
+    assert log._sink is not None
+    return log._sink
+
+
+def test_no_standard_output_is_an_error(fd1: Callable[[int], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """fd 1 closed at start: Python has no sys.stdout, and fd 1 may be any later descriptor."""
+    monkeypatch.setattr("sys.__stdout__", None)
+    with pytest.raises(OSError, match="standard output is closed"):
+        open_stdout()
+    monkeypatch.undo()
+    with select.epoll() as epoll:
+        fd1(epoll.fileno())  # what fd 1 was in a gateway started with `>&-`
+        with pytest.raises(OSError, match="not a file, pipe, terminal or socket"):
+            open_stdout()

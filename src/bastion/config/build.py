@@ -98,8 +98,9 @@ class Snapshot:
             try:
                 access_log.open()
             except OSError as exc:
+                key = "access_file" if access_log.file else "access"
                 what = access_log.file or "standard output"
-                problem = self._where(("log", "access_file"), f"cannot open {what}: {exc.strerror or exc}")
+                problem = self._where(("log", key), f"cannot open {what}: {exc.strerror or exc}")
                 raise ConfigError([problem]) from None
         try:
             for plugin in self.plugins:

@@ -78,11 +78,15 @@ class AccessLog:
             self._sink.flush()
 
     async def close(self) -> None:
-        """Let the sink go; the last snapshot using it writes what is pending and closes it."""
-        sink, self._sink = self._sink, None
+        """Let the sink go; the last snapshot using it writes what is pending and closes it.
+
+        A request that ends later still hands its line to the sink: written if another
+        snapshot keeps the sink open, else counted as dropped."""
+        if self._closed:
+            return
         self._closed = True
-        if sink is not None:
-            await self._sinks.release(sink)
+        if self._sink is not None:
+            await self._sinks.release(self._sink)
 
     def statistics(self) -> dict[str, Any]:
         """The sink's numbers: lines, dropped_lines, pending_bytes, ... (see LineSink)."""

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import select
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -87,8 +89,15 @@ def _fd_output(fd: int, own: bool) -> Output:
 
 
 def open_stdout() -> Output:
-    """A non-blocking way to write fd 1 that leaves fd 1's own file description alone."""
+    """A non-blocking way to write fd 1 that leaves fd 1's own file description alone.
+
+    Raises OSError when there is no standard output: fd 1 closed when the process started
+    (Python then has no sys.stdout, and fd 1 may since have been reused for anything)."""
+    if sys.__stdout__ is None:
+        raise OSError(errno.EBADF, "standard output is closed")
     mode = os.fstat(1).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)):
+        raise OSError(errno.EINVAL, "standard output is not a file, pipe, terminal or socket")
     if stat.S_ISREG(mode):
         return _fd_output(1, own=False)
     if stat.S_ISSOCK(mode):
