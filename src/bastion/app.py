@@ -9,8 +9,9 @@ logged. Requests in flight finish on the snapshot they started with; keep-alive 
 connections stay open and their next request reads the new one.
 
 Shutdown (SIGTERM/SIGINT) stops accepting, lets in-flight requests finish up to the drain
-timeout, then cuts what is left; a second signal cuts at once. With `--workers N` a
-supervisor (workers.py) runs N of these processes on SO_REUSEPORT listeners.
+timeout, then cuts what is left; a second signal cuts at once. SIGUSR1 reopens the access
+log file (log rotation). With `--workers N` a supervisor (workers.py) runs N of these
+processes on SO_REUSEPORT listeners.
 
 Clusters. With `--from-redis` (`follow`) the config comes from the versions pushed to Redis
 instead of a file: the gateway reloads when a new version is pushed, and keeps a local copy
@@ -43,6 +44,7 @@ from bastion.config.schema import Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
 from bastion.net.protocols import new_protocol
 from bastion.net.tls import TlsFront, file_digest
+from bastion.observability.logs import reopen_access_logs
 from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
@@ -50,6 +52,7 @@ from bastion.upstream.targets import TargetRegistry
 if TYPE_CHECKING:
     from bastion.cluster.follow import ClusterLink, FollowSettings
     from bastion.cluster.versions import StoredVersion
+    from bastion.observability.logs import AccessLog
 
 log = logging.getLogger("bastion")
 
@@ -427,7 +430,15 @@ class Gateway:
             "store": self._snapshot.store.statistics() if self._snapshot is not None else None,
             "following": {link.describe(): link.subscribed for link in self._links.values()},
             "tls": {bind: front.certs.statistics() for bind, front in self.tls_fronts.items()},
+            "access_log": access_log.statistics() if (access_log := self._access_log()) is not None else None,
         }
+
+    def _access_log(self) -> AccessLog | None:
+        return self._snapshot.access_log if self._snapshot is not None else None
+
+    def reopen_logs(self) -> list[str]:
+        """SIGUSR1: reopen the access log files (logrotate renamed them); the paths reopened."""
+        return reopen_access_logs()
 
     async def _watch(self, interval: float) -> None:
         """Reload when the config file's content changes (polling: no extra dependency)."""
@@ -544,7 +555,7 @@ async def serve(
     tls_watch: float | None = WATCH_INTERVAL,
 ) -> int:
     """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file, or a pushed
-    version with `follow`) reloads.
+    version with `follow`) reloads; SIGUSR1 reopens the access log file.
 
     `ready` is called once the listeners are open (the worker supervisor waits for it).
     """
@@ -580,9 +591,14 @@ async def serve(
         log.info("SIGHUP: reloading %s", config_path if follow is None else "the current version from Redis")
         gateway._spawn(gateway.reload())
 
+    def reopen() -> None:
+        if not gateway.reopen_logs():
+            log.info("SIGUSR1: no access log file to reopen")
+
     loop.add_signal_handler(signal.SIGTERM, stop)
     loop.add_signal_handler(signal.SIGINT, stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, reopen)
     await gateway.wait_stopped()
     log.info("stopped")
     return 0

@@ -110,7 +110,8 @@ def cli() -> None:
     "[default: $XDG_STATE_HOME/bastion/last-good-HASH.json, else ~/.local/state/bastion/...].",
 )
 def run(config: str | None, workers: int, from_redis: str | None, prefix: str, local_copy: Path | None) -> None:
-    """Run the gateway in the foreground (SIGHUP reloads, SIGTERM drains and exits).
+    """Run the gateway in the foreground (SIGHUP reloads, SIGUSR1 reopens the access log file,
+    SIGTERM drains and exits).
 
     The config is the file CONFIG, or with --from-redis the version pushed last to that Redis
     (followed: a newly pushed version is applied within a second)."""

@@ -11,6 +11,7 @@ no handler racing with the main loop:
 - SIGHUP, or a change to the config file (polled every second): the file is validated once
   here; a valid file is announced to every worker with SIGHUP (each builds and swaps its own
   snapshot), an invalid one is logged and the running config stays.
+- SIGUSR1: forwarded to every worker, which reopens its access log file (log rotation).
 - SIGTERM / SIGINT: forwarded to every worker, which drains and exits; after the drain timeout
   (plus a grace period) a worker still alive is killed. A second signal is forwarded too
   (workers then cut their connections at once). The supervisor exits 0.
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.workers")
 
-HANDLED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD))
+HANDLED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1))
 TICK = 0.2
 WATCH_INTERVAL = 1.0
 STOP_GRACE = 5.0
@@ -124,9 +125,11 @@ class Supervisor:
         if pid == 0:  # the worker
             code = 1
             try:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 for signum in HANDLED:
                     signal.signal(signum, signal.SIG_DFL)
+                # Ignored until serve() handles it: a log rotation must not end a starting worker.
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 _die_with_parent()
                 os.close(self.ready_read)
                 code = run_worker(self.config_path, slot.index, self.count, self.ready_write, self.follow)
@@ -235,6 +238,9 @@ class Supervisor:
                 elif info.si_signo == signal.SIGHUP and not self.stopping:
                     fingerprint = file_fingerprint(self.config_path)
                     self.reload("SIGHUP")
+                elif info.si_signo == signal.SIGUSR1:
+                    log.info("SIGUSR1: workers reopen their access log files")
+                    self.signal_all(signal.SIGUSR1)
             self.collect_ready()
             self.reap()
             now = time.monotonic()
@@ -289,6 +295,8 @@ def run_gateway(config_path: str, workers: int | None = None, follow: FollowSett
     raise_open_files_limit()
     if workers is not None and workers > 1:
         return supervise(config_path, workers, follow)
+    # A log rotation's SIGUSR1 that comes before serve() handles it must not end the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             return runner.run(serve(config_path, follow=follow))

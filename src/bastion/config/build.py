@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from bastion.config.loader import model_problems, suggest
+from bastion.config.loader import format_loc, model_problems, suggest
 from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
@@ -84,7 +84,9 @@ class Snapshot:
         store: Store | None = None,
         tls: dict[str, CertSet] | None = None,
         tls_files: dict[str, str] | None = None,
+        where: Callable[[Loc, str], str] | None = None,
     ) -> None:
+        """`where` formats a problem with the config's file and line (LoadedConfig.where)."""
         self.config = config
         self.router = router
         self.routes = routes
@@ -92,7 +94,8 @@ class Snapshot:
         self.plugins = plugins  # every distinct instance, for start/close
         self.consumers = consumers if consumers is not None else ConsumerIndex()
         self.store = store if store is not None else LocalStore()
-        self.access_log: AccessLog | None = AccessLog() if config.log.access else None
+        self.access_log: AccessLog | None = AccessLog(config.log) if config.log.access else None
+        self._where = where or (lambda loc, message: f"{format_loc(loc)}: {message}")
         # Request fields removed from every client request before routing (header_policy).
         self.request_drop = request_drop_set(name for plugin in plugins for name in plugin.identity_headers)
         self.tls = tls or {}  # https listener bind -> its certificates
@@ -100,8 +103,24 @@ class Snapshot:
         self.closed = False
 
     async def start(self) -> None:
-        for plugin in self.plugins:
-            await plugin.start()
+        """Open the access log's destination, then start the plugins. Raises ConfigError when
+        the access log file cannot be opened."""
+        access_log = self.access_log
+        if access_log is not None:
+            try:
+                access_log.open()
+            except OSError as exc:
+                key = "access_file" if access_log.file else "access"
+                what = access_log.file or "standard output"
+                problem = self._where(("log", key), f"cannot open {what}: {exc.strerror or exc}")
+                raise ConfigError([problem]) from None
+        try:
+            for plugin in self.plugins:
+                await plugin.start()
+        except BaseException:
+            if access_log is not None:
+                await access_log.close()
+            raise
 
     async def close(self) -> None:
         """Close plugins and the store; a second call does nothing."""
@@ -118,7 +137,7 @@ class Snapshot:
         except Exception:
             log.exception("the store failed to close")
         if self.access_log is not None:
-            self.access_log.flush()
+            await self.access_log.close()
 
     def target_keys(self) -> set[str]:
         return {t.key for u in self.upstreams.values() for t in u.targets}
@@ -355,6 +374,7 @@ def build_snapshot(
         built.store,
         tls=built.tls,
         tls_files=built.tls_files,
+        where=loaded.where,
     )
 
 

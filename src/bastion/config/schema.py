@@ -486,8 +486,25 @@ class Cluster(Model):
 
 
 class Log(Model):
-    access: bool = Field(True, description="One JSON line per request on stdout.")
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = Field(True, description="One JSON line per request (on stdout unless access_file is set).")
+    access_file: str | None = Field(
+        None,
+        min_length=1,
+        description="Append access lines to this file instead of stdout; SIGUSR1 reopens it (log rotation).",
+    )
+    access_buffer: Size = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Access lines held for a slow reader; lines that do not fit are dropped and counted.",
+    )
+    access_stall_timeout: Duration = Field(
+        10.0,
+        gt=0,
+        description="A destination that takes nothing for this long: held lines dropped, new ones too until it reads.",
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Level of the gateway's own messages (stderr); read at start."
+    )
 
 
 class Config(Model):
