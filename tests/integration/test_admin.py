@@ -440,3 +440,20 @@ def _refused(port: int) -> bool:
         return True
     time.sleep(0.05)
     return False
+
+
+def test_the_demo_refuses_to_start_when_its_admin_port_is_taken(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bastion.demo.runner import ADMIN_ENV, GATEWAY_ENV, ORIGINS, run_demo
+
+    for env in (GATEWAY_ENV, *(o.env for o in ORIGINS)):
+        monkeypatch.setenv(env, str(free_port()))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv(ADMIN_ENV, str(port))
+        assert run_demo() == 1
+    err = capsys.readouterr().err
+    assert f"port {port} already in use" in err and ADMIN_ENV in err

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from bastion.admin.http import AdminRequest, AdminResponse, error_response
+from bastion.admin.node import AdminNode, TargetNotFound
 from bastion.admin.openapi import document
 from bastion.admin.redact import redact
 from bastion.observability.exposition import CONTENT_TYPE, render
 
 if TYPE_CHECKING:
-    from bastion.admin.node import AdminNode
+    from bastion.config.build import Snapshot
+    from bastion.config.schema import Admin
 
 Params = dict[str, str]
 Endpoint = Callable[["AdminAPI", AdminRequest, Params], Awaitable[AdminResponse]]
@@ -40,10 +42,6 @@ PLACEHOLDER = b"""<!doctype html>
 """
 
 
-class TargetNotFound(Exception):
-    """The request names an upstream or target the running config does not have."""
-
-
 def _json(status: int, data: Any) -> AdminResponse:
     return AdminResponse(status, json.dumps(data, indent=1).encode() + b"\n")
 
@@ -51,9 +49,16 @@ def _json(status: int, data: Any) -> AdminResponse:
 class AdminAPI:
     def __init__(self, node: AdminNode) -> None:
         self.node = node
+        self.settings: Admin | None = None  # the running config's `admin` (the token)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        snapshot = self.node.gateway.running_snapshot
+        assert snapshot is not None, "the admin listener opens once a config is live"
+        return snapshot
 
     async def handle(self, request: AdminRequest) -> AdminResponse:
-        settings = self.node.settings
+        settings = self.settings
         if settings is not None and settings.token is not None and not _authorized(request, settings.token):
             response = error_response(
                 401, "unauthorized", "This admin API needs Authorization: Bearer TOKEN.", request.request_id
@@ -120,7 +125,7 @@ class AdminAPI:
         return _json(200, (await self.node.merged())["status"])
 
     async def routes(self, request: AdminRequest, params: Params) -> AdminResponse:
-        snapshot = self.node.gateway.snapshot
+        snapshot = self.snapshot
         by_name = {route.name: route for route in snapshot.routes}
         rows = []
         for row in snapshot.router.table():
@@ -148,7 +153,7 @@ class AdminAPI:
         return _json(200, {"upstreams": [{"name": name, **upstream} for name, upstream in merged.items()]})
 
     async def config(self, request: AdminRequest, params: Params) -> AdminResponse:
-        data = self.node.gateway.snapshot.config.model_dump(mode="json", by_alias=True)
+        data = self.snapshot.config.model_dump(mode="json", by_alias=True)
         return _json(200, redact(data))
 
     async def openapi(self, request: AdminRequest, params: Params) -> AdminResponse:

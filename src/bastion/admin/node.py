@@ -1,9 +1,8 @@
 """The gateway side of the admin API: this process's answers, and the other workers'.
 
-One `AdminNode` per gateway process. It owns the admin listener (opened, moved or closed to
-follow `admin:` on every reload, with SO_REUSEPORT when there are workers, so every worker
-accepts admin connections) and, with `--workers N`, the `Peers` link to the other workers.
-Whichever worker takes an admin request answers for the whole gateway:
+One `AdminNode` per gateway process (inside its `AdminListener`, listener.py). With
+`--workers N` it holds the `Peers` link to the other workers, and whichever worker takes an
+admin request answers for the whole gateway:
 
 - reading (`reports`): its own `process_report` plus every other worker's, merged by
   `admin/report.py`;
@@ -21,14 +20,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from bastion.admin.api import AdminAPI, TargetNotFound
-from bastion.admin.http import AdminServer
 from bastion.admin.peers import Peers, load_drained, save_drained
 from bastion.admin.report import merge_reports, process_report
-from bastion.config.schema import Admin
 
 if TYPE_CHECKING:
-    from bastion.app import Gateway
+    from bastion.admin.view import GatewayView
     from bastion.upstream.targets import TargetState
 
 log = logging.getLogger("bastion.admin")
@@ -37,8 +33,12 @@ ASK_TIMEOUT = 3.0  # a worker that takes longer to report counts as not answerin
 RELOAD_TIMEOUT = 60.0  # a reload may fetch JWKS, connect to Redis, ...
 
 
+class TargetNotFound(Exception):
+    """The request names an upstream or target the running config does not have."""
+
+
 class AdminNode:
-    def __init__(self, gateway: Gateway, peers_dir: str | None = None) -> None:
+    def __init__(self, gateway: GatewayView, peers_dir: str | None = None) -> None:
         self.gateway = gateway
         self.peers_dir = peers_dir if gateway.workers > 1 else None
         self.peers = (
@@ -46,9 +46,6 @@ class AdminNode:
             if peers_dir is not None and gateway.workers > 1
             else None
         )
-        self.settings: Admin | None = None
-        self.api = AdminAPI(self)
-        self.server = AdminServer(self.api.handle)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -62,24 +59,7 @@ class AdminNode:
             if state is not None:
                 state.admin_drained = True
 
-    async def sync(self, settings: Admin | None, reuse_port: bool) -> None:
-        """Open, move or close the admin listener to match the config. Raises OSError."""
-        old = self.settings
-        if settings is None:
-            if old is not None:
-                self.server.retire()
-                log.info("admin listener %s closed", old.bind)
-        elif old is None or old.bind != settings.bind:
-            fresh = AdminServer(self.api.handle)
-            await fresh.listen(settings.bind.host, settings.bind.port, reuse_port)
-            self.server.retire()
-            self.server = fresh
-            auth = "bearer token required" if settings.token else "no token: loopback only"
-            log.info("admin API on http://%s (%s)", settings.bind, auth)
-        self.settings = settings
-
     async def close(self) -> None:
-        self.server.close()
         if self.peers is not None:
             await self.peers.close()
 
@@ -113,10 +93,10 @@ class AdminNode:
         return merge_reports(await self.reports(), self.expected)
 
     def find_target(self, upstream: str, address: str) -> TargetState:
-        snapshot = self.gateway.snapshot
-        runtime = snapshot.upstreams.get(upstream)
+        snapshot = self.gateway.running_snapshot
+        runtime = snapshot.upstreams.get(upstream) if snapshot is not None else None
         if runtime is None:
-            known = ", ".join(sorted(snapshot.upstreams)) or "none"
+            known = ", ".join(sorted(snapshot.upstreams)) if snapshot is not None else "none"
             raise TargetNotFound(f"There is no upstream named {upstream!r} (upstreams: {known}).")
         for target in runtime.targets:
             if target.name == address:

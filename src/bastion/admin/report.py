@@ -27,7 +27,7 @@ from bastion import __version__
 from bastion.observability.metrics import add_rows, merge_exports
 
 if TYPE_CHECKING:
-    from bastion.app import Gateway
+    from bastion.admin.view import GatewayView
 
 
 def _rss_bytes() -> int:
@@ -40,9 +40,9 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def process_report(gateway: Gateway) -> dict[str, Any]:
+def process_report(gateway: GatewayView) -> dict[str, Any]:
     """This process's state and counters (plain JSON data)."""
-    snapshot = gateway._snapshot
+    snapshot = gateway.running_snapshot
     connections: dict[str, int] = {}
     if snapshot is not None:
         connections = {listener.name: 0 for listener in snapshot.config.listeners}

@@ -23,10 +23,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from bastion.http.exchange import Exchange
+from typing import Any, Protocol
 
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of the request and upstream latency histograms; +Inf is implied."""
@@ -105,6 +102,36 @@ class UpstreamStats:
         return {"latency": self.latency.export(), "retries": self.retries, "retries_denied": self.retries_denied}
 
 
+class _Routed(Protocol):
+    @property
+    def stats(self) -> RouteStats: ...
+
+
+class _Method(Protocol):
+    @property
+    def method(self) -> str: ...
+
+
+class _Answered(Protocol):
+    @property
+    def responses(self) -> dict[int, int]: ...
+
+
+class FinishedRequest(Protocol):
+    """What `observe` reads of an exchange (a Protocol: observability imports nothing above it)."""
+
+    @property
+    def route(self) -> _Routed | None: ...  # RouteRuntime
+    @property
+    def request(self) -> _Method: ...
+    @property
+    def target(self) -> _Answered | None: ...  # TargetState of the last try
+    @property
+    def status(self) -> int: ...
+    @property
+    def started(self) -> float: ...  # time.monotonic() when the request head arrived
+
+
 class Metrics:
     """What one process counted since it started. Owned by the Gateway (through its
     TargetRegistry, which every snapshot shares), so reloads keep every count."""
@@ -128,7 +155,7 @@ class Metrics:
             stats = self.upstreams[name] = UpstreamStats()
         return stats
 
-    def observe(self, exchange: Exchange) -> None:
+    def observe(self, exchange: FinishedRequest) -> None:
         """Count one finished request: called once per request, at its very end."""
         route = exchange.route
         stats = route.stats if route is not None else self.unmatched
