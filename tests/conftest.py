@@ -47,6 +47,26 @@ def scripted_origin() -> Iterator[Callable[..., ScriptedOrigin]]:
 
 
 @pytest.fixture
+def ws_origin() -> Iterator[Callable[..., Any]]:
+    """Factory: `ws_origin()` starts a WebSocket origin (ws_support.WsOrigin); all stop after the
+    test, which fails if an origin handler raised (a bug in the test itself)."""
+    from ws_support import WsOrigin
+
+    started: list[WsOrigin] = []
+
+    def start(**kwargs: Any) -> WsOrigin:
+        origin = WsOrigin(**kwargs)
+        started.append(origin)
+        return origin
+
+    yield start
+    for origin in started:
+        origin.stop()
+    errors = [error for origin in started for error in origin.errors]
+    assert not errors, f"a WebSocket origin's handler raised: {errors!r}"
+
+
+@pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayThread]]:
     """Factory: `gateway(config_dict)` or `gateway(targets=[port, ...], **extra)`."""
     started: list[GatewayThread] = []

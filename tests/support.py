@@ -53,11 +53,11 @@ def simple_config(port: int, targets: list[int], **extra: Any) -> dict[str, Any]
 class GatewayThread:
     """A Gateway running on its own uvloop in a background thread."""
 
-    def __init__(self, config_path: Path, port: int) -> None:
+    def __init__(self, config_path: Path, port: int, tls_watch: float | None = None) -> None:
         self.config_path = config_path
         self.port = port
         self.loop = new_event_loop()
-        self.gateway = Gateway(str(config_path))
+        self.gateway = Gateway(str(config_path), tls_watch=tls_watch)
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def run() -> None:
@@ -189,6 +189,20 @@ def request(
     finally:
         if own:
             conn.close()
+
+
+def send_fields(port: int, fields: list[tuple[str, str]], path: str = "/") -> Reply:
+    """One request whose header fields are sent exactly as listed (repeated names included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in fields:
+            conn.putheader(name, value)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:

@@ -9,8 +9,9 @@ logged. Requests in flight finish on the snapshot they started with; keep-alive 
 connections stay open and their next request reads the new one.
 
 Shutdown (SIGTERM/SIGINT) stops accepting, lets in-flight requests finish up to the drain
-timeout, then cuts what is left; a second signal cuts at once. With `--workers N` a
-supervisor (workers.py) runs N of these processes on SO_REUSEPORT listeners.
+timeout, then cuts what is left; a second signal cuts at once. SIGUSR1 reopens the access
+log file (log rotation). With `--workers N` a supervisor (workers.py) runs N of these
+processes on SO_REUSEPORT listeners.
 
 Clusters. With `--from-redis` (`follow`) the config comes from the versions pushed to Redis
 instead of a file: the gateway reloads when a new version is pushed, and keeps a local copy
@@ -33,17 +34,18 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from bastion.admin.node import AdminNode
+from bastion.admin.listener import AdminListener
 from bastion.config.build import Snapshot, build_snapshot, close_later
 from bastion.config.loader import LoadedConfig, load_config, load_config_text
 from bastion.config.schema import Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
-from bastion.observability.logs import setup_logging
+from bastion.net.protocols import new_protocol
+from bastion.net.tls import TlsFront, file_digest
+from bastion.observability.logs import reopen_access_logs
 from bastion.observability.metrics import Metrics
 from bastion.proto.h1 import H1Server, ReadBuffer
 from bastion.upstream.health import HealthMonitor
@@ -52,6 +54,7 @@ from bastion.upstream.targets import TargetRegistry
 if TYPE_CHECKING:
     from bastion.cluster.follow import ClusterLink, FollowSettings
     from bastion.cluster.versions import StoredVersion
+    from bastion.observability.logs import AccessLog
 
 log = logging.getLogger("bastion")
 
@@ -92,11 +95,13 @@ class Gateway:
         peers_dir: str | None = None,
         restarts: int = 0,
         launched_at: float | None = None,
+        tls_watch: float | None = None,
     ) -> None:
         """`worker`/`workers`: this process's place among the workers (spreads health checks);
         `watch`: poll the config file every so many seconds and reload when it changes;
         `follow`: take the config from Redis instead of `config_path` (`--from-redis`);
-        `peers_dir`: where the workers' admin sockets live (workers only); `restarts`: how
+        `tls_watch`: poll the certificate, key and CA files the config names, and reload
+        when one changes; `peers_dir`: where the workers' admin sockets live (workers only); `restarts`: how
         often this worker's slot was refilled; `launched_at`: when the supervisor started."""
         self.config_path = config_path
         self.follow = follow
@@ -106,6 +111,9 @@ class Gateway:
         self.restarts = restarts
         self.watch = watch
         self.metrics = Metrics()  # every request's counters, for the life of the process
+        self.tls_watch = tls_watch
+        self.tls_fronts: dict[str, TlsFront] = {}  # https listeners by bind address
+        self._tls_seen: dict[str, str] = {}  # TLS file -> digest last seen
         self.registry = TargetRegistry(self.metrics)
         self.read_buffer = ReadBuffer()  # shared by this gateway's client connections
         self.health = HealthMonitor(worker, workers)
@@ -126,7 +134,7 @@ class Gateway:
         self.last_reload: dict[str, Any] | None = None  # result, problems, when
         self.started_at = time.time()
         self.launched_at = launched_at if launched_at is not None else self.started_at
-        self.admin = AdminNode(self, peers_dir)
+        self.admin = AdminListener(self, peers_dir)
         self._loaded: LoadedConfig | None = None
         self._stored: StoredVersion | None = None  # the Redis version running (follow only)
         self._rejected: tuple[int, str] | None = None  # a version (and digest) that failed here: not retried
@@ -136,6 +144,11 @@ class Gateway:
         self._syncing = False
         self._poked = False
         self._from_copy = False  # booted from the local copy; cleared once Redis answers
+
+    @property
+    def running_snapshot(self) -> Snapshot | None:
+        """The live snapshot, or None before the first one (the admin API's view)."""
+        return self._snapshot
 
     @property
     def snapshot(self) -> Snapshot:
@@ -159,6 +172,8 @@ class Gateway:
         self._spawn(self._tick())
         if self.watch and self.follow is None:
             self._spawn(self._watch(self.watch))
+        if self.tls_watch:
+            self._spawn(self._watch_tls(self.tls_watch))
         for link in self._links.values():
             link.watch(self._cluster_poked)
 
@@ -170,20 +185,31 @@ class Gateway:
         self.registry.running = True
         self.registry.retain_only(snapshot.target_keys())
         self.health.sync(snapshot.upstreams)
+        self._tls_seen.update(snapshot.tls_files)
+        for bind, certs in snapshot.tls.items():
+            for cert in certs.expired():
+                log.warning("listener %s: certificate %s is outside its validity period", bind, cert.cert_path)
 
     async def _bind(self, snapshot: Snapshot) -> None:
-        """Open listeners that are new, close those that are gone, update settings of the rest."""
+        """Open listeners that are new, close those that are gone, update settings of the rest.
+
+        A socket's TLS context is fixed when it opens: a listener that turns TLS on or off is
+        closed and opened again; one that stays https gets the snapshot's certificates."""
         loop = asyncio.get_running_loop()
         wanted = {str(listener.bind): listener for listener in snapshot.config.listeners}
         for bind, server in list(self.servers.items()):
-            if bind not in wanted:
+            if bind not in wanted or (bind in self.tls_fronts) != (bind in snapshot.tls):
                 server.close()
                 del self.servers[bind]
+                self.tls_fronts.pop(bind, None)
                 log.info("listener %s closed", bind)
         self.listeners = wanted
+        fronts = dict(self.tls_fronts)
         for bind, listener in wanted.items():
             if bind in self.servers:
                 continue
+            certs = snapshot.tls.get(bind)
+            front = TlsFront(certs) if certs is not None else None
             server = await loop.create_server(
                 self._factory(bind),
                 listener.bind.host,
@@ -191,30 +217,36 @@ class Gateway:
                 backlog=listener.backlog,
                 reuse_address=True,
                 reuse_port=self.reuse_port or None,
+                ssl=front.context if front is not None else None,
+                ssl_handshake_timeout=listener.timeouts.header if front is not None else None,
             )
             self.servers[bind] = server
-            log.info("listener %s (%s) on http://%s", listener.name, listener.protocol, bind)
+            if front is not None:
+                self.tls_fronts[bind] = front
+            scheme = "https" if front is not None else "http"
+            log.info("listener %s (%s) on %s://%s", listener.name, listener.protocol, scheme, bind)
+        for bind, front in fronts.items():  # every new socket is open: only now swap certificates
+            front.install(snapshot.tls[bind])
         await self.admin.sync(snapshot.config.admin, self.reuse_port)
 
-    def _factory(self, bind: str) -> Callable[[], H1Server]:
-        def make() -> H1Server:
-            return H1Server(self, self.listeners[bind])
+    def _factory(self, bind: str) -> Callable[[], asyncio.BaseProtocol]:
+        # The listener's settings are looked up at each accept: a reload changes them.
+        return lambda: new_protocol(self, self.listeners[bind])
 
-        return make
-
-    async def reload(self, consumers_only: bool = False) -> bool:
+    async def reload(self, same_config: bool = False, why: str = "config reloaded") -> bool:
         """Build the config again and swap it in; on any error keep the running one.
 
-        `consumers_only`: the consumers in Redis changed; rebuild from the config already loaded."""
+        `same_config`: the consumers in Redis changed, or TLS files did; rebuild from the
+        config already loaded (`why` says which in the log)."""
         async with self._reload_lock:
             if self._stopping:
                 return False
-            return await self._reload(consumers_only)
+            return await self._reload(same_config, why)
 
-    async def _reload(self, consumers_only: bool = False) -> bool:
+    async def _reload(self, same_config: bool = False, why: str = "config reloaded") -> bool:
         stored: StoredVersion | None = None
         try:
-            if consumers_only and self._loaded is not None:
+            if same_config and self._loaded is not None:
                 loaded, stored = self._loaded, self._stored
             else:
                 loaded, stored = await self._load_source()
@@ -240,8 +272,7 @@ class Gateway:
         self._applied(loaded, stored)
         self.reloads["applied"] += 1
         self.last_reload = {"result": "applied", "problems": [], "at": time.time()}
-        what = "consumers from Redis updated" if consumers_only else "config reloaded"
-        log.info("%s: config %s", what, self.describe_config())
+        log.info("%s: config %s", why, self.describe_config())
         for link in self._links.values():
             link.watch(self._cluster_poked)  # a link the new config brought (no-op for the others)
         return True
@@ -410,7 +441,7 @@ class Gateway:
         if cluster is not None:
             _, rev = await self._link(cluster.redis, cluster.prefix).heads()
             if rev != self._consumers_rev:
-                await self.reload(consumers_only=True)
+                await self.reload(same_config=True, why="consumers from Redis updated")
 
     def statistics(self) -> dict[str, Any]:
         """What the admin API and metrics read: the config running and its source, reloads, the store."""
@@ -421,11 +452,20 @@ class Gateway:
             "last_reload": self.last_reload,
             "store": self._snapshot.store.statistics() if self._snapshot is not None else None,
             "following": {link.describe(): link.subscribed for link in self._links.values()},
+            "tls": {bind: front.certs.statistics() for bind, front in self.tls_fronts.items()},
+            "access_log": access_log.statistics() if (access_log := self._access_log()) is not None else None,
         }
 
     def is_ready(self) -> bool:
         """Serving: a config is live and every listener is bound (false while draining)."""
         return self._snapshot is not None and not self._stopping and set(self.servers) == set(self.listeners)
+
+    def _access_log(self) -> AccessLog | None:
+        return self._snapshot.access_log if self._snapshot is not None else None
+
+    def reopen_logs(self) -> list[str]:
+        """SIGUSR1: reopen the access log files (logrotate renamed them); the paths reopened."""
+        return reopen_access_logs()
 
     async def _watch(self, interval: float) -> None:
         """Reload when the config file's content changes (polling: no extra dependency)."""
@@ -439,6 +479,25 @@ class Gateway:
                 continue
             log.info("config file %s changed, reloading", self.config_path)
             await self.reload()
+
+    async def _watch_tls(self, interval: float) -> None:
+        """Reload when a certificate, key or CA file the config names changes content.
+
+        A change is acted on once: if the new files are refused (a certificate and a key that
+        do not match yet, half-way through a renewal), the old ones keep serving and the next
+        change of either file tries again."""
+        while True:
+            await asyncio.sleep(interval)
+            snapshot = self._snapshot
+            if snapshot is None or not snapshot.tls_files:
+                continue
+            seen = await asyncio.to_thread(_digests, list(snapshot.tls_files))
+            changed = [path for path, digest in seen.items() if digest != self._tls_seen.get(path)]
+            if not changed:
+                continue
+            self._tls_seen.update(seen)
+            log.info("TLS files changed (%s): reloading", ", ".join(changed))
+            await self.reload(same_config=True, why="TLS files reloaded")
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish up to `timeout`, then cut the rest."""
@@ -458,6 +517,11 @@ class Gateway:
             log.warning("drain timeout: closing %d connections still busy", len(self.connections))
         for conn in list(self.connections):
             conn.abort()
+        # Cut connections end within a loop turn or two; a relayed one (WebSocket) when its
+        # relay has closed both sides, which is when its access log line is written.
+        cut_deadline = loop.time() + 1.0
+        while self.connections and loop.time() < cut_deadline:
+            await asyncio.sleep(0.01)
         await self.health.close()
         for task in list(self._tasks):
             task.cancel()
@@ -502,6 +566,10 @@ class Gateway:
                 state.pool.sweep(now)
 
 
+def _digests(paths: list[str]) -> dict[str, str]:
+    return {path: file_digest(path) for path in paths}
+
+
 async def serve(
     config_path: str,
     snapshot: Snapshot | None = None,
@@ -515,9 +583,10 @@ async def serve(
     peers_dir: str | None = None,
     restarts: int = 0,
     launched_at: float | None = None,
+    tls_watch: float | None = WATCH_INTERVAL,
 ) -> int:
     """Run one gateway process until SIGTERM/SIGINT; SIGHUP (or a changed file, or a pushed
-    version with `follow`) reloads.
+    version with `follow`) reloads; SIGUSR1 reopens the access log file.
 
     `ready` is called once the listeners are open (the worker supervisor waits for it).
     """
@@ -531,6 +600,7 @@ async def serve(
         peers_dir=peers_dir,
         restarts=restarts,
         launched_at=launched_at,
+        tls_watch=tls_watch,
     )
     try:
         await gateway.start(snapshot)
@@ -556,9 +626,14 @@ async def serve(
         log.info("SIGHUP: reloading %s", config_path if follow is None else "the current version from Redis")
         gateway._spawn(gateway.reload())
 
+    def reopen() -> None:
+        if not gateway.reopen_logs():
+            log.info("SIGUSR1: no access log file to reopen")
+
     loop.add_signal_handler(signal.SIGTERM, stop)
     loop.add_signal_handler(signal.SIGINT, stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, reopen)
     await gateway.wait_stopped()
     log.info("stopped")
     return 0
@@ -586,33 +661,3 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError) as exc:
         log.warning("could not raise the open files limit: %s", exc)
-
-
-def run_gateway(config_path: str, workers: int | None = None, follow: FollowSettings | None = None) -> int:
-    """The `bastion run` command: validate, then serve in the foreground. Returns the exit code.
-
-    One worker runs in this process; more run under a supervisor (bastion.workers). With
-    `follow` the config comes from Redis (`config_path` is then empty).
-    """
-    if follow is None:
-        try:
-            loaded = load_config(config_path)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                print(problem, file=sys.stderr)
-            return 1
-        setup_logging(loaded.config.log.level)
-    else:
-        setup_logging("info")
-    raise_open_files_limit()
-    if workers is not None and workers > 1:
-        from bastion.workers import supervise
-
-        return supervise(config_path, workers, follow)
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        try:
-            return runner.run(serve(config_path, follow=follow))
-        except ConfigError as exc:
-            for problem in exc.problems:
-                print(problem, file=sys.stderr)
-            return 1

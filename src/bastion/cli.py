@@ -15,19 +15,18 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
-from urllib.parse import urlsplit
 
 import click
 
 from bastion import __version__
 from bastion.config.loader import LoadedConfig, load_config
-from bastion.config.schema import Config
 from bastion.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from bastion.cluster.connect import Keys
+    from bastion.net.tls import CertSet
 
 __all__ = ["cli", "main"]
 
@@ -65,12 +64,13 @@ def _load_or_exit(path: str) -> LoadedConfig:
         _problems_exit(exc, path)
 
 
-def _built_or_exit(loaded: LoadedConfig) -> None:
-    """Check what only building finds (plugin configs, consumers), or print every problem and exit 1."""
+def _built_or_exit(loaded: LoadedConfig) -> dict[str, CertSet]:
+    """Check what only building finds (plugin configs, consumers, TLS files), or print every
+    problem and exit 1. Returns the https listeners' certificates by bind."""
     from bastion.config.build import check_config
 
     try:
-        check_config(loaded)
+        return check_config(loaded)
     except ConfigError as exc:
         _problems_exit(exc, loaded.path)
 
@@ -110,7 +110,8 @@ def cli() -> None:
     "[default: $XDG_STATE_HOME/bastion/last-good-HASH.json, else ~/.local/state/bastion/...].",
 )
 def run(config: str | None, workers: int, from_redis: str | None, prefix: str, local_copy: Path | None) -> None:
-    """Run the gateway in the foreground (SIGHUP reloads, SIGTERM drains and exits).
+    """Run the gateway in the foreground (SIGHUP reloads, SIGUSR1 reopens the access log file,
+    SIGTERM drains and exits).
 
     The config is the file CONFIG, or with --from-redis the version pushed last to that Redis
     (followed: a newly pushed version is applied within a second)."""
@@ -118,15 +119,15 @@ def run(config: str | None, workers: int, from_redis: str | None, prefix: str, l
         if config is None:
             raise click.UsageError("give a CONFIG file, or --from-redis URL")
         _built_or_exit(_load_or_exit(config))
-        from bastion.app import run_gateway
+        from bastion.workers import run_gateway
 
         sys.exit(run_gateway(config, workers))
     if config is not None:
         raise click.UsageError("give either a CONFIG file or --from-redis URL, not both")
     _check_url(from_redis, "--from-redis")
     _check_prefix(prefix)
-    from bastion.app import run_gateway
     from bastion.cluster.follow import FollowSettings
+    from bastion.workers import run_gateway
 
     sys.exit(run_gateway("", workers, FollowSettings(from_redis, prefix, local_copy)))
 
@@ -137,13 +138,22 @@ def check(config: str) -> None:
     """Validate CONFIG; print a summary, or every problem with file:line and key path."""
     loaded = _load_or_exit(config)
     cfg = loaded.config
-    _built_or_exit(loaded)
+    certificates = _built_or_exit(loaded)
     click.echo(f"{config}:")
     click.echo(f"  listeners ({len(cfg.listeners)}):")
     for row in _table(["name", "protocol", "bind"], [[lst.name, lst.protocol, str(lst.bind)] for lst in cfg.listeners])[
         1:
     ]:
         click.echo(f"    {row}")
+    if certificates:
+        click.echo("  certificates (SNI: exact names, then wildcards, then the first of each listener):")
+        rows = [
+            [bind, ", ".join(cert.names) or "(no name)", f"until {cert.not_after:%Y-%m-%d}"]
+            for bind, certs in certificates.items()
+            for cert in certs.certificates
+        ]
+        for row in _table(["bind", "names", "valid"], rows)[1:]:
+            click.echo(f"    {row}")
     click.echo(f"  upstreams ({len(cfg.upstreams)}):")
     rows = []
     for name, upstream in cfg.upstreams.items():
@@ -174,26 +184,50 @@ def _parse_header(value: str) -> tuple[str, str]:
     return name.strip(), rest.strip()
 
 
-def _parse_request(text: str) -> tuple[str, str, str]:
-    """'GET http://host:8080/path?q' -> ('GET', 'host', '/path'); a bare '/path' means any host."""
+def _explained_request(text: str, headers: Sequence[tuple[str, str]]) -> tuple[str, str, str]:
+    """'GET http://host:8080/path?q' and the -H headers -> (method, routing host, normalised path),
+    read the way the gateway reads the request curl sends for them. Raises BadRequest.
+
+    As with curl, the URL's host is the `Host` header unless -H 'Host: ...' gives one; a bare
+    '/path' without a Host header means no host (only routes without `hosts` fit). The host and
+    the path go through the gateway's own parsing (http.paths): a trailing dot is dropped, the
+    port ignored, case folded, and whatever the gateway refuses with 400 is refused here too."""
+    from bastion.http.paths import parse_target, request_host
+
     parts = text.split(None, 1)
     if len(parts) != 2:
         raise click.BadParameter(f"{text!r} is not 'METHOD URL', e.g. 'GET http://api.example.com/v1/users'")
     method, url = parts[0].upper(), parts[1].strip()
     if not url.startswith("/") and "://" not in url:
         url = "http://" + url
-    split = urlsplit(url)
-    return method, (split.hostname or "").lower(), split.path or "/"
+    path, _, authority = parse_target(url.encode("latin-1"))
+    fields = [value.encode("latin-1") for name, value in headers if name.lower() == "host"]
+    if fields:
+        host, _ = request_host(None, fields, http11=True)
+    else:
+        host = authority[0] if authority is not None else ""
+    return method, host, path
 
 
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--explain", "request", metavar="'METHOD URL'", help="Say which route this request matches, and why.")
-@click.option("-H", "--header", "headers", multiple=True, metavar="'Name: value'", help="A request header (repeat).")
+@click.option(
+    "--explain",
+    "request",
+    metavar="'METHOD URL'",
+    help="Say which route this request matches, and why (the URL as given to curl).",
+)
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="'Name: value'",
+    help="A request header (repeat); 'Host: ...' replaces the URL's host, as with curl.",
+)
 def routes(config: str, request: str | None, headers: tuple[str, ...]) -> None:
     """Print the compiled route table in match order; with --explain, trace one request."""
     from bastion.http.model import Headers
-    from bastion.http.paths import normalize_path
     from bastion.http.router import Router
 
     loaded = _load_or_exit(config)
@@ -208,16 +242,16 @@ def routes(config: str, request: str | None, headers: tuple[str, ...]) -> None:
         if headers:
             raise click.UsageError("-H only makes sense with --explain")
         return
-    method, host, raw_path = _parse_request(request)
+    pairs = [_parse_header(value) for value in headers]
     try:
-        path = normalize_path(raw_path)
+        method, host, path = _explained_request(request, pairs)
     except BadRequest as exc:
         click.echo("")
         click.echo(f"=> 400 {exc.message}")
         return
     header_map = Headers()
-    for value in headers:
-        header_map.add(*_parse_header(value))
+    for name, value in pairs:
+        header_map.add(name, value)
     click.echo("")
     click.echo(f"{method} host={host or '(none)'} path={path}")
     explanation = router.explain(method, host, path, header_map)
@@ -233,11 +267,10 @@ def routes(config: str, request: str | None, headers: tuple[str, ...]) -> None:
 
 @cli.command()
 def schema() -> None:
-    """Print the config's JSON Schema (point your editor's YAML support at it)."""
-    body = Config.model_json_schema()
-    body.pop("title", None)
-    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Bastion config", **body}
-    click.echo(json.dumps(document, indent=2))
+    """Print the config's JSON Schema, plugin settings included (point your editor's YAML support at it)."""
+    from bastion.config.json_schema import config_schema
+
+    click.echo(json.dumps(config_schema(), indent=2))
 
 
 @cli.command()
@@ -404,6 +437,10 @@ def consumers() -> None:
 @click.option("--key-sha256", "digests", multiple=True, help="An API key given as its SHA-256 digest (hex).")
 @click.option("--basic-auth", "basic", multiple=True, metavar="USER:HASH", help="A basic_auth user and its hash.")
 @click.option("--jwt", "subjects", multiple=True, metavar="SUBJECT", help="A JWT subject (repeat).")
+@click.option(
+    "--cert-sha256", "certs", multiple=True, help="A client certificate's SHA-256 fingerprint, for mtls_auth."
+)
+@click.option("--cert-subject", "cert_subjects", multiple=True, help="A client certificate subject (CN=app,O=Example).")
 @click.option("--replace", is_flag=True, help="Replace a consumer of that name instead of refusing.")
 def consumers_add(
     name: str,
@@ -414,6 +451,8 @@ def consumers_add(
     digests: tuple[str, ...],
     basic: tuple[str, ...],
     subjects: tuple[str, ...],
+    certs: tuple[str, ...],
+    cert_subjects: tuple[str, ...],
     replace: bool,
 ) -> None:
     """Add consumer NAME with its credentials. Keys are stored as their SHA-256 digests."""
@@ -440,6 +479,7 @@ def consumers_add(
             "key_auth": [{"key": k} for k in key_list] + [{"key_sha256": d.lower()} for d in digests],
             "basic_auth": users,
             "jwt": [{"subject": subject} for subject in subjects],
+            "mtls_auth": [{"fingerprint_sha256": c} for c in certs] + [{"subject": c} for c in cert_subjects],
         },
     }
     try:
@@ -492,10 +532,11 @@ def consumers_list(redis_url: str, prefix: str | None) -> None:
             str(len(c.credentials.key_auth)),
             str(len(c.credentials.basic_auth)),
             str(len(c.credentials.jwt)),
+            str(len(c.credentials.mtls_auth)),
         ]
         for c in found
     ]
-    for line in _table(["NAME", "GROUPS", "KEYS", "BASIC", "JWT"], rows):
+    for line in _table(["NAME", "GROUPS", "KEYS", "BASIC", "JWT", "CERTS"], rows):
         click.echo(line)
     click.echo(f"(consumers rev {rev})")
 

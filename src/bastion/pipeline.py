@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bastion.config.schema import Consumer
 from bastion.errors import GatewayError
@@ -38,6 +38,7 @@ __all__ = [
     "Headers",
     "Plugin",
     "PluginConfig",
+    "PluginConfigError",
     "PluginError",
     "PluginProblems",
     "Reply",
@@ -161,6 +162,17 @@ class PluginProblems(ValueError):
         self.problems = list(problems)
 
 
+class PluginConfigError(ValueError):
+    """A config model below a plugin's entry refused its settings: the `python` plugin raises it
+    for its class's `config:`, so those errors read like any other (`did you mean ...`)."""
+
+    def __init__(self, error: ValidationError, model: type[BaseModel], prefix: Loc) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.model = model
+        self.prefix = prefix
+
+
 class PluginError(GatewayError):
     """A plugin raised: that request gets a 500, the gateway carries on."""
 
@@ -200,6 +212,9 @@ class Plugin:
     # Request fields this plugin sets from what it verified (jwt's forward_claims): the gateway
     # removes client-sent copies on every route, not only where this plugin runs.
     identity_headers: frozenset[bytes] = frozenset()
+    # An authentication plugin's WWW-Authenticate challenge (b'Key realm="api"'): acl repeats
+    # the challenges of a route's authentication plugins on its own 401.
+    challenge: bytes | None = None
 
     def __init__(self, config: Any, env: BuildEnv) -> None:
         self.config = config
@@ -211,8 +226,18 @@ class Plugin:
         return cls(cls.Config.model_validate(raw if raw is not None else {}), env)
 
     def check_chain(self, chain: Sequence[Plugin]) -> str | None:
-        """A problem with the route chain this plugin ends up in (e.g. acl without auth), or None."""
+        """A problem with the route chain this plugin ends up in (e.g. acl without auth), or None.
+
+        Runs together with every other check of the config, so an entry of the chain that has
+        problems of its own is there as an instance of its class that was never initialised:
+        look only at the other plugins' class attributes (`stage`, `name`, the class itself).
+        """
         return None
+
+    def prepare_route(self, route: str, chain: Sequence[Plugin]) -> None:
+        """Called once per route this plugin serves, when the whole config is valid, with that
+        route's ordered chain: precompute what depends on the other plugins (acl: their
+        challenges; rate_limit: every limit of the route for RateLimit-Policy)."""
 
     async def start(self) -> None:
         """Called once when the snapshot goes live (open clients, start refreshers)."""

@@ -11,6 +11,7 @@ no handler racing with the main loop:
 - SIGHUP, or a change to the config file (polled every second): the file is validated once
   here; a valid file is announced to every worker with SIGHUP (each builds and swaps its own
   snapshot), an invalid one is logged and the running config stays.
+- SIGUSR1: forwarded to every worker, which reopens its access log file (log rotation).
 - SIGTERM / SIGINT: forwarded to every worker, which drains and exits; after the drain timeout
   (plus a grace period) a worker still alive is killed. A second signal is forwarded too
   (workers then cut their connections at once). The supervisor exits 0.
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.workers")
 
-HANDLED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD))
+HANDLED = frozenset((signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1))
 TICK = 0.2
 WATCH_INTERVAL = 1.0
 STOP_GRACE = 5.0
@@ -158,9 +159,11 @@ class Supervisor:
         if pid == 0:  # the worker
             code = 1
             try:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 for signum in HANDLED:
                     signal.signal(signum, signal.SIG_DFL)
+                # Ignored until serve() handles it: a log rotation must not end a starting worker.
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
                 _die_with_parent()
                 os.close(self.ready_read)
                 code = run_worker(
@@ -278,6 +281,9 @@ class Supervisor:
                 elif info.si_signo == signal.SIGHUP and not self.stopping:
                     fingerprint = file_fingerprint(self.config_path)
                     self.reload("SIGHUP")
+                elif info.si_signo == signal.SIGUSR1:
+                    log.info("SIGUSR1: workers reopen their access log files")
+                    self.signal_all(signal.SIGUSR1)
             self.collect_ready()
             self.reap()
             now = time.monotonic()
@@ -312,3 +318,36 @@ def supervise(config_path: str, count: int, follow: FollowSettings | None = None
         return supervisor.run()
     finally:
         shutil.rmtree(supervisor.peers_dir, ignore_errors=True)
+
+
+def run_gateway(config_path: str, workers: int | None = None, follow: FollowSettings | None = None) -> int:
+    """The `bastion run` command: validate, then serve in the foreground. Returns the exit code.
+
+    One worker runs in this process; more run under a supervisor (`supervise`). With
+    `follow` the config comes from Redis (`config_path` is then empty).
+    """
+    from bastion.app import new_event_loop, raise_open_files_limit, serve
+    from bastion.observability.logs import setup_logging
+
+    if follow is None:
+        try:
+            loaded = load_config(config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 1
+        setup_logging(loaded.config.log.level)
+    else:
+        setup_logging("info")
+    raise_open_files_limit()
+    if workers is not None and workers > 1:
+        return supervise(config_path, workers, follow)
+    # A log rotation's SIGUSR1 that comes before serve() handles it must not end the process.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        try:
+            return runner.run(serve(config_path, follow=follow))
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 1

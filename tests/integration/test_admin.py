@@ -6,9 +6,11 @@ the test sent; drains are checked by where requests land (the origins' X-Origin 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -160,6 +162,22 @@ def test_health_readiness_status_and_routes(admin_gateway: Callable[..., Any]) -
         "plugins": [],
     }
     assert routes[0]["plugins"] == ["key_auth"]
+
+
+def test_readiness_turns_503_while_the_gateway_drains(admin_gateway: Callable[..., Any]) -> None:
+    admin, _, _ = admin_gateway(routes=[{"name": "slow", "match": {"path": "/delay"}, "upstream": "app"}])
+    statuses: list[int] = []
+    slow = threading.Thread(target=lambda: statuses.append(request(admin.gw.port, "GET", "/delay/1500").status))
+    slow.start()
+    wait_for(lambda: total(admin.metrics(), "bastion_upstream_target_in_flight") == 1)
+    stopping = asyncio.run_coroutine_threadsafe(admin.gw.gateway.shutdown(10), admin.gw.loop)
+    wait_for(lambda: admin.call("GET", "/readyz").status == 503)  # still answering, not ready
+    assert admin.call("GET", "/readyz").json()["ready"] is False
+    assert admin.call("GET", "/healthz").status == 200
+    stopping.result(10)
+    slow.join(10)
+    assert statuses == [200]
+    assert _refused(admin.port)  # the admin listener closes last
 
 
 def test_upstreams_show_every_target_with_its_live_state(admin_gateway: Callable[..., Any]) -> None:
@@ -406,14 +424,66 @@ def test_unknown_paths_and_wrong_methods_get_json_errors(admin_gateway: Callable
     assert head.status == 200 and head.body == b"" and int(head.header("content-length") or 0) > 0
     garbage = raw_exchange(admin.port, b"NOT HTTP AT ALL\r\n\r\n")
     assert garbage.startswith(b"HTTP/1.1 400 ")
+    huge = raw_exchange(admin.port, b"GET /status HTTP/1.1\r\nX-Big: " + b"x" * 20000 + b"\r\n\r\n")
+    assert huge.startswith(b"HTTP/1.1 431 ") and b'"headers_too_large"' in huge
 
 
 def test_keep_alive_and_pipelined_admin_requests_are_answered_in_order(admin_gateway: Callable[..., Any]) -> None:
     admin, _, _ = admin_gateway()
-    data = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    data = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /nope HTTP/1.1\r\nHost: localhost\r\n"
+    data += b"Connection: close\r\n\r\n"
     answer = raw_exchange(admin.port, data)
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.index(b"HTTP/1.1 404 ") > answer.index(b'"status": "ok"')
+
+
+# --- pages in a browser -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_a_page_that_rebinds_its_name_to_the_admin_address_is_refused(
+    admin_gateway: Callable[..., Any], token: str | None
+) -> None:
+    """DNS rebinding: evil.example resolves to 127.0.0.1, and the browser sends its name."""
+    admin, _, _ = admin_gateway(token=token)
+    port = admin.port
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost.evil", "[::1"):
+        for method, path in (("GET", "/config"), ("GET", "/"), ("POST", "/reload")):
+            reply = admin.call(method, path, headers={"Host": host})
+            assert reply.status == 403, (host, path)
+            body = reply.json()
+            assert body["error"] == "host_forbidden" and "DNS rebinding" in body["message"]
+            assert body["request_id"] == reply.header("x-request-id")
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST.", "127.0.0.1"):
+        assert admin.call("GET", "/config", headers={"Host": host}).status == 200, host
+    assert admin.get("/status")["reloads"] == {"applied": 0, "rejected": 0}
+
+
+def test_a_post_from_another_site_is_refused(admin_gateway: Callable[..., Any]) -> None:
+    """CSRF: any page can make the browser POST here; the browser says where the page is from."""
+    admin, (a,), _ = admin_gateway()
+    port = admin.port
+    drain = f"/upstreams/app/targets/{a.address}/drain"
+    for origin in (
+        "http://evil.example",
+        f"http://evil.example:{port}",
+        "null",
+        f"https://127.0.0.1:{port}",
+        f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}",
+        f"http://localhost:{port}",  # the request's Host is 127.0.0.1: another origin
+    ):
+        for path in ("/reload", drain):
+            reply = admin.call("POST", path, headers={"Origin": origin})
+            assert reply.status == 403, (origin, path)
+            assert reply.json()["error"] == "origin_forbidden"
+    assert admin.get("/status")["reloads"] == {"applied": 0, "rejected": 0}
+    assert admin.get("/upstreams")["upstreams"][0]["targets"][0]["drained"] is False
+    # Reading with a foreign Origin is not refused (the browser keeps the answer from the page).
+    assert admin.call("GET", "/status", headers={"Origin": "http://evil.example"}).status == 200
+
+    assert admin.call("POST", "/reload", headers={"Origin": f"http://127.0.0.1:{port}"}).status == 200  # its own
+    assert admin.post(drain).status == 200  # curl and scripts send no Origin
+    assert admin.get("/status")["reloads"]["applied"] == 1
 
 
 # --- the token ---------------------------------------------------------------------------------------
@@ -464,6 +534,7 @@ def landed(port: int, count: int = 12) -> Counter[str]:
 def test_a_drained_target_gets_no_new_requests_until_enabled(admin_gateway: Callable[..., Any]) -> None:
     admin, (a, _), _ = admin_gateway(count=2)
     assert set(landed(admin.gw.port)) == {"a", "b"}
+    assert total(admin.metrics(), "bastion_upstream_target_up", target=a.address) == 1
     reply = admin.post(f"/upstreams/app/targets/{a.address}/drain")
     assert reply.status == 200
     assert reply.json() == {"upstream": "app", "target": a.address, "drained": True, "workers": 1, "workers_applied": 1}
@@ -552,3 +623,20 @@ def _refused(port: int) -> bool:
         return True
     time.sleep(0.05)
     return False
+
+
+def test_the_demo_refuses_to_start_when_its_admin_port_is_taken(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bastion.demo.runner import ADMIN_ENV, GATEWAY_ENV, ORIGINS, run_demo
+
+    for env in (GATEWAY_ENV, *(o.env for o in ORIGINS)):
+        monkeypatch.setenv(env, str(free_port()))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv(ADMIN_ENV, str(port))
+        assert run_demo() == 1
+    err = capsys.readouterr().err
+    assert f"port {port} already in use" in err and ADMIN_ENV in err

@@ -288,6 +288,9 @@ def test_a_gateway_boots_from_its_local_copy_when_redis_is_down(
     env = gateway_env(tmp_path, 0)
     args = ("--from-redis", redis.url, "--local-copy", str(copy))
     first = GatewayProcess(None, int(env["GW_PORT"]), *args, env=env)
+    deadline = time.monotonic() + 10  # the copy is written once the pulled config is live
+    while not copy.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     first.stop()
     assert copy.exists() and copy.stat().st_mode & 0o077 == 0
     redis.kill()

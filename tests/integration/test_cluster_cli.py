@@ -87,12 +87,19 @@ def test_consumers_add_list_remove(redis_server: RedisServer) -> None:
     code, out = bastion("consumers", "add", "app", "--redis", url, "--key-sha256", "00" * 32, "--replace")
     assert code == 0
     code, out = bastion("consumers", "list", "--redis", url)
-    assert code == 0 and out.splitlines()[1].split() == ["app", "-", "1", "0", "0"]
+    assert code == 0 and out.splitlines()[1].split() == ["app", "-", "1", "0", "0", "0"]
+    code, out = bastion("consumers", "add", "svc", "--redis", url, "--cert-sha256", "AB:" * 31 + "AB")
+    assert code == 0
+    stored = json.loads(redis_server.client().hget("{bastion}:consumers", "svc") or b"")
+    assert stored["credentials"]["mtls_auth"] == [{"fingerprint_sha256": "ab" * 32}]
+    code, out = bastion("consumers", "add", "svc2", "--redis", url, "--cert-subject", "cn=svc")
+    assert code == 1 and "not an RFC 4514 subject" in out
+    assert bastion("consumers", "remove", "svc", "--redis", url)[0] == 0
     assert bastion("consumers", "remove", "app", "--redis", url)[0] == 0
     code, out = bastion("consumers", "remove", "app", "--redis", url)
     assert code == 1 and "no consumer 'app'" in out
     assert "no consumers" in bastion("consumers", "list", "--redis", url)[1]
-    assert redis_server.client().get("{bastion}:consumers:rev") == b"3"
+    assert redis_server.client().get("{bastion}:consumers:rev") == b"5"
 
 
 def test_run_wants_a_file_or_a_redis_not_both(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--host-resolver-rules=MAP evil.test 127.0.0.1",  # a name an attacker pointed at this machine
 ]
 TOKEN = "dashboard-token-for-tests-42"
 WAIT_MS = 10_000  # the longest any expectation waits
@@ -215,3 +216,43 @@ def test_with_a_token_the_dashboard_asks_for_it_and_keeps_it_for_the_tab(
     expect(board.target_row(linked, a)).to_have_attribute("data-state", "up", timeout=WAIT_MS)
     assert "token" not in linked.url and TOKEN not in linked.url  # taken out of the address bar
     assert linked.evaluate("sessionStorage.getItem('bastion.admin.token')") == TOKEN
+
+
+def test_pages_of_other_sites_can_neither_read_nor_steer_the_admin_api(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    """DNS rebinding (evil.test resolves to 127.0.0.1, so its page is same-origin with the
+    admin port in the browser's eyes) and cross-site POSTs (a script or a form on another
+    site's page) get 403, and nothing changes in the gateway."""
+    board = dashboard()
+    a, _ = board.origins
+    context = board.browser.new_context()
+    evil = context.new_page()
+    board.pages.append(evil)  # closed at teardown; its requests are meant to go elsewhere
+
+    rebound = evil.goto(f"http://evil.test:{board.admin_port}/")
+    assert rebound is not None and rebound.status == 403
+    assert evil.evaluate("fetch('/config').then(r => r.status)") == 403  # its script cannot read it either
+
+    evil.goto(f"http://evil.test:{a.port}/")  # any page of another site (here an origin's)
+    admin = f"http://127.0.0.1:{board.admin_port}"
+    drain = f"{admin}/upstreams/app/targets/{a.address}/drain"
+    for url in (f"{admin}/reload", drain):  # fire and forget: the page cannot read the answer
+        sent = evil.evaluate(
+            "url => fetch(url, {method: 'POST', mode: 'no-cors'}).then(() => 'sent', e => String(e))", url
+        )
+        assert sent == "sent"
+    with evil.expect_navigation() as submitted:  # a plain form, no script needed
+        evil.evaluate(
+            """url => { const form = document.createElement('form');
+                        form.method = 'POST'; form.action = url;
+                        document.body.append(form); form.submit(); }""",
+            drain,
+        )
+    assert submitted.value is not None and submitted.value.status == 403
+    assert "origin_forbidden" in evil.content()
+
+    status = request(board.admin_port, "GET", "/status").json()
+    assert status["reloads"] == {"applied": 0, "rejected": 0}
+    targets = request(board.admin_port, "GET", "/upstreams").json()["upstreams"][0]["targets"]
+    assert [t["drained"] for t in targets] == [False, False]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import json
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from bastion.demo.origin import OriginHandle
 from bastion.plugins import basic_auth
-from support import GatewayThread, Reply, request
+from support import GatewayThread, Reply, request, send_fields
 
 FAST_ARGON2 = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
 
@@ -53,20 +52,6 @@ def basic(user: str, password: str) -> str:
 @pytest.fixture
 def origin(origins: Callable[..., OriginHandle]) -> OriginHandle:
     return origins("a")
-
-
-def send(port: int, fields: list[tuple[str, str]], path: str = "/") -> Reply:
-    """One request whose header fields are sent exactly as listed (repeated names included)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.putrequest("GET", path)
-        for name, value in fields:
-            conn.putheader(name, value)
-        conn.endheaders()
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.getheaders(), resp.read())
-    finally:
-        conn.close()
 
 
 def ambiguous(reply: Reply) -> None:
@@ -145,14 +130,14 @@ def test_key_auth_refuses_a_key_given_twice(gateway: Start, origin: OriginHandle
         ([("Cookie", "key=bob-key")], "/?apikey=bob-key"),  # the same key in two places
     ]
     for fields, path in cases:
-        reply = send(gw.port, fields, path)
+        reply = send_fields(gw.port, fields, path)
         ambiguous(reply)
         assert reply.header("WWW-Authenticate") == 'Key realm="bastion"'
         assert "bob-key" not in reply.body.decode()
     assert origin.origin.requests == 0
     # One key, whatever else the request carries, still passes; a comma is part of one value.
-    assert seen(send(gw.port, [("X-Api-Key", "bob-key"), ("Cookie", "other=1")], "/?x=1"))["x-consumer"] == "bob"
-    comma = send(gw.port, [("X-Api-Key", "bob-key, alice-key-1")])
+    assert seen(send_fields(gw.port, [("X-Api-Key", "bob-key"), ("Cookie", "other=1")], "/?x=1"))["x-consumer"] == "bob"
+    comma = send_fields(gw.port, [("X-Api-Key", "bob-key, alice-key-1")])
     assert comma.status == 401
     assert comma.json()["error"] == "invalid_credentials"
 
@@ -210,7 +195,7 @@ def test_basic_auth_hide_credentials(gateway: Start, origin: OriginHandle) -> No
 def test_basic_auth_refuses_two_authorization_fields(gateway: Start, origin: OriginHandle) -> None:
     gw = gateway(targets=[origin.port], consumers=consumers(), plugins=[{"basic_auth": {"realm": "api"}}])
     for second in (basic("bob", "builder"), basic("alice", "wonderland"), "Bearer abc"):
-        reply = send(gw.port, [("Authorization", basic("alice", "wonderland")), ("Authorization", second)])
+        reply = send_fields(gw.port, [("Authorization", basic("alice", "wonderland")), ("Authorization", second)])
         ambiguous(reply)
         assert reply.header("WWW-Authenticate") == 'Basic realm="api", charset="UTF-8"'
     assert origin.origin.requests == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,10 +15,10 @@ from bastion.demo.origin import OriginHandle
 from bastion.errors import ConfigError
 from bastion.http.model import Response
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
+from docs_support import importable_examples, python_examples
 from support import GatewayThread, request
 
 Start = Callable[..., GatewayThread]
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 HERE = __name__  # the module name the gateway imports these test plugins by
 
 
@@ -67,6 +66,7 @@ def test_preflight_from_other_origins(gateway: Start, origin: OriginHandle, bad:
     assert reply.status == 403
     assert reply.json()["error"] == "cors_forbidden"
     assert not [k for k, _ in reply.headers if k.lower().startswith("access-control-")]
+    assert reply.header_all("Vary") == ["Origin"]  # once, not again by the response hook
 
 
 def test_actual_requests(gateway: Start, origin: OriginHandle) -> None:
@@ -206,7 +206,7 @@ def test_python_plugin_runs_in_process(gateway: Start, origin: OriginHandle) -> 
 
 def test_python_plugin_config_errors_point_at_lines(gateway: Start, origin: OriginHandle) -> None:
     plugins = [
-        {"python": {"module": f"{HERE}:Stamp", "config": {"header": "", "colour": "red"}}},
+        {"python": {"module": f"{HERE}:Stamp", "config": {"header": "", "colour": "red", "valeu": "x"}}},
         {"python": {"module": "no_such_module_anywhere:Thing"}},
         {"python": {"module": f"{HERE}:NotAPlugin"}},
         {"python": {"module": "not a target"}},
@@ -215,7 +215,10 @@ def test_python_plugin_config_errors_point_at_lines(gateway: Start, origin: Orig
         gateway(targets=[origin.port], plugins=plugins)
     text = "\n".join(caught.value.problems)
     assert re.search(r"gw0\.yaml:\d+: plugins\[0\]\.python\.config\.header: String should have at least 1", text)
-    assert re.search(r"gw0\.yaml:\d+: plugins\[0\]\.python\.config\.colour: Extra inputs are not permitted", text)
+    assert re.search(
+        r"gw0\.yaml:\d+: plugins\[0\]\.python\.config\.colour: unknown key \(expected one of: header,", text
+    )
+    assert re.search(r"plugins\[0\]\.python\.config\.valeu: unknown key \(did you mean 'value'\?\)", text)
     assert re.search(r"plugins\[1\]\.python\.module: cannot import no_such_module_anywhere", text)
     assert re.search(r"plugins\[2\]\.python\.module: .* is not a subclass of bastion\.pipeline\.Plugin", text)
     assert re.search(r"plugins\[3\]\.python\.module: String should match pattern", text)
@@ -240,25 +243,34 @@ def test_a_raising_plugin_costs_one_request_not_the_gateway(
 
 
 @pytest.fixture
-def docs_example(tmp_path: Path) -> Iterator[str]:
-    """The custom plugin example of docs/plugins.md, importable as my_pkg.plugins."""
-    text = DOCS.read_text(encoding="utf-8")
-    match = re.search(r"```python\n(# my_pkg/plugins\.py\n.*?)```", text, re.DOTALL)
-    assert match, "docs/plugins.md lost its custom plugin example"
-    package = tmp_path / "my_pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "plugins.py").write_text(match.group(1))
-    sys.path.insert(0, str(tmp_path))
-    yield "my_pkg.plugins:AddTenant"
-    sys.path.remove(str(tmp_path))
-    for name in [m for m in sys.modules if m == "my_pkg" or m.startswith("my_pkg.")]:
-        del sys.modules[name]
+def docs_examples(tmp_path: Path) -> Iterator[None]:
+    """The custom plugin examples of docs/plugins.md, importable as my_pkg.plugins and my_pkg.caching."""
+    assert {"my_pkg/plugins.py", "my_pkg/caching.py"} <= set(python_examples()), "docs/plugins.md lost an example"
+    with importable_examples(tmp_path):
+        yield
 
 
-def test_the_documented_example_works(gateway: Start, origin: OriginHandle, docs_example: str) -> None:
+def test_the_documented_example_works(gateway: Start, origin: OriginHandle, docs_examples: None) -> None:
     consumers = [{"name": "acme", "credentials": {"key_auth": [{"key": "acme-key"}]}}]
-    plugins = [{"key_auth": {}}, {"python": {"module": docs_example, "config": {"header": "X-Tenant"}}}]
+    plugins = [{"key_auth": {}}, {"python": {"module": "my_pkg.plugins:AddTenant", "config": {"header": "X-Tenant"}}}]
     gw = gateway(targets=[origin.port], consumers=consumers, plugins=plugins)
     reply = request(gw.port, headers={"X-Api-Key": "acme-key", "X-Tenant": "forged"})
     assert reply.json()["headers"]["x-tenant"] == "acme"
+
+
+def test_the_documented_response_phase_example_works(gateway: Start, origin: OriginHandle, docs_examples: None) -> None:
+    consumers = [{"name": "acme", "credentials": {"key_auth": [{"key": "acme-key"}]}}]
+    plugins = [
+        {"key_auth": {}},
+        {"python": {"module": "my_pkg.caching:CacheDefaults", "config": {"max_age": 300}}},
+    ]
+    gw = gateway(targets=[origin.port], consumers=consumers, plugins=plugins)
+    key = {"X-Api-Key": "acme-key"}
+    assert request(gw.port, headers=key).header_all("Cache-Control") == ["public, max-age=300"]
+    assert request(gw.port, "POST", headers=key, body=b"x").header("Cache-Control") is None
+    refused = request(gw.port)  # key_auth's own 401: the hook runs last, so it sees it
+    assert refused.status == 401
+    assert refused.header_all("Cache-Control") == ["no-store"]
+    upstream_error = request(gw.port, path="/status/503", headers=key)
+    assert upstream_error.status == 503
+    assert upstream_error.header_all("Cache-Control") == ["no-store"]

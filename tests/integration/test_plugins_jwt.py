@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from bastion.demo.origin import OriginHandle
-from support import GatewayProcess, GatewayThread, Reply, free_port, request, simple_config, write_config
+from support import GatewayProcess, GatewayThread, free_port, request, send_fields, simple_config, write_config
 
 Start = Callable[..., GatewayThread]
 
@@ -210,20 +210,6 @@ def test_token_in_query_hidden_from_upstream(gateway: Start, origin: OriginHandl
     assert reply.json()["headers"]["authorization"] == "Basic YTpi"
 
 
-def send(port: int, fields: list[tuple[str, str]], path: str = "/") -> Reply:
-    """One request whose header fields are sent exactly as listed (repeated names included)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.putrequest("GET", path)
-        for name, value in fields:
-            conn.putheader(name, value)
-        conn.endheaders()
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.getheaders(), resp.read())
-    finally:
-        conn.close()
-
-
 def test_a_token_given_twice_is_refused(gateway: Start, origin: OriginHandle) -> None:
     """Two tokens: the gateway would verify one and the upstream might read the other."""
     gw = hs_gateway(gateway, origin, **{"in": ["header:Authorization", "query:jwt", "cookie:jwt"]})
@@ -238,12 +224,12 @@ def test_a_token_given_twice_is_refused(gateway: Start, origin: OriginHandle) ->
         ([("Cookie", f"jwt={good}")], f"/?jwt={good}"),
     ]
     for fields, path in cases:
-        reply = send(gw.port, fields, path)
+        reply = send_fields(gw.port, fields, path)
         assert refused(reply, word="ambiguous_credentials")
         assert reply.header("WWW-Authenticate") == 'Bearer realm="bastion", error="invalid_request"'
     assert origin.origin.requests == 0
     # A Basic Authorization is not a bearer token: the token in the query is the only one.
-    assert send(gw.port, [("Authorization", "Basic YTpi")], f"/?jwt={good}").status == 200
+    assert send_fields(gw.port, [("Authorization", "Basic YTpi")], f"/?jwt={good}").status == 200
 
 
 def test_a_configured_key_ignores_the_kid(gateway: Start, origin: OriginHandle, rsa_key: rsa.RSAPrivateKey) -> None:
@@ -266,6 +252,30 @@ def test_jwt_consumer_then_acl(gateway: Start, origin: OriginHandle) -> None:
     gw = gateway(targets=[origin.port], consumers=consumers, plugins=plugins)
     assert request(gw.port, headers=bearer(hs256(claims()))).status == 200
     refused(request(gw.port, headers=bearer(hs256(claims(sub="web-1")))), 403, "forbidden")
+
+
+def test_acl_401_carries_the_routes_challenges(gateway: Start, origin: OriginHandle) -> None:
+    """jwt without consumer_claim accepts a token but names no consumer: acl's 401 then says
+    how to authenticate, as every 401 must (RFC 9110 15.5.2), with its route's challenges."""
+    routes = [
+        {"name": "one", "match": {"path": "/one"}, "upstream": "app"},
+        {
+            "name": "two",
+            "match": {"path": "/two"},
+            "upstream": "app",
+            "plugins": [{"jwt": {"secret": SECRET, "realm": "b"}}],
+        },
+    ]
+    plugins = [{"jwt": {"secret": SECRET, "realm": "a"}}, {"acl": {"allow_groups": ["x"]}}]
+    gw = gateway(targets=[origin.port], plugins=plugins, routes=routes)
+    token = bearer(hs256(claims()))
+    one = request(gw.port, path="/one", headers=token)
+    refused(one, 401, "unauthenticated")
+    assert one.header_all("WWW-Authenticate") == ['Bearer realm="a"']
+    two = request(gw.port, path="/two", headers=token)
+    refused(two, 401, "unauthenticated")
+    assert two.header_all("WWW-Authenticate") == ['Bearer realm="a"', 'Bearer realm="b"']
+    assert origin.origin.requests == 0
 
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: \S")

@@ -84,6 +84,28 @@ def test_stacked_limits(gateway: Start, origin: OriginHandle) -> None:
     assert request(gw.port).status == 429  # the per-second entry has room, the hourly one does not
 
 
+def test_a_429_from_the_first_entry_lists_every_policy_of_its_route(gateway: Start, origin: OriginHandle) -> None:
+    routes = [
+        {"name": "plain", "match": {"path": "/plain"}, "upstream": "app"},
+        {
+            "name": "tight",
+            "match": {"path": "/tight"},
+            "upstream": "app",
+            "plugins": [{"rate_limit": {"limit": 50, "per": "1h", "key": "ip"}}],
+        },
+    ]
+    plugins = [{"rate_limit": {"limit": 1, "per": "1m", "key": "ip"}}]
+    gw = gateway(targets=[origin.port], plugins=plugins, routes=routes)
+    assert request(gw.port, path="/tight").header("RateLimit-Policy") == "1;w=60, 50;w=3600"
+    refused = request(gw.port, path="/tight")  # refused by the global entry, before the route's is checked
+    assert refused.status == 429
+    assert refused.header("RateLimit-Policy") == "1;w=60, 50;w=3600"
+    assert refused.header("RateLimit-Limit") == "1"
+    plain = request(gw.port, path="/plain")
+    assert plain.status == 429
+    assert plain.header("RateLimit-Policy") == "1;w=60"
+
+
 def test_key_consumer_counts_each_consumer(gateway: Start, origin: OriginHandle) -> None:
     plugins = [{"key_auth": {}}, {"rate_limit": {"limit": 2, "per": "1h"}}]
     gw = gateway(targets=[origin.port], consumers=CONSUMERS, plugins=plugins)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,12 +15,14 @@ from click.testing import CliRunner
 from openapi_spec_validator import validate
 
 from bastion.admin.api import ENDPOINTS
+from bastion.admin.node import AdminNode
 from bastion.admin.openapi import document
 from bastion.admin.redact import REDACTED, redact
 from bastion.cli import cli
 from bastion.config.loader import load_config_text
 from bastion.config.schema import Upstream
 from bastion.http.model import Headers, Request
+from bastion.observability.metrics import Metrics
 from bastion.upstream.balancers import BALANCERS
 from bastion.upstream.pool import ConnectionPool, PoolLimits
 from bastion.upstream.runtime import UpstreamRuntime
@@ -77,6 +81,20 @@ def test_a_sticky_pin_to_a_drained_target_is_not_followed() -> None:
     assert all(rt.pick(request) is pinned for _ in range(5))
     pinned.admin_drained = True
     assert all(rt.pick(request) is rt.targets[1] for _ in range(5))
+
+
+def test_enabling_a_drained_target_ramps_it_up_like_a_recovery() -> None:
+    rt = runtime("round_robin", [{}, {}], slow_start="10s")
+    target = rt.targets[0]
+    gateway: Any = SimpleNamespace(
+        workers=1, worker=0, registry=SimpleNamespace(targets={target.key: target}), metrics=Metrics(), started_at=0.0
+    )
+    node = AdminNode(gateway)
+    assert node._apply_drain(target.key, True) and target.admin_drained
+    assert target.ramp(time.monotonic()) == 1.0
+    assert node._apply_drain(target.key, False) and not target.admin_drained
+    assert target.ramp(time.monotonic()) < 0.5
+    assert not node._apply_drain("app/10.9.9.9:80", True)  # not a target of this process
 
 
 def test_a_drained_target_reports_itself_down_but_healthy() -> None:

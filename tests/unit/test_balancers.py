@@ -468,12 +468,16 @@ class FakeConn:
         self.closed = False
         self.served = 0
         self.idle_since = 0.0
+        self.epoch = 0
 
     def detach(self) -> None:
         self.served += 1
 
     def close(self) -> None:
         self.closed = True
+
+    def is_available(self) -> bool:
+        return not self.closed
 
 
 def fake_pool(max_connections: int, queue_size: int, timeout: float = 1.0) -> ConnectionPool:

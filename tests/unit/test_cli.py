@@ -139,7 +139,7 @@ def test_run_loads_then_hands_over(monkeypatch: pytest.MonkeyPatch, good: Path) 
         calls.append((path, workers))
         return 0
 
-    _fake_module(monkeypatch, "bastion.app", run_gateway=run_gateway)
+    _fake_module(monkeypatch, "bastion.workers", run_gateway=run_gateway)
     runner = CliRunner()
     assert runner.invoke(cli, ["run", str(good)]).exit_code == 0
     assert runner.invoke(cli, ["run", str(good), "--workers", "3"]).exit_code == 0
@@ -148,7 +148,7 @@ def test_run_loads_then_hands_over(monkeypatch: pytest.MonkeyPatch, good: Path) 
 
 
 def test_run_exit_code_is_the_gateways(monkeypatch: pytest.MonkeyPatch, good: Path) -> None:
-    _fake_module(monkeypatch, "bastion.app", run_gateway=lambda path, workers=1: 3)
+    _fake_module(monkeypatch, "bastion.workers", run_gateway=lambda path, workers=1: 3)
     assert CliRunner().invoke(cli, ["run", str(good)]).exit_code == 3
 
 
@@ -156,7 +156,7 @@ def test_run_refuses_bad_config_and_bad_workers(monkeypatch: pytest.MonkeyPatch,
     def run_gateway(path: str, workers: int = 1) -> int:
         raise AssertionError("must not start")
 
-    _fake_module(monkeypatch, "bastion.app", run_gateway=run_gateway)
+    _fake_module(monkeypatch, "bastion.workers", run_gateway=run_gateway)
     result = CliRunner().invoke(cli, ["run", str(bad)])
     assert result.exit_code == 1
     assert f"{bad}:4: listeners[0].bind: not host:port" in result.stderr

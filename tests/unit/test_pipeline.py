@@ -99,10 +99,50 @@ def test_a_route_without_plugins_has_empty_chains() -> None:
 # --- build-time errors --------------------------------------------------------------------------
 
 
-def test_unknown_plugin_names_the_known_ones() -> None:
-    (problem,) = problems("plugins:\n  - kee_auth: {}\n")
-    assert problem.startswith("gw.yaml:9: plugins[0].kee_auth: unknown plugin (known: acl, basic_auth,")
+def test_unknown_plugin_suggests_the_closest_name() -> None:
+    assert problems("plugins:\n  - kee_auth: {}\n") == [
+        "gw.yaml:9: plugins[0].kee_auth: unknown plugin (did you mean 'key_auth'?)"
+    ]
+    assert problems("plugins:\n  - ratelimit: { limit: 1, per: 1s }\n") == [
+        "gw.yaml:9: plugins[0].ratelimit: unknown plugin (did you mean 'rate_limit'?)"
+    ]
+
+
+def test_unknown_plugin_far_from_any_name_lists_the_known_ones() -> None:
+    (problem,) = problems("plugins:\n  - oauth2: {}\n")
+    assert problem.startswith("gw.yaml:9: plugins[0].oauth2: unknown plugin (expected one of: acl, basic_auth,")
     assert "key_auth" in problem
+
+
+def test_unknown_plugin_keys_get_did_you_mean() -> None:
+    found = problems(
+        """\
+        plugins:
+          - rate_limit: { limit: 1, per: 1s, kye: ip }
+          - key_auth: { inn: ["header:X-Key"] }
+          - cors: { origins: ["*"], colour: red }
+        """
+    )
+    assert found == [
+        "gw.yaml:9: plugins[0].rate_limit.kye: unknown key (did you mean 'key'?)",
+        "gw.yaml:10: plugins[1].key_auth.inn: unknown key (did you mean 'in'?)",
+        "gw.yaml:11: plugins[2].cors.colour: unknown key (expected one of: origins, methods, headers, "
+        "expose_headers, credentials, max_age)",
+    ]
+
+
+def test_plugin_values_from_the_environment_are_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIMIT_SECRET", "hunter2")
+    monkeypatch.setenv("LIMIT_PLAIN", "hunter3")
+    found = problems('plugins:\n  - rate_limit: { limit: "${LIMIT_SECRET}", per: 1s }\n')
+    assert found == [
+        "gw.yaml:9: plugins[0].rate_limit.limit: Input should be a valid integer, unable to parse string as an integer"
+    ]
+    found = problems("plugins:\n  - rate_limit: { limit: hunter3, per: 1s }\n")
+    assert found == [
+        "gw.yaml:9: plugins[0].rate_limit.limit: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'hunter3')"
+    ]
 
 
 def test_plugin_config_errors_have_lines_and_key_paths() -> None:
@@ -118,9 +158,9 @@ def test_plugin_config_errors_have_lines_and_key_paths() -> None:
         """
     )
     text = "\n".join(found)
-    assert "gw.yaml:9: plugins[0].rate_limit.limit: Input should be greater than or equal to 1" in text
+    assert "gw.yaml:9: plugins[0].rate_limit.limit: Input should be greater than or equal to 1 (got 0)" in text
     assert "gw.yaml:9: plugins[0].rate_limit.per: not a duration: 'often'" in text
-    assert "gw.yaml:9: plugins[0].rate_limit.colour: Extra inputs are not permitted" in text
+    assert "gw.yaml:9: plugins[0].rate_limit.colour: unknown key (expected one of: limit, per, key," in text
     assert re.search(r"gw\.yaml:11: plugins\[1\]\.key_auth\.in: .*'body:key'", text)
     assert "gw.yaml:12: plugins[2].jwt.secret: an HMAC secret must be at least 32 bytes" in text
     assert "gw.yaml:13: plugins[3]: a plugin entry is {NAME: {...config}}" in text
@@ -168,6 +208,40 @@ def test_acl_without_authentication_is_refused() -> None:
     )
 
 
+def test_acl_without_authentication_is_reported_with_the_other_problems() -> None:
+    found = problems(
+        """\
+        plugins:
+          - rate_limit: { limit: 0, per: 1s }
+          - acl: { allow_groups: [x] }
+        """
+    )
+    assert found == [
+        "gw.yaml:9: plugins[0].rate_limit.limit: Input should be greater than or equal to 1 (got 0)",
+        "gw.yaml:10: plugins[1].acl: acl needs an authentication plugin (key_auth, basic_auth or jwt) "
+        "before it (route 'all')",
+    ]
+
+
+def test_acl_after_an_authentication_entry_with_problems_is_not_refused() -> None:
+    # The key_auth entry is wrong, but it is there: acl has its authentication plugin.
+    found = problems("plugins:\n  - key_auth: { hide_credential: true }\n  - acl: { allow_groups: [x] }\n")
+    assert found == ["gw.yaml:9: plugins[0].key_auth.hide_credential: unknown key (did you mean 'hide_credentials'?)"]
+
+
+def test_acl_next_to_an_unknown_plugin_is_not_judged() -> None:
+    # `key_authh` may have been meant as the authentication plugin: only the name is reported.
+    found = problems("plugins:\n  - key_authh: {}\n  - acl: { allow_groups: [x] }\n")
+    assert found == ["gw.yaml:9: plugins[0].key_authh: unknown plugin (did you mean 'key_auth'?)"]
+
+
+def test_acl_next_to_a_failing_python_plugin_is_not_judged() -> None:
+    # The custom class might have been the authentication plugin: its class is unknown.
+    found = problems('plugins:\n  - python: { module: "no_such_module_here:Auth" }\n  - acl: { allow_groups: [x] }\n')
+    assert len(found) == 1
+    assert found[0].startswith("gw.yaml:9: plugins[0].python.module: cannot import no_such_module_here")
+
+
 def test_jwt_refuses_none_and_mixed_key_types() -> None:
     secret = "x" * 32
     text = "\n".join(
@@ -189,6 +263,30 @@ def test_jwt_refuses_none_and_mixed_key_types() -> None:
     assert "plugins[3].jwt: give exactly one of secret, public_key, jwks_uri" in text
     assert "plugins[4].jwt.jwks_uri: must be an http:// or https:// URL" in text
     assert "plugins[5].jwt: not a PEM public key" in text
+
+
+def test_bastion_check_prints_plugin_suggestions_with_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        HEAD
+        + "    plugins:\n      - rate_limit: { limit: 5, per: 1m, kye: ip }\n      - acl: { allow_groups: [x] }\n"
+        + "plugins:\n  - cors: { origins: ['*'], credential: true }\n"
+    )
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"{path}:9: routes[0].plugins[0].rate_limit.kye: unknown key (did you mean 'key'?)",
+        f"{path}:10: routes[0].plugins[1].acl: acl needs an authentication plugin (key_auth, basic_auth or jwt) "
+        "before it (route 'all')",
+        f"{path}:12: plugins[0].cors.credential: unknown key (did you mean 'credentials'?)",
+        f"3 problems in {path}",
+    ]
+    path.write_text(HEAD + "plugins:\n  - basic_auht: {}\n")
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.output.splitlines() == [
+        f"{path}:9: plugins[0].basic_auht: unknown plugin (did you mean 'basic_auth'?)",
+        f"1 problem in {path}",
+    ]
 
 
 def test_bastion_check_reports_plugin_problems(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from bastion.config.schema import Route
+from bastion.config.schema import Route, path_problem
 from bastion.errors import ConfigError, MethodNotAllowed, NotFound
 from bastion.http.model import Headers
-from bastion.http.router import Router, path_problem
+from bastion.http.router import Router
 
 
 def route(name: str, upstream: str = "u", **match: Any) -> Route:

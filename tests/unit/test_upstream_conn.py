@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from bastion.errors import GatewayError
-from bastion.http.model import Response
+from bastion.http.model import Headers, Response
 from bastion.upstream.conn import UpstreamConnection
 
 
@@ -17,24 +17,19 @@ class Listener:
     def upstream_interim(self, response: Response) -> None:
         self.events.append(("interim", response.status))
 
-    def upstream_head(self, response: Response, content_length: int | None, keep_alive: bool) -> None:
+    def upstream_head(self, response: Response, content_length: int | None) -> None:
         self.events.append(("head", response.status))
 
-    def upstream_body(self, data: bytes) -> None:
+    def upstream_data(self, data: bytes) -> None:
         self.events.append(("body", data))
 
-    def upstream_done(self, keep_alive: bool) -> None:
-        self.events.append(("done", keep_alive))
+    def upstream_end(self, trailers: Headers | None, reusable: bool) -> None:
+        self.events.append(("done", reusable) if trailers is None else ("trailers", trailers.items))
 
     def upstream_failed(self, error: GatewayError) -> None:
         self.events.append(("failed", error.message))
 
     def upstream_paused(self, paused: bool) -> None:
-        pass
-
-
-class Pool:
-    def connection_lost(self, conn: UpstreamConnection) -> None:
         pass
 
 
@@ -51,10 +46,10 @@ class Transport(asyncio.Transport):
 
 def _run(*steps: bytes | Exception) -> list[tuple[str, Any]]:
     async def scenario() -> list[tuple[str, Any]]:
-        conn = UpstreamConnection(Pool())  # type: ignore[arg-type]
+        conn = UpstreamConnection(lambda conn: None)
         conn.connection_made(Transport())
         listener = Listener()
-        conn.start(listener, b"GET / HTTP/1.1\r\n\r\n", False, 10.0)
+        conn.send_head(listener, "GET", "/", [], None, (), True, 10.0)
         for step in steps:
             if isinstance(step, Exception):
                 conn.connection_lost(step)
@@ -84,3 +79,10 @@ def test_a_reset_mid_response_is_a_failure() -> None:
 def test_bytes_after_the_final_response_end_the_connection_not_the_response() -> None:
     events = _run(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
     assert events == [("head", 200), ("body", b"ok"), ("done", True)]
+
+
+def test_trailers_end_the_response() -> None:
+    events = _run(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\ngrpc-status: 0\r\nConnection: x\r\n\r\n"
+    )
+    assert events == [("head", 200), ("body", b"ok"), ("trailers", [(b"grpc-status", b"0")])]

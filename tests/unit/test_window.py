@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.observability.metrics import REQUEST_BUCKETS, Histogram, Metrics
+from bastion.observability.metrics import REQUEST_BUCKETS, Metrics
 from bastion.observability.window import TrafficWindow, merge_reports, quantile, summarize
 
 START = 1000.0
@@ -14,17 +14,16 @@ START = 1000.0
 
 def count(metrics: Metrics, route: str, status: int, n: int, seconds: float = 0.003) -> None:
     """What `Metrics.observe` adds for `n` requests of `route` answered with `status`."""
-    key = (route, "GET", status)
-    metrics.requests[key] = metrics.requests.get(key, 0) + n
-    histogram = metrics.durations.setdefault(route, Histogram())
+    stats = metrics.route(route)
+    counts = stats.by_method("GET")
+    counts[status] = counts.get(status, 0) + n
     for _ in range(n):
-        histogram.observe(seconds)
+        stats.latency.observe(seconds)
 
 
 def fresh() -> tuple[Metrics, TrafficWindow]:
     metrics = Metrics()
-    metrics.started = START
-    return metrics, TrafficWindow(metrics)
+    return metrics, TrafficWindow(metrics, START)
 
 
 def test_quantiles_interpolate_within_the_bucket_like_histogram_quantile() -> None:

@@ -1,13 +1,14 @@
 """The admin API's endpoints: a table of (method, path pattern) -> handler.
 
-Every request is checked for the bearer token first (when `admin.token` is set), so an
-unauthenticated client learns nothing, not even which paths exist. The one exception is the
-dashboard's static files (`GET /` and `GET /dashboard/FILE`): a browser cannot send a bearer
-token when it opens a page, so the page loads without one and then asks for the token, which
-it sends with each API call. Those files hold no data about the gateway (docs/admin.md).
-Then the path is matched
-against `ENDPOINTS`: a path that matches under other methods gets 405 with `Allow`, one that
-matches nothing 404, both in the contract's JSON error shape. Path parameters are
+A request a browser was tricked into sending (a `Host` that is not this listener's name, a
+POST from another site's page) is refused first (guard.py). Then every request is checked
+for the bearer token (when `admin.token` is set), so an unauthenticated client learns
+nothing, not even which paths exist. The one exception is the dashboard's static files
+(`GET /` and `GET /dashboard/FILE`): a browser cannot send a bearer token when it opens a
+page, so the page loads without one and then asks for the token, which it sends with each
+API call. Those files hold no data about the gateway (docs/admin.md). Then the path is
+matched against `ENDPOINTS`: a path that matches under other methods gets 405 with `Allow`,
+one that matches nothing 404, both in the contract's JSON error shape. Path parameters are
 percent-decoded (`[::1]:80` may arrive as `%5B::1%5D:80`).
 
 The handlers read the whole gateway through `AdminNode` (node.py); what is the same in
@@ -24,7 +25,9 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
+from bastion.admin import guard
 from bastion.admin.http import AdminRequest, AdminResponse, error_response
+from bastion.admin.node import AdminNode, TargetNotFound
 from bastion.admin.openapi import document
 from bastion.admin.redact import redact
 from bastion.config.types import parse_duration
@@ -32,7 +35,8 @@ from bastion.observability.exposition import CONTENT_TYPE, render
 from bastion.observability.window import INTERVAL, KEEP
 
 if TYPE_CHECKING:
-    from bastion.admin.node import AdminNode
+    from bastion.config.build import Snapshot
+    from bastion.config.schema import Admin
 
 Params = dict[str, str]
 Endpoint = Callable[["AdminAPI", AdminRequest, Params], Awaitable[AdminResponse]]
@@ -73,10 +77,6 @@ host, even if someone slips markup into a route name), and may not be framed."""
 PUBLIC_PREFIX = "/dashboard/"
 
 
-class TargetNotFound(Exception):
-    """The request names an upstream or target the running config does not have."""
-
-
 def _json(status: int, data: Any) -> AdminResponse:
     return AdminResponse(status, json.dumps(data, indent=1).encode() + b"\n")
 
@@ -84,9 +84,19 @@ def _json(status: int, data: Any) -> AdminResponse:
 class AdminAPI:
     def __init__(self, node: AdminNode) -> None:
         self.node = node
+        self.settings: Admin | None = None  # the running config's `admin` (the token)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        snapshot = self.node.gateway.running_snapshot
+        assert snapshot is not None, "the admin listener opens once a config is live"
+        return snapshot
 
     async def handle(self, request: AdminRequest) -> AdminResponse:
-        settings = self.node.settings
+        settings = self.settings
+        refused = guard.refuse(request, settings.bind) if settings is not None else None
+        if refused is not None:
+            return refused
         if (
             settings is not None
             and settings.token is not None
@@ -157,7 +167,7 @@ class AdminAPI:
         return _json(200, (await self.node.merged())["status"])
 
     async def routes(self, request: AdminRequest, params: Params) -> AdminResponse:
-        snapshot = self.node.gateway.snapshot
+        snapshot = self.snapshot
         by_name = {route.name: route for route in snapshot.routes}
         rows = []
         for row in snapshot.router.table():
@@ -203,7 +213,7 @@ class AdminAPI:
         return _json(200, await self.node.recent_errors())
 
     async def config(self, request: AdminRequest, params: Params) -> AdminResponse:
-        data = self.node.gateway.snapshot.config.model_dump(mode="json", by_alias=True)
+        data = self.snapshot.config.model_dump(mode="json", by_alias=True)
         return _json(200, redact(data))
 
     async def openapi(self, request: AdminRequest, params: Params) -> AdminResponse:
@@ -278,7 +288,7 @@ def _dashboard_file(name: str) -> bytes | None:
     if not name or "/" in name or "\\" in name or name.startswith("."):
         return None
     try:
-        resource = resources.files("bastion.admin").joinpath("dashboard", name)
+        resource = resources.files("bastion.admin").joinpath("dashboard").joinpath(name)
         return resource.read_bytes() if resource.is_file() else None
     except (OSError, ModuleNotFoundError):
         return None

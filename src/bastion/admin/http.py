@@ -71,9 +71,10 @@ def error_response(status: int, word: str, message: str, request_id: str, **extr
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, word: str, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.word = word
 
 
 class AdminConnection(asyncio.Protocol):
@@ -123,12 +124,16 @@ class AdminConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except _BadRequest as exc:
-            self._refuse(exc.status, str(exc))
+        except httptools.HttpParserCallbackError as exc:  # raised in one of the callbacks below
+            cause = exc.__context__
+            if isinstance(cause, _BadRequest):
+                self._refuse(cause.status, cause.word, str(cause))
+            else:
+                self._refuse(400, "bad_request", "Malformed request.")
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "Upgrades are not supported here.")
+            self._refuse(400, "bad_request", "Upgrades are not supported here.")
         except httptools.HttpParserError as exc:
-            self._refuse(400, f"Malformed request: {exc}.")
+            self._refuse(400, "bad_request", f"Malformed request: {exc}.")
 
     def _arm(self, seconds: float) -> None:
         if self.timer is not None:
@@ -145,7 +150,7 @@ class AdminConnection(asyncio.Protocol):
     def _count(self, data: bytes) -> None:
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD:
-            raise _BadRequest(431, "The request head is too large.")
+            raise _BadRequest(431, "headers_too_large", "The request head is over 16 KB.")
 
     def on_message_begin(self) -> None:
         self._url = b""
@@ -169,7 +174,7 @@ class AdminConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
         if self._body_bytes > MAX_BODY:
-            raise _BadRequest(413, "The request body is too large.")
+            raise _BadRequest(413, "body_too_large", "The request body is over 1 MB.")
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -231,10 +236,10 @@ class AdminConnection(asyncio.Protocol):
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.transport.write(head if request.method == "HEAD" else head + response.body)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, word: str, message: str) -> None:
         """A request that cannot be parsed: answer with the error and close."""
         request = AdminRequest("GET", "", "", {}, b"", self.client)
-        self._write(request, error_response(status, "bad_request", message, request.request_id), close=True)
+        self._write(request, error_response(status, word, message, request.request_id), close=True)
         self._close()
 
     def _close(self) -> None:

@@ -1,9 +1,8 @@
 """The gateway side of the admin API: this process's answers, and the other workers'.
 
-One `AdminNode` per gateway process. It owns the admin listener (opened, moved or closed to
-follow `admin:` on every reload, with SO_REUSEPORT when there are workers, so every worker
-accepts admin connections) and, with `--workers N`, the `Peers` link to the other workers.
-Whichever worker takes an admin request answers for the whole gateway:
+One `AdminNode` per gateway process (inside its `AdminListener`, listener.py). With
+`--workers N` it holds the `Peers` link to the other workers, and whichever worker takes an
+admin request answers for the whole gateway:
 
 - reading (`reports`): its own `process_report` plus every other worker's, merged by
   `admin/report.py`;
@@ -24,16 +23,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from bastion.admin.api import AdminAPI, TargetNotFound
-from bastion.admin.http import AdminServer
 from bastion.admin.peers import Peers, load_drained, save_drained
 from bastion.admin.report import merge_reports, process_report
-from bastion.config.schema import Admin
 from bastion.observability import window as traffic
 from bastion.observability.metrics import RECENT_ERRORS
 
 if TYPE_CHECKING:
-    from bastion.app import Gateway
+    from bastion.admin.view import GatewayView
     from bastion.upstream.targets import TargetState
 
 log = logging.getLogger("bastion.admin")
@@ -42,8 +38,12 @@ ASK_TIMEOUT = 3.0  # a worker that takes longer to report counts as not answerin
 RELOAD_TIMEOUT = 60.0  # a reload may fetch JWKS, connect to Redis, ...
 
 
+class TargetNotFound(Exception):
+    """The request names an upstream or target the running config does not have."""
+
+
 class AdminNode:
-    def __init__(self, gateway: Gateway, peers_dir: str | None = None) -> None:
+    def __init__(self, gateway: GatewayView, peers_dir: str | None = None) -> None:
         self.gateway = gateway
         self.peers_dir = peers_dir if gateway.workers > 1 else None
         self.peers = (
@@ -51,10 +51,7 @@ class AdminNode:
             if peers_dir is not None and gateway.workers > 1
             else None
         )
-        self.settings: Admin | None = None
-        self.api = AdminAPI(self)
-        self.server = AdminServer(self.api.handle)
-        self.window = traffic.TrafficWindow(gateway.metrics, traffic.INTERVAL, traffic.KEEP)
+        self.window = traffic.TrafficWindow(gateway.metrics, gateway.started_at, traffic.INTERVAL, traffic.KEEP)
         self._sampler: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -69,22 +66,10 @@ class AdminNode:
             if state is not None:
                 state.admin_drained = True
 
-    async def sync(self, settings: Admin | None, reuse_port: bool) -> None:
-        """Open, move or close the admin listener to match the config. Raises OSError."""
-        old = self.settings
-        if settings is None:
-            if old is not None:
-                self.server.retire()
-                log.info("admin listener %s closed", old.bind)
-        elif old is None or old.bind != settings.bind:
-            fresh = AdminServer(self.api.handle)
-            await fresh.listen(settings.bind.host, settings.bind.port, reuse_port)
-            self.server.retire()
-            self.server = fresh
-            auth = "bearer token required" if settings.token else "no token: loopback only"
-            log.info("admin API on http://%s (%s)", settings.bind, auth)
-        self.settings = settings
-        if settings is not None and self._sampler is None:
+    def start_sampler(self) -> None:
+        """Sample the recent-traffic window every interval from now on (idempotent): called
+        when the admin listener opens, so a gateway without one pays nothing."""
+        if self._sampler is None:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
     async def _sample_forever(self) -> None:
@@ -98,7 +83,6 @@ class AdminNode:
         if self._sampler is not None:
             self._sampler.cancel()
             self._sampler = None
-        self.server.close()
         if self.peers is not None:
             await self.peers.close()
 
@@ -164,10 +148,10 @@ class AdminNode:
         }
 
     def find_target(self, upstream: str, address: str) -> TargetState:
-        snapshot = self.gateway.snapshot
-        runtime = snapshot.upstreams.get(upstream)
+        snapshot = self.gateway.running_snapshot
+        runtime = snapshot.upstreams.get(upstream) if snapshot is not None else None
         if runtime is None:
-            known = ", ".join(sorted(snapshot.upstreams)) or "none"
+            known = ", ".join(sorted(snapshot.upstreams)) if snapshot is not None else "none"
             raise TargetNotFound(f"There is no upstream named {upstream!r} (upstreams: {known}).")
         for target in runtime.targets:
             if target.name == address:
@@ -198,6 +182,8 @@ class AdminNode:
             return False
         if state.admin_drained != drained:
             state.admin_drained = drained
+            if not drained:
+                state.start_ramp(time.monotonic())  # back in rotation: slow start, as after a recovery
             what = "DRAINED (no new requests)" if drained else "ENABLED again"
             log.warning("upstream %s target %s is %s through the admin API", state.upstream, state.name, what)
         return True

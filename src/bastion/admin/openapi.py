@@ -403,14 +403,18 @@ def document() -> dict[str, Any]:
             ]
         },
     }
+    for operations in paths.values():
+        for operation in operations.values():
+            operation["responses"]["403"] = {"$ref": "#/components/responses/Forbidden"}
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "Bastion admin API",
             "version": __version__,
             "description": "Status, metrics and control of a running Bastion gateway. With --workers N every "
-            "endpoint answers for the whole gateway. When admin.token is set, every endpoint needs "
-            "`Authorization: Bearer TOKEN`.",
+            "endpoint answers for the whole gateway. When admin.token is set, every endpoint but the "
+            "dashboard's files needs `Authorization: Bearer TOKEN`. Requests whose Host is not the listener's "
+            "own name, and POSTs from another site's page (Origin), are refused with 403.",
         },
         "paths": paths,
         "components": {
@@ -421,7 +425,12 @@ def document() -> dict[str, Any]:
                     "description": "A token is configured and the request did not carry it.",
                     "headers": {"WWW-Authenticate": {"schema": string}},
                     "content": {"application/json": {"schema": _ref("Error")}},
-                }
+                },
+                "Forbidden": {
+                    "description": "Sent by a browser for another site: `host_forbidden` (Host is not this "
+                    "listener's name: DNS rebinding) or `origin_forbidden` (a POST whose Origin is another site).",
+                    "content": {"application/json": {"schema": _ref("Error")}},
+                },
             },
         },
         "security": [{"bearer": []}, {}],

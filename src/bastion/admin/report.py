@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bastion import __version__
-from bastion.observability.metrics import merge_exports
+from bastion.observability.metrics import add_rows, merge_exports
 
 if TYPE_CHECKING:
-    from bastion.app import Gateway
+    from bastion.admin.view import GatewayView
 
 
 def _rss_bytes() -> int:
@@ -40,9 +40,9 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def process_report(gateway: Gateway) -> dict[str, Any]:
+def process_report(gateway: GatewayView) -> dict[str, Any]:
     """This process's state and counters (plain JSON data)."""
-    snapshot = gateway._snapshot
+    snapshot = gateway.running_snapshot
     connections: dict[str, int] = {}
     if snapshot is not None:
         connections = {listener.name: 0 for listener in snapshot.config.listeners}
@@ -92,6 +92,7 @@ def _merge_target(into: dict[str, Any] | None, target: dict[str, Any]) -> dict[s
         into[key] += target[key]
     for key, value in target["pool"].items():
         into["pool"][key] = into["pool"].get(key, 0) + value
+    into["responses"] = add_rows(into["responses"], target["responses"])
     if target["latency_ewma_ms"]:
         into["_ewma"].append(target["latency_ewma_ms"])
     return into
@@ -136,7 +137,9 @@ def merge_status(reports: Sequence[dict[str, Any]], expected: int) -> dict[str, 
                 "ready": report["ready"],
                 "uptime_seconds": round(now - worker["started_at"], 3),
                 "connections": sum(report["connections"].values()),
-                "requests": sum(row[-1] for row in report["metrics"]["requests"]),
+                "requests": sum(
+                    row[-1] for route in report["metrics"]["routes"].values() for row in route["responses"]
+                ),
                 "reloads": report["status"]["reloads"],
             }
         )

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from bastion.config.loader import format_loc, model_problems, suggest
 from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
+from bastion.net.tls import CertSet, ClientTls, FileReader, TlsProblems, client_tls
 from bastion.observability.logs import AccessLog
-from bastion.observability.metrics import Metrics
-from bastion.pipeline import BuildEnv, Plugin, PluginProblems
+from bastion.observability.metrics import Metrics, RouteStats
+from bastion.pipeline import BuildEnv, Plugin, PluginConfigError, PluginProblems
 from bastion.plugins import plugin_class, plugin_names
 from bastion.plugins.consumers import ConsumerIndex
 from bastion.store.base import Store
@@ -50,10 +53,18 @@ class RouteRuntime:
         "request_plugins",
         "response_plugins",
         "log_plugins",
+        "stats",
+        "websocket",
+        "websocket_idle_timeout",
+        "websocket_max_duration",
     )
 
-    def __init__(self, route: Route, upstream: UpstreamRuntime, plugins: Sequence[Plugin]) -> None:
+    def __init__(
+        self, route: Route, upstream: UpstreamRuntime, plugins: Sequence[Plugin], stats: RouteStats | None = None
+    ) -> None:
+        """`stats`: the process's counters for this route name (they outlive the snapshot)."""
         self.name = route.name
+        self.stats = stats if stats is not None else RouteStats()
         self.config = route
         self.upstream = upstream
         self.strip_prefix = route.strip_prefix
@@ -62,6 +73,9 @@ class RouteRuntime:
         self.request_plugins = tuple(p for p in plugins if _overrides(p, "on_request"))
         self.response_plugins = tuple(p for p in reversed(plugins) if _overrides(p, "on_response"))
         self.log_plugins = tuple(p for p in plugins if _overrides(p, "on_log"))
+        self.websocket = route.websocket
+        self.websocket_idle_timeout = route.websocket_idle_timeout or None  # None: off
+        self.websocket_max_duration = route.websocket_max_duration or None
 
 
 class Snapshot:
@@ -75,7 +89,11 @@ class Snapshot:
         consumers: ConsumerIndex | None = None,
         store: Store | None = None,
         metrics: Metrics | None = None,
+        tls: dict[str, CertSet] | None = None,
+        tls_files: dict[str, str] | None = None,
+        where: Callable[[Loc, str], str] | None = None,
     ) -> None:
+        """`where` formats a problem with the config's file and line (LoadedConfig.where)."""
         self.config = config
         self.router = router
         self.routes = routes
@@ -83,17 +101,36 @@ class Snapshot:
         self.plugins = plugins  # every distinct instance, for start/close
         self.consumers = consumers if consumers is not None else ConsumerIndex()
         self.store = store if store is not None else LocalStore()
-        self.access_log: AccessLog | None = AccessLog() if config.log.access else None
+        self.access_log: AccessLog | None = AccessLog(config.log) if config.log.access else None
+        self._where = where or (lambda loc, message: f"{format_loc(loc)}: {message}")
         # The process's counters (the gateway's, shared by every snapshot): each request ends
         # with one `metrics.observe(exchange)`.
         self.metrics = metrics if metrics is not None else Metrics()
         # Request fields removed from every client request before routing (header_policy).
         self.request_drop = request_drop_set(name for plugin in plugins for name in plugin.identity_headers)
+        self.tls = tls or {}  # https listener bind -> its certificates
+        self.tls_files = tls_files or {}  # every TLS file read -> sha256 of its content, for the watch
         self.closed = False
 
     async def start(self) -> None:
-        for plugin in self.plugins:
-            await plugin.start()
+        """Open the access log's destination, then start the plugins. Raises ConfigError when
+        the access log file cannot be opened."""
+        access_log = self.access_log
+        if access_log is not None:
+            try:
+                access_log.open()
+            except OSError as exc:
+                key = "access_file" if access_log.file else "access"
+                what = access_log.file or "standard output"
+                problem = self._where(("log", key), f"cannot open {what}: {exc.strerror or exc}")
+                raise ConfigError([problem]) from None
+        try:
+            for plugin in self.plugins:
+                await plugin.start()
+        except BaseException:
+            if access_log is not None:
+                await access_log.close()
+            raise
 
     async def close(self) -> None:
         """Close plugins and the store; a second call does nothing."""
@@ -110,10 +147,13 @@ class Snapshot:
         except Exception:
             log.exception("the store failed to close")
         if self.access_log is not None:
-            self.access_log.flush()
+            await self.access_log.close()
 
     def target_keys(self) -> set[str]:
         return {t.key for u in self.upstreams.values() for t in u.targets}
+
+
+_BASE_CREATE = getattr(Plugin.create, "__func__", None)
 
 
 class PluginBuilder:
@@ -121,15 +161,23 @@ class PluginBuilder:
 
     Each plugin gets a `BuildEnv`: the consumers index and the store are shared by the
     whole snapshot, the scope says whether the entry is global or belongs to a route.
+
+    An entry with problems still takes its place in the chain, as an uninitialised instance
+    of its class (a placeholder), so that the chain checks (`acl` needs authentication) are
+    reported in the same round as the entries' own problems, and not wrongly: an `acl` after
+    a `key_auth` with a typo still has its authentication plugin. A `python` entry that fails
+    has no known class; the chains it is in are not checked.
     """
 
     def __init__(self, loaded: LoadedConfig, consumers: ConsumerIndex, store: Store) -> None:
         self.loaded = loaded
         self.consumers = consumers
         self.store = store
-        self.problems: list[str] = []
+        self.problems: list[tuple[Loc, str]] = []
         self.instances: list[Plugin] = []
         self.locations: dict[int, Loc] = {}  # id(plugin) -> its entry's key path
+        self.placeholders: set[int] = set()  # ids of entries that failed, standing in for chain checks
+        self.incomplete: set[Loc] = set()  # entry lists holding an entry of unknown kind
 
     def build(self, entries: Sequence[PluginEntry], loc: Loc, scope: str = "") -> list[Plugin]:
         env = BuildEnv(self.consumers, self.store, scope, self.loaded.path)
@@ -137,40 +185,71 @@ class PluginBuilder:
         for index, entry in enumerate(entries):
             here = (*loc, index)
             if not isinstance(entry, dict) or len(entry) != 1:
-                self.problems.append(self.loaded.where(here, "a plugin entry is {NAME: {...config}}"))
+                self.problems.append((here, "a plugin entry is {NAME: {...config}}"))
+                self.incomplete.add(loc)
                 continue
             ((name, raw),) = entry.items()
             cls = plugin_class(name)
             if cls is None:
-                known = ", ".join(plugin_names())
-                self.problems.append(self.loaded.where((*here, name), f"unknown plugin (known: {known})"))
+                self.problems.append(((*here, name), suggest("plugin", name, plugin_names())))
+                self.incomplete.add(loc)
                 continue
-            try:
-                plugin = cls.create(raw, env)
-            except ValidationError as exc:
-                for error in exc.errors():
-                    message = str(error["msg"]).removeprefix("Value error, ")
-                    self.problems.append(self.loaded.where((*here, name, *error["loc"]), message))
-                continue
-            except PluginProblems as exc:
-                for sub, message in exc.problems:
-                    self.problems.append(self.loaded.where((*here, name, *sub), message))
-                continue
-            except (ValueError, TypeError) as exc:
-                self.problems.append(self.loaded.where((*here, name), str(exc)))
-                continue
+            plugin = self._create(cls, raw, env, (*here, name))
+            if plugin is None:
+                if getattr(cls.create, "__func__", None) is not _BASE_CREATE:
+                    self.incomplete.add(loc)  # python: the class it would have built is unknown
+                    continue
+                plugin = cls.__new__(cls)
+                self.placeholders.add(id(plugin))
+            else:
+                self.instances.append(plugin)
             plugins.append(plugin)
-            self.instances.append(plugin)
             self.locations[id(plugin)] = (*here, name)
         return plugins
 
-    def check_chain(self, chain: Sequence[Plugin], route: str) -> None:
-        """Let each plugin object to the chain it ended up in (reported once per plugin and route)."""
+    def _create(self, cls: type[Plugin], raw: Any, env: BuildEnv, at: Loc) -> Plugin | None:
+        """The plugin, or None with its problems recorded."""
+        loaded = self.loaded
+        try:
+            return cls.create(raw, env)
+        except ValidationError as exc:
+            found = [((*at, *sub), message) for sub, message in model_problems(exc, cls.Config, _secret(loaded, at))]
+        except PluginConfigError as exc:
+            inner = (*at, *exc.prefix)
+            found = [
+                ((*inner, *sub), message)
+                for sub, message in model_problems(exc.error, exc.model, _secret(loaded, inner))
+            ]
+        except PluginProblems as exc:
+            found = [((*at, *sub), message) for sub, message in exc.problems]
+        except (ValueError, TypeError) as exc:
+            found = [(at, str(exc))]
+        self.problems.extend(found)
+        return None
+
+    def check_chain(self, chain: Sequence[Plugin], route: str, complete: bool) -> None:
+        """Let each plugin object to the chain it ended up in (reported once per plugin and route).
+
+        `complete` is False when an entry of unknown kind failed: then there is nothing to check."""
+        if not complete:
+            return
         for plugin in chain:
+            if id(plugin) in self.placeholders:
+                continue
             problem = plugin.check_chain(chain)
             if problem is not None:
                 where = self.locations.get(id(plugin), ())
-                self.problems.append(self.loaded.where(where, f"{problem} (route {route!r})"))
+                self.problems.append((where, f"{problem} (route {route!r})"))
+
+    def error(self) -> ConfigError:
+        """Every problem as `FILE:LINE: key.path: message`, sorted by line like the loader's."""
+        lines = {loc: self.loaded.line_of(loc) or 0 for loc, _ in self.problems}
+        ordered = sorted(self.problems, key=lambda problem: lines[problem[0]])
+        return ConfigError(list(dict.fromkeys(self.loaded.where(loc, message) for loc, message in ordered)))
+
+
+def _secret(loaded: LoadedConfig, at: Loc) -> Callable[[Loc], bool]:
+    return lambda sub: loaded.from_environment((*at, *sub))
 
 
 def order_plugins(global_plugins: Sequence[Plugin], route_plugins: Sequence[Plugin]) -> list[Plugin]:
@@ -221,26 +300,62 @@ class _Built:
                 consumer_problems.append((loc, message))
         self.store = make_store(config, loaded.path)
         builder = PluginBuilder(loaded, self.consumers, self.store)
-        builder.problems.extend(loaded.where(loc, message) for loc, message in consumer_problems)
+        builder.problems.extend(consumer_problems)
         global_plugins = builder.build(config.plugins, ("plugins",))
         route_plugins = [
             builder.build(route.plugins, ("routes", i, "plugins"), route.name) for i, route in enumerate(config.routes)
         ]
         self.chains = [order_plugins(global_plugins, route_plugins[i]) for i in range(len(config.routes))]
-        if not builder.problems:
-            for route, chain in zip(config.routes, self.chains, strict=True):
-                builder.check_chain(chain, route.name)
+        global_complete = ("plugins",) not in builder.incomplete
+        for i, (route, chain) in enumerate(zip(config.routes, self.chains, strict=True)):
+            complete = global_complete and ("routes", i, "plugins") not in builder.incomplete
+            builder.check_chain(chain, route.name, complete)
+        self.tls, self.upstream_tls, self.tls_files = build_tls(loaded, builder.problems)
         if builder.problems:
-            raise ConfigError(list(dict.fromkeys(builder.problems)))
+            raise builder.error()
+        for route, chain in zip(config.routes, self.chains, strict=True):
+            for plugin in chain:
+                plugin.prepare_route(route.name, chain)
         self.instances = builder.instances
 
 
-def check_config(loaded: LoadedConfig) -> None:
-    """Validate what only building can: plugin configs, consumers, chains. Raises ConfigError.
+def config_dir(path: str) -> Path:
+    """Where relative file names in a config start: the config file's directory (the working
+    directory for a config that is not a file, such as a version pulled from Redis)."""
+    file = Path(path)
+    return file.resolve().parent if file.is_file() else Path.cwd()
+
+
+def build_tls(
+    loaded: LoadedConfig, problems: list[tuple[Loc, str]]
+) -> tuple[dict[str, CertSet], dict[str, ClientTls], dict[str, str]]:
+    """Listener certificates (by bind), upstream client contexts (by name) and the digests of
+    every file read; a bad file adds a problem line and leaves its entry out."""
+    reader = FileReader(config_dir(loaded.path))
+    listeners: dict[str, CertSet] = {}
+    upstreams: dict[str, ClientTls] = {}
+    for index, listener in enumerate(loaded.config.listeners):
+        if listener.tls is not None:
+            try:
+                listeners[str(listener.bind)] = CertSet(listener.tls, reader)
+            except TlsProblems as exc:
+                problems.extend((("listeners", index, "tls", *loc), text) for loc, text in exc.problems)
+    for name, upstream in loaded.config.upstreams.items():
+        if upstream.tls is not None:
+            try:
+                upstreams[name] = client_tls(upstream.tls, reader)
+            except TlsProblems as exc:
+                problems.extend((("upstreams", name, "tls", *loc), text) for loc, text in exc.problems)
+    return listeners, upstreams, reader.digests
+
+
+def check_config(loaded: LoadedConfig) -> dict[str, CertSet]:
+    """Validate what only building can: plugin configs, consumers, chains, TLS files. Raises
+    ConfigError; returns the https listeners' certificates (by bind) for the summary.
 
     No side effects (no sockets, no shared memory): this is what `bastion check` runs.
     """
-    _Built(loaded)
+    return _Built(loaded).tls
 
 
 def build_snapshot(
@@ -254,13 +369,29 @@ def build_snapshot(
             name,
             upstream,
             [registry.claim(name, upstream, t) for t in upstream.targets],
+            tls=built.upstream_tls.get(name),
             stats=registry.metrics.upstream(name),
         )
         for name, upstream in config.upstreams.items()
     }
-    routes = [RouteRuntime(route, upstreams[route.upstream], built.chains[i]) for i, route in enumerate(config.routes)]
-    router = Router(config.routes)
-    return Snapshot(config, router, routes, upstreams, built.instances, built.consumers, built.store, registry.metrics)
+    metrics = registry.metrics
+    routes = [
+        RouteRuntime(route, upstreams[route.upstream], built.chains[i], metrics.route(route.name))
+        for i, route in enumerate(config.routes)
+    ]
+    return Snapshot(
+        config,
+        Router(config.routes),
+        routes,
+        upstreams,
+        built.instances,
+        built.consumers,
+        built.store,
+        metrics,
+        tls=built.tls,
+        tls_files=built.tls_files,
+        where=loaded.where,
+    )
 
 
 async def close_later(snapshot: Snapshot, delay: float) -> None:

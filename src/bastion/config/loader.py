@@ -17,7 +17,7 @@ import json
 import os
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -29,7 +29,15 @@ from pydantic_core import ErrorDetails
 from bastion.config.schema import Config, Loc, cross_check
 from bastion.errors import ConfigError
 
-__all__ = ["LoadedConfig", "expand_env", "format_loc", "load_config", "load_config_text"]
+__all__ = [
+    "LoadedConfig",
+    "expand_env",
+    "format_loc",
+    "load_config",
+    "load_config_text",
+    "model_problems",
+    "suggest",
+]
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -81,6 +89,8 @@ class LoadedConfig:
     path: str
     source_text: str
     lines: Mapping[Loc, int] = field(default_factory=dict, repr=False, compare=False)
+    # Key paths whose values came from the environment: never echoed in a message (secrets).
+    from_env: frozenset[Loc] = field(default=frozenset(), repr=False, compare=False)
 
     def line_of(self, loc: Loc) -> int | None:
         """Line (1-based) of a key path, falling back to the nearest ancestor in the file."""
@@ -89,6 +99,10 @@ class LoadedConfig:
     def where(self, loc: Loc, message: str) -> str:
         """One problem line: `FILE:LINE: key.path: message`."""
         return _format(self.path, self.line_of(loc), loc, message)
+
+    def from_environment(self, loc: Loc) -> bool:
+        """Did the value at `loc` (or a value above it) come from `${NAME}`? Then never echo it."""
+        return _under(loc, self.from_env)
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -257,16 +271,26 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
-def _model_at(loc: Loc) -> type[BaseModel] | None:
-    """The model class that validates the mapping at `loc`, if the path leads to one."""
-    annotation: Any = Config
+def _field_named(model: type[BaseModel], key: str) -> Any:
+    """The annotation of the field written `key` in a file (its alias, or its name)."""
+    for name, info in model.model_fields.items():
+        if key == (info.alias or name):
+            return info.annotation
+    return None
+
+
+def _model_at(root: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
+    """The model class that validates the mapping at `loc` under `root`, if the path leads to one."""
+    annotation: Any = root
     for part in loc:
         annotation = _unwrap(annotation)
         origin = get_origin(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if not isinstance(part, str) or part not in annotation.model_fields:
+            if not isinstance(part, str):
                 return None
-            annotation = annotation.model_fields[part].annotation
+            annotation = _field_named(annotation, part)
+            if annotation is None:
+                return None
         elif origin is list and isinstance(part, int):
             annotation = get_args(annotation)[0]
         elif origin is dict and isinstance(part, str):
@@ -277,16 +301,19 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def _unknown_key(loc: Loc) -> str:
-    model = _model_at(loc[:-1])
+def suggest(what: str, given: str, known: list[str]) -> str:
+    """`unknown key (did you mean 'timeouts'?)`, or the list of what is known there."""
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown {what} (did you mean {close[0]!r}?)"
+    return f"unknown {what} (expected one of: {', '.join(known)})"
+
+
+def _unknown_key(root: type[BaseModel], loc: Loc) -> str:
+    model = _model_at(root, loc[:-1])
     if model is None:
         return "unknown key"
-    known = list(model.model_fields)
-    key = str(loc[-1])
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if close:
-        return f"unknown key (did you mean {close[0]!r}?)"
-    return f"unknown key (expected one of: {', '.join(known)})"
+    return suggest("key", str(loc[-1]), [info.alias or name for name, info in model.model_fields.items()])
 
 
 def _shown(value: Any) -> str | None:
@@ -301,12 +328,12 @@ def _shown(value: Any) -> str | None:
     return None
 
 
-def _message(error: ErrorDetails, loc: Loc, secret: bool) -> str:
+def _message(root: type[BaseModel], error: ErrorDetails, loc: Loc, secret: bool) -> str:
     kind = error["type"]
     if kind == "missing":
         return "missing required key"
     if kind == "extra_forbidden":
-        return _unknown_key(loc)
+        return _unknown_key(root, loc)
     message = error["msg"]
     if kind in ("value_error", "assertion_error"):
         return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
@@ -318,7 +345,23 @@ def _message(error: ErrorDetails, loc: Loc, secret: bool) -> str:
     return f"{message} (got {shown})"
 
 
-def _under(loc: Loc, roots: set[Loc]) -> bool:
+def model_problems(
+    exc: ValidationError, root: type[BaseModel], secret: Callable[[Loc], bool] = lambda loc: False
+) -> list[tuple[Loc, str]]:
+    """A model's validation errors as (key path below `root`, message), worded as the loader's own:
+    `missing required key`, `unknown key (did you mean 'limit'?)`, the bad value when `secret`
+    does not say it came from the environment. Plugin configs are reported through this too."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc: Loc = tuple(error["loc"])
+        message = _message(root, error, loc, secret(loc))
+        if loc and loc[-1] == "[key]":
+            loc, message = loc[:-1], f"bad key: {message}"
+        problems.append((loc, message))
+    return problems
+
+
+def _under(loc: Loc, roots: set[Loc] | frozenset[Loc]) -> bool:
     return any(loc[: len(root)] == root for root in roots)
 
 
@@ -367,14 +410,9 @@ def load_config_text(text: str, filename: str = "<string>", env: Mapping[str, st
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            loc: Loc = tuple(error["loc"])
-            if _under(loc, reader.broken):
-                continue
-            message = _message(error, loc, secret=_under(loc, reader.from_env))
-            if loc and loc[-1] == "[key]":
-                loc, message = loc[:-1], f"bad key: {message}"
-            problems.append((_line_of(reader.lines, loc), loc, message))
+        for loc, message in model_problems(exc, Config, lambda loc: _under(loc, reader.from_env)):
+            if not _under(loc, reader.broken):
+                problems.append((_line_of(reader.lines, loc), loc, message))
     if config is not None:
         for loc, message in cross_check(config):
             problems.append((_line_of(reader.lines, loc), loc, message))
@@ -383,4 +421,6 @@ def load_config_text(text: str, filename: str = "<string>", env: Mapping[str, st
         lines = [_format(filename, line, loc, message) for _, (line, loc, message) in ordered]
         raise ConfigError(list(dict.fromkeys(lines)))
     assert config is not None
-    return LoadedConfig(config=config, path=filename, source_text=text, lines=reader.lines)
+    return LoadedConfig(
+        config=config, path=filename, source_text=text, lines=reader.lines, from_env=frozenset(reader.from_env)
+    )

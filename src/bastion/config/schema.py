@@ -9,9 +9,9 @@ together with the model's own errors.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from bastion.config.types import Address, Duration, HostPort, Size
 
@@ -21,6 +21,25 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# A template segment: `{name}`, a whole segment (the router compiles templates with it).
+TEMPLATE_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` is not a usable prefix or template, or None; config checks can reuse it."""
+    seen: set[str] = set()
+    for segment in path[1:].split("/"):
+        if "{" not in segment and "}" not in segment:
+            continue
+        found = TEMPLATE_PARAM.fullmatch(segment)
+        if found is None:
+            return f"segment {segment!r} must be exactly {{name}} (a param is a whole segment)"
+        if found.group(1) in seen:
+            return f"param {{{found.group(1)}}} appears twice"
+        seen.add(found.group(1))
+    return None
 
 
 # --- listeners -------------------------------------------------------------------------------
@@ -46,10 +65,54 @@ class ListenerLimits(Model):
     )
 
 
+def _tls_version(value: Any) -> Any:
+    """`min_version: 1.2` unquoted is a YAML float: take it as the string it reads as."""
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+TlsVersion = Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)]
+
+
+class TlsCertificate(Model):
+    cert: str = Field(
+        min_length=1,
+        description="PEM file: the certificate, then its intermediates. Relative paths start at the config "
+        "file's directory.",
+    )
+    key: str = Field(min_length=1, description="PEM file: the certificate's private key (not encrypted).")
+
+
+class ListenerTls(Model):
+    certificates: list[TlsCertificate] = Field(
+        min_length=1,
+        description="SNI picks one: exact names, then wildcards, then the first. Names come from each "
+        "certificate's subjectAltName DNS entries (its CN when it has none).",
+    )
+    min_version: TlsVersion = Field("1.2", description="Oldest TLS version accepted: 1.2 or 1.3.")
+    client_ca: str | None = Field(
+        None,
+        description="PEM file of CAs that sign client certificates: clients may then present one "
+        "(mTLS; the mtls_auth plugin maps it to a consumer). A certificate that does not verify fails the handshake.",
+    )
+
+
 class Listener(Model):
     name: str = Field(min_length=1)
     bind: Address
     protocol: Literal["http", "https", "tcp", "udp"] = "http"
+    tls: ListenerTls | None = Field(None, description="Certificates and TLS settings; required for https.")
+    http2: bool | None = Field(
+        None,
+        description="Offer HTTP/2 in ALPN (https listeners; default true). HTTP/2 is not implemented yet: "
+        "only http/1.1 is offered for now.",
+    )
+    redirect_https: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="On an http listener: answer every request with 308 to https://HOST:PORT/path, no route, "
+        "no upstream.",
+    )
     timeouts: ListenerTimeouts = ListenerTimeouts()
     limits: ListenerLimits = ListenerLimits()
     backlog: int = Field(2048, ge=1)
@@ -61,28 +124,42 @@ class Listener(Model):
 
     @field_validator("protocol")
     @classmethod
-    def _only_http_for_now(cls, value: str) -> str:
-        if value != "http":
-            raise ValueError(f"protocol {value!r} is not supported yet (only http)")
+    def _http_or_https_for_now(cls, value: str) -> str:
+        if value not in ("http", "https"):
+            raise ValueError(f"protocol {value!r} is not supported yet (only http and https)")
         return value
+
+    @model_validator(mode="after")
+    def _tls_matches_protocol(self) -> Listener:
+        if self.protocol == "https" and self.tls is None:
+            raise ValueError("an https listener needs tls: { certificates: [{ cert: ..., key: ... }] }")
+        if self.protocol != "https" and self.tls is not None:
+            raise ValueError(f"tls is for https listeners (this one is {self.protocol})")
+        if self.redirect_https is not None and self.protocol != "http":
+            raise ValueError("redirect_https is for http listeners")
+        if self.http2 and self.protocol != "https":
+            raise ValueError("http2 is negotiated with ALPN on https listeners (cleartext HTTP/2 is not supported yet)")
+        return self
 
 
 # --- upstreams -------------------------------------------------------------------------------
 
 
 class Target(Model):
-    address: Address
+    address: Address = Field(description="host:port of the target.")
     weight: int = Field(1, ge=0, le=10000, description="Share of traffic; 0 takes the target out of rotation.")
     backup: bool = Field(False, description="Used only when no primary target is healthy.")
 
 
 class ActiveHealthCheck(Model):
-    type: Literal["http", "tcp"] = "http"
-    path: str = "/"
+    type: Literal["http", "tcp"] = Field("http", description="http: GET path, status checked; tcp: connect only.")
+    path: str = Field("/", description="Path of http probes.")
     host: str | None = Field(None, description="Host header for http checks; default: the target address.")
-    statuses: list[int] = Field(default_factory=lambda: list(range(200, 400)), min_length=1)
-    interval: Duration = 5.0
-    timeout: Duration = 1.0
+    statuses: list[int] = Field(
+        default_factory=lambda: list(range(200, 400)), min_length=1, description="Statuses that count as healthy."
+    )
+    interval: Duration = Field(5.0, description="Time between probes of one target.")
+    timeout: Duration = Field(1.0, description="A probe that takes longer has failed.")
     healthy: int = Field(2, ge=1, description="Consecutive successes to mark a target healthy.")
     unhealthy: int = Field(2, ge=1, description="Consecutive failures to mark a target unhealthy.")
 
@@ -100,12 +177,12 @@ class PassiveHealthCheck(Model):
 
 
 class HealthCheck(Model):
-    active: ActiveHealthCheck | None = None
-    passive: PassiveHealthCheck | None = None
+    active: ActiveHealthCheck | None = Field(None, description="Probes sent to every target; omitted: none.")
+    passive: PassiveHealthCheck | None = Field(None, description="Ejection after failed requests; omitted: none.")
 
 
 class Sticky(Model):
-    cookie: str = Field("bastion_affinity", pattern=_TOKEN.pattern)
+    cookie: str = Field("bastion_affinity", pattern=_TOKEN.pattern, description="Name of the affinity cookie.")
     ttl: Duration = Field(3600.0, description="Cookie lifetime (Max-Age); 0: a session cookie.")
     secret: str | None = Field(
         None,
@@ -116,20 +193,50 @@ class Sticky(Model):
 
 class Retries(Model):
     attempts: int = Field(1, ge=0, le=10, description="Retries after the first try (0 disables).")
-    on_statuses: list[Literal[502, 503, 504]] = Field(default_factory=list)
+    on_statuses: list[Literal[502, 503, 504]] = Field(
+        default_factory=list, description="Upstream statuses that are retried too (besides connection failures)."
+    )
     budget: float = Field(0.2, ge=0.0, le=1.0, description="Retries allowed as a share of live requests.")
     min_retries_per_second: int = Field(10, ge=0, description="Retries always allowed, budget or not.")
 
 
 class UpstreamTimeouts(Model):
-    connect: Duration = 5.0
+    connect: Duration = Field(5.0, description="Longest wait for a connection to a target.")
     response: Duration = Field(60.0, description="From request sent to response head, and between body reads.")
     idle: Duration = Field(60.0, description="How long an idle pooled connection is kept.")
 
 
 class Queue(Model):
     size: int = Field(0, ge=0, description="Requests that may wait for a connection slot; 0: none.")
-    timeout: Duration = 1.0
+    timeout: Duration = Field(1.0, description="Longest wait in the queue; then 503.")
+
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*$"
+)
+
+
+class UpstreamTls(Model):
+    verify: bool = Field(True, description="Check the target's certificate chain and name (false: accept any).")
+    ca: str | None = Field(None, description="PEM file of CAs to trust for the targets; default: the system's.")
+    sni: str | None = Field(
+        None, description="Server name sent and verified; default: the target's host (no SNI for an IP address)."
+    )
+    cert: str | None = Field(None, description="PEM client certificate to present to the targets (with key).")
+    key: str | None = Field(None, description="PEM private key of cert.")
+
+    @field_validator("sni")
+    @classmethod
+    def _sni(cls, value: str | None) -> str | None:
+        if value is not None and not _HOSTNAME.match(value):
+            raise ValueError(f"not a host name: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTls:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key, or neither")
+        return self
 
 
 class Upstream(Model):
@@ -144,6 +251,7 @@ class Upstream(Model):
     max_idle_connections: int = Field(128, ge=0, description="Idle keep-alive connections kept per target.")
     queue: Queue = Queue()
     slow_start: Duration = Field(0.0, description="A target that joins or recovers ramps up over this window.")
+    tls: UpstreamTls | None = Field(None, description="Connect to the targets over TLS.")
 
     @field_validator("hash_on")
     @classmethod
@@ -163,9 +271,11 @@ class RouteMatch(Model):
     hosts: list[str] = Field(default_factory=list, description="Exact or *.wildcard hosts; empty: any host.")
     path: str | None = Field(None, description="Prefix at a segment boundary, or a template with {name}.")
     path_exact: str | None = Field(None, description="This path only: no prefix, no params.")
-    path_regex: str | None = None
-    methods: list[str] = Field(default_factory=list)
-    headers: dict[str, str] = Field(default_factory=dict)
+    path_regex: str | None = Field(None, description="Python regular expression matched from the path's start.")
+    methods: list[str] = Field(default_factory=list, description="Methods; empty: any (GET also accepts HEAD).")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Header fields that must have exactly this value."
+    )
 
     @field_validator("hosts")
     @classmethod
@@ -220,17 +330,35 @@ class RouteMatch(Model):
         return self
 
 
-PluginEntry = dict[str, Any]
+# The JSON Schema of an entry depends on the plugin registry, which this module does not
+# import: the marker is replaced by every plugin's own schema in config/json_schema.py.
+PLUGIN_ENTRY_MARKER = "x-bastion-plugin-entry"
+PluginEntry = Annotated[dict[str, Any], WithJsonSchema({"type": "object", PLUGIN_ENTRY_MARKER: True})]
 """`{NAME: {...config}}`; validated against the plugin registry when the snapshot is built."""
 
 
 class Route(Model):
-    name: str = Field(min_length=1)
-    match: RouteMatch = RouteMatch()
-    upstream: str
-    strip_prefix: str | None = None
+    name: str = Field(min_length=1, description="Unique name, shown by bastion routes and in the access log.")
+    match: RouteMatch = Field(RouteMatch(), description="Conditions a request must meet; omitted: every request.")
+    upstream: str = Field(description="Name of the upstream the route forwards to.")
+    strip_prefix: str | None = Field(
+        None, description="Leading path prefix removed before forwarding (at a / boundary)."
+    )
     preserve_host: bool = Field(True, description="Send the client's Host upstream (else the target's).")
-    plugins: list[PluginEntry] = Field(default_factory=list)
+    plugins: list[PluginEntry] = Field(
+        default_factory=list, description="Plugins of this route, run after the global ones of the same stage."
+    )
+    websocket: bool = Field(
+        False,
+        description="Allow WebSocket upgrades on this route: the handshake goes through the route's plugins, "
+        "then bytes are relayed both ways. Without it an Upgrade request is forwarded as a plain request.",
+    )
+    websocket_idle_timeout: Duration = Field(
+        300.0, description="A WebSocket with no byte in either direction for this long is closed; 0: never."
+    )
+    websocket_max_duration: Duration = Field(
+        0.0, description="A WebSocket open this long is closed, busy or not; 0: no limit."
+    )
 
     @field_validator("strip_prefix")
     @classmethod
@@ -244,7 +372,7 @@ class Route(Model):
 
 
 class KeyCredential(Model):
-    key: str | None = Field(None, min_length=1)
+    key: str | None = Field(None, min_length=1, description="The API key (better from the environment: ${NAME}).")
     key_sha256: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="The key's SHA-256 digest (hex), instead of the key itself."
     )
@@ -257,24 +385,61 @@ class KeyCredential(Model):
 
 
 class BasicCredential(Model):
-    username: str = Field(min_length=1)
+    username: str = Field(min_length=1, description="The user name.")
     password_hash: str = Field(description="bcrypt ($2b$...) or argon2 ($argon2id$...) hash.")
 
 
 class JwtCredential(Model):
-    subject: str = Field(min_length=1)
+    subject: str = Field(min_length=1, description="A token whose consumer_claim equals this names the consumer.")
+
+
+class MtlsCredential(Model):
+    fingerprint_sha256: str | None = Field(
+        None, description="SHA-256 of the client certificate (DER), hex; colons and case are ignored."
+    )
+    subject: str | None = Field(
+        None, description="The certificate's subject as RFC 4514 writes it, most specific first: CN=app,O=Example."
+    )
+
+    @field_validator("fingerprint_sha256")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digest = value.replace(":", "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+        return digest
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        from bastion.config.certnames import canonical_subject
+
+        return canonical_subject(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> MtlsCredential:
+        if (self.fingerprint_sha256 is None) == (self.subject is None):
+            raise ValueError("give one of fingerprint_sha256 or subject")
+        return self
 
 
 class Credentials(Model):
-    key_auth: list[KeyCredential] = Field(default_factory=list)
-    basic_auth: list[BasicCredential] = Field(default_factory=list)
-    jwt: list[JwtCredential] = Field(default_factory=list)
+    key_auth: list[KeyCredential] = Field(default_factory=list, description="API keys for key_auth.")
+    basic_auth: list[BasicCredential] = Field(default_factory=list, description="Users for basic_auth.")
+    jwt: list[JwtCredential] = Field(default_factory=list, description="JWT subjects for jwt.")
+    mtls_auth: list[MtlsCredential] = Field(
+        default_factory=list, description="Client certificates (SHA-256 fingerprint or subject) for mtls_auth."
+    )
 
 
 class Consumer(Model):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._~-]+$")
-    groups: list[str] = Field(default_factory=list)
-    credentials: Credentials = Credentials()
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9._~-]+$", description="Unique name, sent upstream as X-Consumer."
+    )
+    groups: list[str] = Field(default_factory=list, description="Groups, for acl.")
+    credentials: Credentials = Field(Credentials(), description="Credentials per authentication plugin.")
 
 
 # --- the rest ---------------------------------------------------------------------------------
@@ -342,8 +507,25 @@ class Cluster(Model):
 
 
 class Log(Model):
-    access: bool = Field(True, description="One JSON line per request on stdout.")
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = Field(True, description="One JSON line per request (on stdout unless access_file is set).")
+    access_file: str | None = Field(
+        None,
+        min_length=1,
+        description="Append access lines to this file instead of stdout; SIGUSR1 reopens it (log rotation).",
+    )
+    access_buffer: Size = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Access lines held for a slow reader; lines that do not fit are dropped and counted.",
+    )
+    access_stall_timeout: Duration = Field(
+        10.0,
+        gt=0,
+        description="A destination that takes nothing for this long: held lines dropped, new ones too until it reads.",
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Level of the gateway's own messages (stderr); read at start."
+    )
 
 
 class Config(Model):
@@ -351,7 +533,9 @@ class Config(Model):
     listeners: list[Listener] = Field(min_length=1)
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
-    plugins: list[PluginEntry] = Field(default_factory=list)
+    plugins: list[PluginEntry] = Field(
+        default_factory=list, description="Global plugins, on every route: entries { NAME: { ...settings } }."
+    )
     consumers: list[Consumer] = Field(default_factory=list)
     admin: Admin | None = Field(
         None, description="The admin API (status, metrics, drain, reload); omitted: no admin listener."
@@ -396,7 +580,11 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         unique(upstream.targets, "address", ("upstreams", name, "targets"))
         if upstream.balance != "consistent_hash" and "hash_on" in upstream.model_fields_set:
             problems.append((("upstreams", name, "hash_on"), "only used with balance: consistent_hash"))
-    from bastion.http.router import path_problem  # the router owns template syntax
+    uses_mtls = any("mtls_auth" in entry for entry in config.plugins if isinstance(entry, dict)) or any(
+        "mtls_auth" in entry for route in config.routes for entry in route.plugins if isinstance(entry, dict)
+    )
+    if uses_mtls and not any(listener.tls is not None and listener.tls.client_ca for listener in config.listeners):
+        problems.append((("listeners",), "mtls_auth is used but no https listener sets tls.client_ca"))
 
     for index, route in enumerate(config.routes):
         problem = path_problem(route.match.path) if route.match.path else None
@@ -405,6 +593,10 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         if route.upstream not in config.upstreams:
             known = ", ".join(sorted(config.upstreams)) or "none defined"
             problems.append((("routes", index, "upstream"), f"no upstream named {route.upstream!r} ({known})"))
+        if not route.websocket:
+            for key in ("websocket_idle_timeout", "websocket_max_duration"):
+                if key in route.model_fields_set:
+                    problems.append((("routes", index, key), "only used with websocket: true"))
         prefix = route.strip_prefix
         path = route.match.path
         if prefix and path and "{" not in path and not (path == prefix or path.startswith(prefix + "/")):

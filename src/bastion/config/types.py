@@ -73,7 +73,14 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(lambda v: f"{v * 1000:g}ms", return_type=str),
-    WithJsonSchema({"type": "string", "pattern": _DURATION.pattern, "examples": ["250ms", "2s"]}),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _DURATION.pattern, "examples": ["250ms", "2s"]},
+                {"const": 0},  # a bare 0 needs no unit
+            ]
+        }
+    ),
 ]
 Size = Annotated[
     int,

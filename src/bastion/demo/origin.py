@@ -36,6 +36,7 @@ import http
 import json
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -91,10 +92,13 @@ class Origin:
     def open_connections(self) -> int:
         return len(self._conns)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on host:port; port 0 picks a free port, readable as `.port` afterwards."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> None:
+        """Listen on host:port; port 0 picks a free port, readable as `.port` afterwards.
+        With `tls`, the origin speaks HTTPS (for tests of TLS toward upstreams)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Conn(self), host, port, reuse_address=True, backlog=1024)
+        self._server = await loop.create_server(
+            lambda: _Conn(self), host, port, reuse_address=True, backlog=1024, ssl=tls
+        )
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -501,7 +505,11 @@ class OriginHandle:
 
 
 def start_origin_thread(
-    name: str = "origin", host: str = "127.0.0.1", port: int = 0, timeout: float = 5.0
+    name: str = "origin",
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
 ) -> OriginHandle:
     """Start an origin in a background thread and return once it listens (or raise why not)."""
     origin = Origin(name)
@@ -511,7 +519,7 @@ def start_origin_thread(
     def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(origin.start(host, port))
+            loop.run_until_complete(origin.start(host, port, tls))
         except BaseException as exc:
             ready.set_exception(exc)
             loop.close()

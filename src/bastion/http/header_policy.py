@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from bastion.http.model import HeaderList, Request
+
 # RFC 9110 section 7.6.1: connection-specific fields never forwarded. Content-Length and
 # Transfer-Encoding are dropped too: the gateway frames each hop itself.
 HOP_BY_HOP = frozenset(
@@ -81,3 +83,39 @@ def with_connection_tokens(drop: frozenset[bytes], connection: list[bytes]) -> f
 def is_dropped(name: bytes, drop: frozenset[bytes]) -> bool:
     """Whether a request field goes, counting `x_consumer` as `x-consumer` (CGI reads it so)."""
     return name in drop or (b"_" in name and name.replace(b"_", b"-") in drop)
+
+
+_VIA = b"1.1 bastion"
+
+
+def forwarded_headers(request: Request, host: bytes | None) -> HeaderList:
+    """The request's fields toward the upstream: the client's (already filtered), then the
+    gateway's own. `host`: the target's Host value, or None to keep the client's."""
+    items: HeaderList = []
+    forwarded_for = None
+    via = None
+    for item in request.headers.items:
+        name = item[0]
+        if name == b"x-forwarded-for":
+            forwarded_for = item[1] if forwarded_for is None else forwarded_for + b", " + item[1]
+        elif name == b"via":
+            via = item[1] if via is None else via + b", " + item[1]
+        elif name != b"host" or host is None:
+            items.append(item)
+    client = request.client_ip.encode()
+    items.append((b"x-forwarded-for", client if forwarded_for is None else forwarded_for + b", " + client))
+    items.append((b"via", _VIA if via is None else via + b", " + _VIA))
+    if host is not None:
+        items.append((b"host", host))
+    client_host = request.headers.get_raw(b"host")
+    if client_host:
+        items.append((b"x-forwarded-host", client_host))
+    items.append((b"x-real-ip", client))
+    items.append((b"x-forwarded-proto", b"https" if request.scheme == "https" else b"http"))
+    items.append((b"x-request-id", request.request_id.encode()))
+    return items
+
+
+def gateway_response_headers(request_id: str) -> HeaderList:
+    """Fields the gateway adds to every response toward the client."""
+    return [(b"x-request-id", request_id.encode()), (b"via", _VIA)]

@@ -74,10 +74,15 @@ class Headers:
 
 
 class Request:
-    """One client request head, after framing checks and path normalisation.
+    """One client request head, after framing checks and path normalisation, whatever the
+    protocol: no HTTP/1.1 framing here (the protocol that parsed it keeps that).
 
     `path` is the normalised, percent-decoded-where-safe path used both for routing and for
-    forwarding; `query` is the raw query string without '?'. `host` is lower-case, no port.
+    forwarding; `query` is the raw query string without '?'. `host` is lower-case, no port,
+    and the authority as forwarded is the `host` header field. `has_body` says a body follows;
+    `content_length` is its declared length (None: unknown, streamed). `version` is the
+    client's protocol version ("1.1", "1.0", "2"), for logs and plugins; `upgrade` the protocol
+    a client asks to switch to (an HTTP/1.1 Upgrade, later HTTP/2's extended CONNECT).
     """
 
     __slots__ = (
@@ -90,9 +95,11 @@ class Request:
         "client_ip",
         "client_port",
         "request_id",
-        "keep_alive",
+        "scheme",
         "content_length",
-        "chunked",
+        "has_body",
+        "upgrade",
+        "client_cert",
     )
 
     def __init__(
@@ -115,13 +122,11 @@ class Request:
         self.client_ip = client_ip
         self.client_port = client_port
         self.request_id = ""
-        self.keep_alive = True
+        self.scheme = "http"
         self.content_length: int | None = None
-        self.chunked = False
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
+        self.has_body = False
+        self.upgrade: str | None = None  # the protocol asked for ("websocket"), if any
+        self.client_cert: bytes | None = None  # the verified client certificate (DER), mTLS only
 
 
 class Response:

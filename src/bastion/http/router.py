@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from operator import itemgetter
 
 from bastion.config import schema
+from bastion.config.schema import TEMPLATE_PARAM, path_problem
 from bastion.errors import ConfigError, MethodNotAllowed, NotFound
 from bastion.http.model import Headers
 
 Params = dict[str, str]
 Match = tuple[int, Params | None]
 
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 # (prio, route index, methods or None for any, header conditions, template params as (name, segment)).
 # prio is the route's rank by (more conditions, file order); it is unique, so sorting entries
@@ -77,21 +77,6 @@ class Explanation:
     params: Params | None = None
 
 
-def path_problem(path: str) -> str | None:
-    """Why `path` is not a usable prefix or template, or None; config checks can reuse it."""
-    seen: set[str] = set()
-    for segment in path[1:].split("/"):
-        if "{" not in segment and "}" not in segment:
-            continue
-        found = _PARAM.fullmatch(segment)
-        if found is None:
-            return f"segment {segment!r} must be exactly {{name}} (a param is a whole segment)"
-        if found.group(1) in seen:
-            return f"param {{{found.group(1)}}} appears twice"
-        seen.add(found.group(1))
-    return None
-
-
 class _Route:
     """One route, compiled: what both the fast tables and the slow explain walk need."""
 
@@ -125,7 +110,7 @@ class _Route:
             self.label = "exact" if exact else "template"
             segments: list[str | None] = []
             for segment in self.path[1:].split("/"):
-                found = None if exact else _PARAM.fullmatch(segment)
+                found = None if exact else TEMPLATE_PARAM.fullmatch(segment)
                 segments.append(None if found else segment)
                 if found:
                     self.param_names += (found.group(1),)

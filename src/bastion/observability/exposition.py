@@ -44,34 +44,15 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
     """The metric families of a merged report (see `admin.report.merge_reports`)."""
     metrics = report["metrics"]
 
+    routes = metrics["routes"]
     requests = CounterMetricFamily(
         "bastion_http_requests", "Requests answered, by route, method and status.", labels=["route", "method", "code"]
     )
-    for route, method, status, count in sorted(metrics["requests"]):
-        requests.add_metric([route, method, str(status)], count)
-    yield requests
-
     duration = HistogramMetricFamily(
         "bastion_http_request_duration_seconds",
         "Time from the request head's arrival to the end of the response, by route.",
         labels=["route"],
     )
-    for route, histogram in sorted(metrics["durations"].items()):
-        duration.add_metric([route], _buckets(histogram), histogram["sum"])
-    yield duration
-
-    received = CounterMetricFamily(
-        "bastion_http_request_body_bytes", "Request body bytes received from clients, by route.", labels=["route"]
-    )
-    sent = CounterMetricFamily(
-        "bastion_http_response_body_bytes", "Response body bytes sent to clients, by route.", labels=["route"]
-    )
-    for route, (bytes_in, bytes_out) in sorted(metrics["bytes"].items()):
-        received.add_metric([route], bytes_in)
-        sent.add_metric([route], bytes_out)
-    yield received
-    yield sent
-
     limited = CounterMetricFamily(
         "bastion_rate_limited", "Requests refused with 429 by the gateway (rate limits), by route.", labels=["route"]
     )
@@ -80,13 +61,16 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
         "Requests refused with 401 or 403 by the gateway's plugins (authentication, acl, ip_filter), by route.",
         labels=["route", "code"],
     )
-    for route, status, count in sorted(metrics["refused"]):
-        if status == 429:
-            limited.add_metric([route], count)
-        else:
-            refused.add_metric([route, str(status)], count)
-    yield limited
-    yield refused
+    for route, stats in sorted(routes.items()):
+        for method, status, count in sorted(stats["responses"]):
+            requests.add_metric([route, method, str(status)], count)
+        duration.add_metric([route], _buckets(stats["latency"]), stats["latency"]["sum"])
+        for status, count in sorted(stats["refused"]):
+            if status == 429:
+                limited.add_metric([route], count)
+            else:
+                refused.add_metric([route, str(status)], count)
+    yield from (requests, duration, limited, refused)
 
     upstream_duration = HistogramMetricFamily(
         "bastion_upstream_request_duration_seconds",
@@ -104,15 +88,6 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
     yield upstream_duration
     yield retries
     yield denied
-
-    responses = CounterMetricFamily(
-        "bastion_upstream_target_responses",
-        "Requests whose last try went to this target, by the status the client got.",
-        labels=["upstream", "target", "code"],
-    )
-    for upstream, target, status, count in sorted(metrics["target_responses"]):
-        responses.add_metric([upstream, target, str(status)], count)
-    yield responses
 
     yield from _target_families(report["upstreams"])
 
@@ -167,6 +142,11 @@ def _target_families(upstreams: Mapping[str, Any]) -> Iterator[Metric]:
     opened = CounterMetricFamily(
         "bastion_upstream_connections_opened", "Connections opened to the target.", labels=labels
     )
+    responses = CounterMetricFamily(
+        "bastion_upstream_target_responses",
+        "Requests whose last try went to this target, by the status the client got.",
+        labels=["upstream", "target", "code"],
+    )
     waiting = GaugeMetricFamily(
         "bastion_upstream_queue_waiting", "Requests waiting for a connection slot, by upstream.", labels=["upstream"]
     )
@@ -185,8 +165,10 @@ def _target_families(upstreams: Mapping[str, Any]) -> Iterator[Metric]:
             pool_open.add_metric(values, target["pool"]["open"])
             pool_idle.add_metric(values, target["pool"]["idle"])
             opened.add_metric(values, target["pool"]["opened_total"])
+            for status, count in sorted(target["responses"]):
+                responses.add_metric([*values, str(status)], count)
     yield from (up, healthy, drained, in_flight, requests, failures, ejections, latency)
-    yield from (pool_open, pool_idle, opened, waiting)
+    yield from (pool_open, pool_idle, opened, waiting, responses)
 
 
 def _process_families(report: Mapping[str, Any]) -> Iterator[Metric]:

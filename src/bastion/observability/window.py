@@ -44,17 +44,13 @@ Counts = tuple[list[int], list[int]]
 def cumulative(metrics: Metrics) -> dict[str, Counts]:
     """Each route's counts since the process started (a copy)."""
     out: dict[str, Counts] = {}
-    for (route, _method, status), count in metrics.requests.items():
-        entry = out.get(route)
-        if entry is None:
-            entry = out[route] = ([0] * len(CLASSES), [])
-        kind = status // 100
-        entry[0][kind if 0 < kind < len(CLASSES) else 0] += count
-    for route, histogram in metrics.durations.items():
-        entry = out.get(route)
-        if entry is None:
-            entry = out[route] = ([0] * len(CLASSES), [])
-        entry[1][:] = histogram.counts
+    for route, stats in metrics.routes.items():
+        classes = [0] * len(CLASSES)
+        for counts in stats.responses.values():
+            for status, count in counts.items():
+                kind = status // 100
+                classes[kind if 0 < kind < len(CLASSES) else 0] += count
+        out[route] = (classes, list(stats.latency.counts))
     return out
 
 
@@ -67,14 +63,12 @@ def _minus(now: list[int], then: list[int]) -> list[int]:
 class TrafficWindow:
     """One process's ring of samples. The clock is passed in: tests drive it by hand."""
 
-    def __init__(self, metrics: Metrics, interval: float = INTERVAL, keep: float = KEEP) -> None:
+    def __init__(self, metrics: Metrics, started: float, interval: float = INTERVAL, keep: float = KEEP) -> None:
         self.metrics = metrics
         self.interval = interval
         self.keep = keep
-        # (time, counts); the first is the process start, when every count was zero.
-        self.samples: deque[tuple[float, dict[str, Counts]]] = deque(
-            [(metrics.started, {})], maxlen=int(keep // interval) + 2
-        )
+        # (time, counts); the first is the process start (Unix time), when every count was zero.
+        self.samples: deque[tuple[float, dict[str, Counts]]] = deque([(started, {})], maxlen=int(keep // interval) + 2)
 
     def next_sample_at(self, now: float) -> float:
         """The next wall-clock boundary (a multiple of the interval) after `now` and after the

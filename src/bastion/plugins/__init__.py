@@ -33,6 +33,7 @@ BUILTINS = {
     "ip_filter": "ip_filter",
     "jwt": "jwt",
     "key_auth": "key_auth",
+    "mtls_auth": "mtls_auth",
     "python": "python",
     "rate_limit": "rate_limit",
 }

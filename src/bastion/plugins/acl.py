@@ -2,9 +2,10 @@
 
 Deny wins: a consumer in any `deny_groups` group is refused even if another of its groups is
 allowed. With `allow_groups`, a consumer must be in at least one of them. A request that no
-authentication plugin identified is answered 401 (not authenticated), not 403. The config
-is refused when the route has no authentication plugin at all: such an acl could only ever
-say 401.
+authentication plugin identified is answered 401 (not authenticated), not 403, with the
+WWW-Authenticate challenges of the route's authentication plugins (a 401 must say how to
+authenticate). The config is refused when the route has no authentication plugin at all:
+such an acl could only ever say 401.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import Field, model_validator
 
+from bastion.http.model import Headers
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, Reply
 from bastion.plugins import register
 
@@ -40,6 +42,12 @@ class Acl(Plugin):
         self.deny = frozenset(config.deny_groups)
         # Decisions per consumer name, computed once: groups are fixed for a snapshot.
         self._decisions: dict[str, bool] = {}
+        # Route name -> the challenges of its authentication plugins (a global acl serves many).
+        self._challenges: dict[str, tuple[bytes, ...]] = {}
+
+    def prepare_route(self, route: str, chain: Sequence[Plugin]) -> None:
+        found = (p.challenge for p in chain if p.stage == Plugin.AUTHENTICATION and p.challenge is not None)
+        self._challenges[route] = tuple(dict.fromkeys(found))
 
     def check_chain(self, chain: Sequence[Plugin]) -> str | None:
         if not any(p.stage == Plugin.AUTHENTICATION for p in chain):
@@ -49,7 +57,9 @@ class Acl(Plugin):
     async def on_request(self, ctx: Context) -> Reply | None:
         consumer = ctx.consumer
         if consumer is None:
-            return Reply.error(401, "unauthenticated", "The request is not authenticated.")
+            challenges = self._challenges.get(ctx.route_name, ())
+            headers = Headers([(b"www-authenticate", challenge) for challenge in challenges])
+            return Reply.error(401, "unauthenticated", "The request is not authenticated.", headers)
         allowed = self._decisions.get(consumer.name)
         if allowed is None:
             groups = frozenset(consumer.groups)

@@ -81,7 +81,8 @@ class BasicAuth(Plugin):
         self.passwords = env.consumers.passwords
         self.hide = config.hide_credentials
         self.ttl = config.cache_ttl
-        self.challenge = f'Basic realm={quoted(config.realm)}, charset="UTF-8"'.encode("latin-1")
+        self._www = f'Basic realm={quoted(config.realm)}, charset="UTF-8"'.encode("latin-1")
+        self.challenge = self._www
         # The decoy for unknown usernames: a real hash, so the failure takes a real hash's time.
         self.decoy = next(iter(self.passwords.values()))[1] if self.passwords else None
         self._salt = os.urandom(16)  # the cache's keys mean nothing outside this process
@@ -159,4 +160,4 @@ class BasicAuth(Plugin):
         return Reply.error(429, "too_many_attempts", message, Headers([(b"retry-after", b"1")]))
 
     def _refuse(self, word: str, message: str) -> Reply:
-        return Reply.error(401, word, message, Headers([(b"www-authenticate", self.challenge)]))
+        return Reply.error(401, word, message, Headers([(b"www-authenticate", self._www)]))

@@ -42,13 +42,15 @@ def key_digest(key: bytes) -> bytes:
 
 
 class ConsumerIndex:
-    """Consumers by name, API key, basic-auth username and JWT subject."""
+    """Consumers by name, API key, basic-auth username, JWT subject and client certificate."""
 
     def __init__(self) -> None:
         self.by_name: dict[str, Consumer] = {}
         self._keys: dict[bytes, tuple[Consumer, bytes | None]] = {}  # None: only the digest is known
         self.passwords: dict[str, tuple[Consumer, bytes]] = {}
         self.subjects: dict[str, Consumer] = {}
+        self.cert_fingerprints: dict[str, Consumer] = {}  # SHA-256 hex (lower case) -> consumer
+        self.cert_subjects: dict[str, Consumer] = {}  # RFC 4514 subject (config/certnames.py) -> consumer
 
     @classmethod
     def build(cls, consumers: Sequence[Consumer]) -> tuple[ConsumerIndex, list[tuple[Loc, str]]]:
@@ -85,6 +87,16 @@ class ConsumerIndex:
                     problems.append(((*base, "jwt", j, "subject"), f"subject already used by consumer {owner!r}"))
                     continue
                 index.subjects[token.subject] = consumer
+            for j, cert in enumerate(creds.mtls_auth):
+                field, value, table = (
+                    ("fingerprint_sha256", cert.fingerprint_sha256, index.cert_fingerprints)
+                    if cert.fingerprint_sha256 is not None
+                    else ("subject", cert.subject or "", index.cert_subjects)
+                )
+                if value in table:
+                    problems.append(((*base, "mtls_auth", j, field), f"already used by consumer {table[value].name!r}"))
+                    continue
+                table[value] = consumer
         return index, problems
 
     def by_key(self, key: bytes) -> Consumer | None:

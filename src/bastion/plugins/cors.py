@@ -119,6 +119,7 @@ class Cors(Plugin):
         origin = headers.get_raw(_ORIGIN)
         if origin is None or headers.get_raw(_REQUEST_METHOD) is None:
             return None  # a plain OPTIONS request: the upstream's business
+        ctx.vars["cors.preflight"] = True  # answered here: the response hook adds nothing to it
         if not self.allowed(origin):
             return Reply.error(403, "cors_forbidden", "The origin is not allowed.", Headers([(_VARY, b"Origin")]))
         out = [
@@ -136,7 +137,6 @@ class Cors(Plugin):
             out.append((_ACAC, b"true"))
         if self.max_age is not None:
             out.append((b"access-control-max-age", self.max_age))
-        ctx.vars["cors.preflight"] = True
         return Reply(204, b"", Headers(out))
 
     async def on_response(self, ctx: Context, response: Response) -> None:
@@ -144,7 +144,7 @@ class Cors(Plugin):
         if origin is None:
             return
         if ctx.vars.get("cors.preflight"):
-            return  # our own preflight answer, already complete
+            return  # our own preflight answer (204 or 403), already complete
         headers = response.headers
         items = [item for item in headers.items if not item[0].startswith(b"access-control-")]
         if self.allowed(origin):

@@ -217,7 +217,8 @@ class Jwt(Plugin):
             (header_name(header), tuple(claim.split("."))) for header, claim in config.forward_claims.items()
         )
         self.identity_headers = frozenset(name for name, _ in self.forward)
-        self.challenge = f"Bearer realm={quoted(config.realm)}"
+        self._www = f"Bearer realm={quoted(config.realm)}"
+        self.challenge = self._www.encode("latin-1")
         self._cache: dict[str, tuple[dict[str, Any], Consumer | None, float]] = {}
 
     async def start(self) -> None:
@@ -334,7 +335,7 @@ class Jwt(Plugin):
         self._cache[token] = (claims, consumer, until)
 
     def _refuse(self, status: Literal[401, 403], word: str, message: str, error: str) -> Reply:
-        challenge = self.challenge
+        challenge = self._www
         if error:
             challenge += f', error="{error}"'
         if status == 403:

@@ -40,7 +40,8 @@ class KeyAuth(Plugin):
         self.sources = Sources(config.sources)
         self.consumers = env.consumers
         self.hide = config.hide_credentials
-        self.challenge = f"Key realm={quoted(config.realm)}".encode("latin-1")
+        self._www = f"Key realm={quoted(config.realm)}".encode("latin-1")
+        self.challenge = self._www
 
     async def on_request(self, ctx: Context) -> Reply | None:
         request = ctx.request
@@ -58,4 +59,4 @@ class KeyAuth(Plugin):
         return None
 
     def _refuse(self, word: str, message: str) -> Reply:
-        return Reply.error(401, word, message, Headers([(b"www-authenticate", self.challenge)]))
+        return Reply.error(401, word, message, Headers([(b"www-authenticate", self._www)]))

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from bastion.pipeline import BuildEnv, Plugin, PluginConfig, PluginProblems
+from bastion.pipeline import BuildEnv, Plugin, PluginConfig, PluginConfigError, PluginProblems
 from bastion.plugins import register
 
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -64,8 +64,9 @@ class PythonPlugin(Plugin):
         try:
             return target.create(spec.config, env)
         except ValidationError as exc:
-            problems = [(("config", *e["loc"]), str(e["msg"]).removeprefix("Value error, ")) for e in exc.errors()]
-            raise PluginProblems(problems) from None
+            raise PluginConfigError(exc, target.Config, ("config",)) from None
+        except PluginConfigError as exc:
+            raise PluginConfigError(exc.error, exc.model, ("config", *exc.prefix)) from None
         except PluginProblems as exc:
             raise PluginProblems([(("config", *loc), message) for loc, message in exc.problems]) from None
         except (ValueError, TypeError) as exc:

@@ -7,7 +7,8 @@ each is checked and a request needs every one of them to pass.
 
 Every response of a limited route carries the RateLimit headers of the IETF httpapi draft
 (RateLimit-Limit, -Remaining, -Reset for the entry closest to exhaustion, RateLimit-Policy
-listing the entries checked); a refused request gets the contract's 429 with Retry-After.
+listing every entry of the route, also on a 429 from an entry before the last); a refused
+request gets the contract's 429 with Retry-After.
 
 Counter keys carry the scope (global entry, or the route's name), the limit and the key
 kind, so a global entry limits a consumer across every route while a route entry limits it
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 from pydantic import Field, field_validator, model_validator
 
@@ -89,6 +91,11 @@ class RateLimit(Plugin):
         self.send_headers = config.headers
         self.fail_open = config.fail_open if config.fail_open is not None else env.store.fail_open
         self._last_error_log = 0.0
+        # Route name -> RateLimit-Policy of every entry on it, in chain order (prepare_route).
+        self._policies: dict[str, bytes] = {}
+
+    def prepare_route(self, route: str, chain: Sequence[Plugin]) -> None:
+        self._policies[route] = b", ".join(p.policy for p in chain if isinstance(p, RateLimit))
 
     def key_of(self, ctx: Context) -> str:
         kind = self.kind
@@ -119,11 +126,10 @@ class RateLimit(Plugin):
             return Reply.error(503, "rate_limit_unavailable", "The rate limit cannot be checked right now.")
         state = ctx.rate
         if state is None:
-            ctx.rate = RateState(self.limit, result.remaining, math.ceil(result.reset), self.policy)
-        else:
-            state.policy += b", " + self.policy
-            if result.remaining < state.remaining:
-                state.limit, state.remaining, state.reset = self.limit, result.remaining, math.ceil(result.reset)
+            policy = self._policies.get(ctx.route_name, self.policy)
+            ctx.rate = RateState(self.limit, result.remaining, math.ceil(result.reset), policy)
+        elif result.remaining < state.remaining:
+            state.limit, state.remaining, state.reset = self.limit, result.remaining, math.ceil(result.reset)
         if result.allowed:
             return None
         headers = Headers([(b"retry-after", _seconds(max(1.0, result.retry_after)))])

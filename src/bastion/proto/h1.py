@@ -4,7 +4,8 @@ httptools (llhttp, strict mode) parses; llhttp already refuses the classic smugg
 (Content-Length with Transfer-Encoding, conflicting or malformed Content-Length, a
 Transfer-Encoding that does not end in chunked). This layer adds the limits (URI 414,
 headers 431, counted on raw bytes so a header that never ends is caught too), Host checks,
-hop-by-hop filtering and the request id, then hands each request to an Exchange.
+hop-by-hop filtering and the request id, then hands each request to an Exchange, for which it
+is the `Downstream` (http/streams.py): it frames the exchange's response as HTTP/1.1.
 
 Pipelined requests are answered in order: one exchange is active; the heads that arrive
 behind it wait in a queue and their bodies in their own bounded buffers. Reading from the
@@ -29,7 +30,9 @@ import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -42,13 +45,14 @@ from bastion.errors import (
     TransferCodingNotImplemented,
     URITooLong,
 )
-from bastion.http.exchange import Exchange, status_line
+from bastion.http.error_render import render_json
+from bastion.http.exchange import Exchange
 from bastion.http.header_policy import is_dropped, with_connection_tokens
-from bastion.http.model import HeaderList, Headers, Request
+from bastion.http.model import HeaderList, Headers, Request, Response
 from bastion.http.paths import parse_target, request_host
 
 if TYPE_CHECKING:
-    from bastion.app import Gateway
+    from bastion.config.build import Snapshot
 
 log = logging.getLogger("bastion.h1")
 
@@ -73,11 +77,40 @@ WRITE_HIGH = 64 * 1024
 WRITE_LOW = 16 * 1024
 
 
+_FRAME_NONE, _FRAME_LENGTH, _FRAME_CHUNKED, _FRAME_CLOSE = range(4)
+_NO_BODY_STATUSES = frozenset((204, 304))
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def status_line(status: int, reason: bytes = b"") -> bytes:
+    """`HTTP/1.1 200 OK\r\n`, cached per (status, reason): upstreams repeat a handful of them."""
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        if not reason:
+            try:
+                reason = HTTPStatus(status).phrase.encode()
+            except ValueError:
+                reason = b"Unknown"
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 1000:
+            _STATUS_LINES[key] = line
+    return line
+
+
+def _field_lines(parts: list[bytes], items: HeaderList) -> None:
+    for name, value in items:
+        parts += (name, b": ", value, b"\r\n")
+
+
 class _PipelineFull(Exception):
     """One slice carried more pipelined requests than PIPELINE_LIMIT: stop parsing."""
 
 
-_SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id"))
+_SPECIAL = frozenset(
+    (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-request-id", b"upgrade")
+)
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 _ID_PREFIX = os.urandom(6).hex()
 _request_counter = 0
@@ -88,6 +121,23 @@ def new_request_id() -> str:
     global _request_counter
     _request_counter += 1
     return f"{_ID_PREFIX}{_request_counter:010x}"
+
+
+class Host(Protocol):
+    """What a connection needs from the gateway that accepted it (app.Gateway)."""
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The current config; each request keeps the one it started with."""
+        ...
+
+    @property
+    def connections(self) -> set[Any]:
+        """Live client connections, for drain and the deadline ticker."""
+        ...
+
+    @property
+    def read_buffer(self) -> ReadBuffer: ...
 
 
 class ReadBuffer:
@@ -134,15 +184,22 @@ class H1Server(asyncio.BufferedProtocol):
         "_max_head",
         "_max_headers",
         "_keep_underscores",
+        "_redirect_https",
         "_write_paused",
         "_pipeline_paused",
         "_body_started",
         "_body_bytes",
         "_body_left",
         "_held",
+        "_trailers",
+        "_framing",
+        "_upgrade_pending",
+        "_relay",
+        "scheme",
+        "client_cert",
     )
 
-    def __init__(self, gateway: Gateway, settings: Listener) -> None:
+    def __init__(self, gateway: Host, settings: Listener) -> None:
         self.gateway = gateway
         self.settings = settings
         self.transport: asyncio.Transport | None = None
@@ -174,12 +231,19 @@ class H1Server(asyncio.BufferedProtocol):
         self._max_head = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._keep_underscores = settings.underscores_in_headers
+        self._redirect_https = settings.redirect_https
         self._write_paused = False
         self._pipeline_paused = False
         self._body_started = 0.0
         self._body_bytes = 0
         self._body_left = 0  # Content-Length bytes still to come; -1 while a chunked body arrives
         self._held: bytes | None = None  # read but not parsed yet: the pipeline queue is full
+        self._trailers: Headers | None = None  # of the chunked request body being received
+        self._framing = _FRAME_NONE  # of the active exchange's response
+        self._upgrade_pending: bytes | None = None  # bytes behind an Upgrade request
+        self._relay: Callable[[], None] | None = None  # aborts the relay that took this connection
+        self.scheme = "http"
+        self.client_cert: bytes | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -189,6 +253,10 @@ class H1Server(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = peer[0], peer[1]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # the handshake is over: a client certificate has been verified
+            self.scheme = "https"
+            self.client_cert = ssl_object.getpeercert(binary_form=True)
         self.gateway.connections.add(self)
         self._set_deadline(self.settings.timeouts.header)
 
@@ -209,6 +277,8 @@ class H1Server(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._broken:
+            if self._upgrade_pending is not None:
+                self._upgrade_pending += data  # the upgraded protocol's first bytes: for the relay
             return
         if self._held is not None:
             self._held += data
@@ -230,6 +300,8 @@ class H1Server(asyncio.BufferedProtocol):
             step = self._body_left if self._receiving is not None and self._body_left > 0 else FEED_SLICE
             self._feed(view[pos : pos + step])
             pos += step
+        if self._upgrade_pending is not None and pos < end:
+            self._upgrade_pending += data[pos:]
         self._held = data[pos:] if pos < end and not self._broken else None  # bytes: a copy
 
     def _feed(self, data: bytes | memoryview) -> None:
@@ -245,11 +317,13 @@ class H1Server(asyncio.BufferedProtocol):
             if not isinstance(cause, GatewayError):
                 log.error("request parsing failed", exc_info=cause)
             return
-        except httptools.HttpParserUpgrade:
-            # Upgrades (WebSocket) are not supported yet: the request was forwarded without
-            # its Upgrade header; whatever the client sends after it is not HTTP/1.1 for us.
+        except httptools.HttpParserUpgrade as exc:
+            # Whatever follows an Upgrade request is not HTTP/1.1: kept for a relay if the
+            # route takes the upgrade (WebSocket), dropped otherwise; reading stops meanwhile.
             self._broken = True
             self.keep_alive = False
+            self._upgrade_pending = bytes(data[exc.args[0] :])
+            self.pause_reading()
             return
         except httptools.HttpParserError as exc:
             self._protocol_error(BadRequest(f"The request is malformed: {exc}."))
@@ -266,12 +340,12 @@ class H1Server(asyncio.BufferedProtocol):
             self._send_timer = None
         self._queue.clear()
         if self._active is not None:
-            self._active.client_lost()
+            self._active.on_client_lost()
 
     def pause_writing(self) -> None:
         self._write_paused = True
         if self._active is not None:
-            self._active.client_paused(True)
+            self._active.on_client_paused(True)
         if self._send_timer is None:
             self._send_timer = self.loop.call_later(self.settings.timeouts.send, self.abort)
 
@@ -281,7 +355,7 @@ class H1Server(asyncio.BufferedProtocol):
             self._send_timer.cancel()
             self._send_timer = None
         if self._active is not None:
-            self._active.client_paused(False)
+            self._active.on_client_paused(False)
         elif self._queue and not self._closed:
             self._start_next()
 
@@ -312,6 +386,9 @@ class H1Server(asyncio.BufferedProtocol):
         if b"_" in name and not self._keep_underscores:
             return  # CGI/WSGI origins would read X_Consumer as X-Consumer
         name = name.lower()
+        if not self._in_head:  # after the head: a trailer of the chunked body
+            self._add_trailer(name, value)
+            return
         if name in _SPECIAL:
             self._special.setdefault(name, []).append(value)
         self._headers.append((name, value))
@@ -322,21 +399,24 @@ class H1Server(asyncio.BufferedProtocol):
         if len(queue) >= PIPELINE_LIMIT:
             # Too many requests in one read: answer the queued ones, then close.
             self._broken = True
-            queue[-1].keep_alive = False
+            queue[-1].close = True
             raise _PipelineFull()
         snapshot = self.gateway.snapshot
         request, expect_continue = self._build_request(snapshot.request_drop)
         self._url = []
         self._headers = []
         self._special = {}
-        exchange = Exchange(self, request, expect_continue, snapshot)
+        exchange = Exchange(self, request, snapshot, expect_continue)
+        exchange.close = not (self.parser.should_keep_alive() and self.keep_alive)
+        if self._redirect_https is not None:
+            exchange.redirect_https = self._redirect_https
         self.requests += 1
         limit = self.settings.limits.max_requests_per_connection
         if limit and self.requests >= limit:
-            exchange.keep_alive = False
+            exchange.close = True
         if not exchange.body_complete:
             self._receiving = exchange
-            self._body_left = -1 if request.chunked else request.content_length or 0
+            self._body_left = -1 if request.content_length is None else request.content_length
             self._start_body_clock()
         else:
             self._deadline = 0.0  # the client owes nothing until this request is answered
@@ -347,6 +427,13 @@ class H1Server(asyncio.BufferedProtocol):
             if len(queue) >= PIPELINE_PAUSE and not self._pipeline_paused:
                 self._pipeline_paused = True
                 self.pause_reading()
+
+    def _add_trailer(self, name: bytes, value: bytes) -> None:
+        drop = self.gateway.snapshot.request_drop
+        if not is_dropped(name, drop):
+            if self._trailers is None:
+                self._trailers = Headers()
+            self._trailers.items.append((name, value))
 
     def on_body(self, body: bytes) -> None:
         receiving = self._receiving
@@ -361,7 +448,7 @@ class H1Server(asyncio.BufferedProtocol):
                 if rate:
                     deadline = min(deadline, self._body_started + timeouts.body + self._body_bytes / rate)
                 self._deadline = deadline
-            receiving.feed_body(body)
+            receiving.on_body(body)
         if self._body_left > 0:
             self._body_left -= len(body)
 
@@ -371,7 +458,8 @@ class H1Server(asyncio.BufferedProtocol):
             self._receiving = None
             self._deadline = 0.0
             if not self._discard_body:
-                receiving.end_body()
+                receiving.on_end(self._trailers)
+            self._trailers = None
         self._discard_body = False
 
     # --- request assembly --------------------------------------------------------------------
@@ -400,7 +488,8 @@ class H1Server(asyncio.BufferedProtocol):
         else:
             kept = [item for item in headers if item[0] not in drop]
         request = Request(method, path, query, Headers(kept), version, host, self.client_ip, self.client_port)
-        request.keep_alive = parser.should_keep_alive() and self.keep_alive
+        request.scheme = self.scheme
+        request.client_cert = self.client_cert
         codings = special.get(b"transfer-encoding")
         if codings is not None:
             # RFC 9112 section 6.3: a request whose last coding is not chunked has no reliable
@@ -412,11 +501,15 @@ class H1Server(asyncio.BufferedProtocol):
                 raise BadRequest("The request's Transfer-Encoding does not end in chunked.")
             if len(names) > 1:
                 raise TransferCodingNotImplemented()
-            request.chunked = True
+            request.has_body = True
         else:
             lengths = special.get(b"content-length")
             if lengths is not None:
                 request.content_length = int(lengths[0])
+                request.has_body = request.content_length > 0
+        upgrade = special.get(b"upgrade")
+        if upgrade is not None and parser.should_upgrade():
+            request.upgrade = upgrade[0].decode("latin-1").strip().lower()
         ids = special.get(b"x-request-id")
         if ids is not None and _VALID_REQUEST_ID.match(ids[0]):
             request.request_id = ids[0].decode("ascii")
@@ -445,34 +538,16 @@ class H1Server(asyncio.BufferedProtocol):
             self._pipeline_paused = False
             self.resume_reading()
 
-    def exchange_finished(self, exchange: Exchange) -> None:
-        """Called by the exchange when its response is complete (or failed)."""
-        if exchange is not self._active:
-            return
-        self._active = None
-        self._task = None
-        if self._closed:
-            return
-        if not exchange.keep_alive or not self.keep_alive:
-            self._close()
-            return
-        if self._queue:
-            if not self._write_paused:  # else resume_writing starts it: the client must read first
-                self._start_next()
-        elif self._receiving is None and not self._in_head:
-            self._set_deadline(self.settings.timeouts.keepalive)
-
     def _protocol_error(self, error: GatewayError) -> None:
         """The byte stream is broken: answer once (in order), then close."""
         self._broken = True
         self._queue.clear()
         receiving = self._receiving
         if receiving is not None and receiving is self._active:
-            receiving.keep_alive = False
-            receiving.upstream_failed(error)
+            receiving.on_client_error(error)
             return
         if self._active is not None:
-            self._active.keep_alive = False
+            self._active.close = True
             return
         self.send_error(error, new_request_id())
         self._close()
@@ -492,7 +567,127 @@ class H1Server(asyncio.BufferedProtocol):
         )
         self.write(b"".join(parts))
 
-    # --- used by the exchange ----------------------------------------------------------------
+    # --- Downstream: what the active exchange sends ---------------------------------------------
+
+    def render_error(self, error: GatewayError, request_id: str) -> tuple[Response, bytes]:
+        return render_json(error, request_id)
+
+    def send_continue(self) -> None:
+        active = self._active
+        if active is not None and active.request.version == "1.1":
+            self.write(_CONTINUE)
+
+    def send_interim(self, response: Response) -> None:
+        active = self._active
+        if active is None or active.request.version != "1.1":
+            return  # an HTTP/1.0 client cannot take a 1xx
+        parts = [status_line(response.status, response.reason)]
+        _field_lines(parts, response.headers.items)
+        parts.append(b"\r\n")
+        self.write(b"".join(parts))
+
+    def send_head(
+        self, response: Response, length: int | None, body: Sequence[bytes], end_stream: bool, close: bool
+    ) -> None:
+        """The head, framed for this client (length, chunked, or until close for HTTP/1.0),
+        with `body` (and the end, if `end_stream`) in the same write."""
+        active = self._active
+        assert active is not None
+        request = active.request
+        status = response.status
+        parts = [status_line(status, response.reason)]
+        _field_lines(parts, response.headers.items)
+        if status == 101:  # switching protocols: the head carries its own Connection: upgrade
+            parts.append(b"\r\n")
+            self.write(b"".join(parts))
+            return
+        if request.method == "HEAD" or status in _NO_BODY_STATUSES:
+            framing = _FRAME_NONE
+            if length is not None and status != 204:
+                parts += (b"content-length: ", str(length).encode(), b"\r\n")
+        elif length is not None:
+            framing = _FRAME_LENGTH
+            parts += (b"content-length: ", str(length).encode(), b"\r\n")
+        elif request.version == "1.1":
+            framing = _FRAME_CHUNKED
+            parts.append(b"transfer-encoding: chunked\r\n")
+        else:
+            framing = _FRAME_CLOSE
+            close = True
+        self._framing = framing
+        if close or not self.keep_alive:
+            active.close = True
+            parts.append(b"connection: close\r\n\r\n")
+        elif request.version != "1.1":
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        if body and framing != _FRAME_NONE:
+            if framing == _FRAME_CHUNKED:
+                parts += [b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in body if chunk]
+            else:
+                parts += body
+        if end_stream and framing == _FRAME_CHUNKED:
+            parts.append(b"0\r\n\r\n")
+        self.write(b"".join(parts))
+
+    def send_data(self, data: bytes) -> None:
+        framing = self._framing
+        if framing == _FRAME_CHUNKED:
+            if data:
+                self.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif framing != _FRAME_NONE:
+            self.write(data)
+
+    def send_end(self, trailers: Headers | None) -> None:
+        if self._framing == _FRAME_CHUNKED:
+            if trailers:
+                parts = [b"0\r\n"]
+                _field_lines(parts, trailers.items)
+                parts.append(b"\r\n")
+                self.write(b"".join(parts))
+            else:
+                self.write(b"0\r\n\r\n")
+
+    def take_over(self, on_abort: Callable[[], None]) -> tuple[asyncio.Transport, bytes, bool]:
+        """Hand the connection over after a 101: (transport, the bytes the client sent behind
+        its request, whether writing is paused). No deadline runs from now on; a shutdown
+        that cuts this connection calls `on_abort` instead of aborting the transport."""
+        assert self.transport is not None
+        self._relay = on_abort
+        self._deadline = 0.0
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        pending, self._upgrade_pending = self._upgrade_pending or b"", None
+        return self.transport, pending, self._write_paused
+
+    def discard_body(self) -> None:
+        """Discard the rest of the current request body (it was refused)."""
+        self._discard_body = True
+        self._broken = True
+
+    def reset(self, error: GatewayError) -> None:
+        self.abort()
+
+    def finished(self, close: bool) -> None:
+        """The active exchange is over: the next one starts, or the connection idles or closes."""
+        self._active = None
+        self._task = None
+        if self._relay is not None:  # the relay has ended, its transport is closed
+            self._closed = True
+            self.gateway.connections.discard(self)
+            return
+        if self._closed:
+            return
+        if close or not self.keep_alive:
+            self._close()
+            return
+        if self._queue:
+            if not self._write_paused:  # else resume_writing starts it: the client must read first
+                self._start_next()
+        elif self._receiving is None and not self._in_head:
+            self._set_deadline(self.settings.timeouts.keepalive)
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -515,14 +710,11 @@ class H1Server(asyncio.BufferedProtocol):
             elif self._deadline:
                 self._set_deadline(self.settings.timeouts.header)
 
-    def stop_reading_body(self) -> None:
-        """Discard the rest of the current request body (it was refused)."""
-        self._discard_body = True
-        self._broken = True
-
     def abort(self) -> None:
         self._closed = True
-        if self.transport is not None:
+        if self._relay is not None:
+            self._relay()  # the transport is the relay's now
+        elif self.transport is not None:
             self.transport.abort()
 
     def drain(self) -> None:
@@ -570,8 +762,7 @@ class H1Server(asyncio.BufferedProtocol):
         # The client was too slow: a head or body that stalled, or an idle keep-alive.
         receiving = self._receiving
         if receiving is not None and receiving is self._active:
-            receiving.keep_alive = False
-            receiving.upstream_failed(BadRequest("The client sent the request body too slowly."))
+            receiving.on_client_error(BadRequest("The client sent the request body too slowly."))
             self._broken = True
             return
         active = self._active
@@ -580,7 +771,7 @@ class H1Server(asyncio.BufferedProtocol):
             # response finish, then close (the queued requests are retried by the client).
             self._broken = True
             self.keep_alive = False
-            active.keep_alive = False
+            active.close = True
             self._queue.clear()
             return
         self._close()

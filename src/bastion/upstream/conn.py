@@ -1,27 +1,26 @@
-"""One HTTP/1.1 connection to a target, driven by the exchange that currently holds it.
+"""One HTTP/1.1 connection to a target: the `UpstreamStream` of http/streams.py for HTTP/1.1.
 
-The connection parses responses with httptools and hands every event straight to its
-`UpstreamListener` (the exchange): head, body chunks, end, failure. Nothing is queued here;
-the exchange relays body bytes to the client as they arrive and applies backpressure by
-pausing this transport. A connection serves one exchange at a time and goes back to its
-pool only when both the request and the response were complete and the upstream allows
-keep-alive.
+The connection frames the request (Content-Length, or chunked when the length is unknown,
+with trailers), parses responses with httptools and hands every event straight to its
+`UpstreamListener` (the exchange): interim heads, the head, body chunks, the end with
+trailers, failure. Nothing is queued here; the exchange relays body bytes to the client as
+they arrive and applies backpressure by pausing this transport. A connection serves one
+exchange at a time and goes back to its pool only when both the request and the response
+were complete and the upstream allows keep-alive.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import httptools
 
 from bastion.errors import GatewayError, UpstreamError, UpstreamTimeout
 from bastion.http.header_policy import DROP_RESPONSE, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Response
-
-if TYPE_CHECKING:
-    from bastion.upstream.pool import ConnectionPool
-
+from bastion.http.streams import UpstreamListener
 
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))  # name no other field
 
@@ -30,26 +29,16 @@ class _BytesAfterResponse(Exception):
     """The upstream sent more after the final response: the connection is not reusable."""
 
 
-class UpstreamListener(Protocol):
-    """What a connection reports to the exchange using it."""
-
-    def upstream_interim(self, response: Response) -> None: ...
-    def upstream_head(self, response: Response, content_length: int | None, keep_alive: bool) -> None: ...
-    def upstream_body(self, data: bytes) -> None: ...
-    def upstream_done(self, keep_alive: bool) -> None: ...
-    def upstream_failed(self, error: GatewayError) -> None: ...
-    def upstream_paused(self, paused: bool) -> None: ...
-
-
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "pool",
+        "on_lost",
         "transport",
         "parser",
         "listener",
         "closed",
         "idle_since",
         "served",
+        "epoch",
         "head_only",
         "_headers",
         "_reason",
@@ -59,6 +48,10 @@ class UpstreamConnection(asyncio.Protocol):
         "_head_seen",
         "_interim",
         "_complete",
+        "_trailers",
+        "_send_chunked",
+        "_upgrading",
+        "upgrade_pending",
         "_timer",
         "_deadline",
         "_timeout",
@@ -66,14 +59,15 @@ class UpstreamConnection(asyncio.Protocol):
         "_paused",
     )
 
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, on_lost: Callable[[UpstreamConnection], None]) -> None:
+        self.on_lost = on_lost  # the pool's bookkeeping, told once when the connection closes
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.listener: UpstreamListener | None = None
         self.closed = False
         self.idle_since = 0.0
         self.served = 0
+        self.epoch = 0  # the pool's TLS settings it was made under (set by the pool)
         self.head_only = False
         self._headers: HeaderList = []
         self._reason = b""
@@ -83,6 +77,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_seen = False
         self._interim = False
         self._complete = False
+        self._trailers: HeaderList | None = None
+        self._send_chunked = False
+        self._upgrading = False  # the request asked to switch protocols (WebSocket)
+        self.upgrade_pending: bytes | None = None  # set by a 101: bytes behind it, for a relay
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._timeout = 0.0
@@ -91,25 +89,96 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- used by the pool and the exchange -------------------------------------------------
 
-    def start(self, listener: UpstreamListener, head: bytes, head_only: bool, timeout: float) -> None:
-        """Send a request head; responses now go to `listener`."""
+    def send_head(
+        self,
+        listener: UpstreamListener,
+        method: str,
+        target: str,
+        headers: HeaderList,
+        length: int | None,
+        body: Sequence[bytes],
+        end_stream: bool,
+        timeout: float,
+    ) -> None:
+        """Send a request head (with what body there is, in one write); responses now go to
+        `listener`. A body of unknown length (`length` None, not ended) goes chunked."""
         self.listener = listener
-        self.head_only = head_only
+        self.head_only = method == "HEAD"
         self._head_seen = False
         self._interim = False
         self._complete = False
         self._headers = []
+        self._trailers = None
         self._content_length = None
         self._chunked = False
         self._connection = []
         self._timeout = timeout
         self._deadline = 0.0
+        self._upgrading = False
+        parts = [method.encode(), b" ", target.encode("latin-1"), b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        chunked = self._send_chunked = length is None and (not end_stream or bool(body))
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n\r\n")
+            parts += [b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in body if chunk]
+            if end_stream:
+                parts.append(b"0\r\n\r\n")
+        else:
+            if length is not None:
+                parts += (b"content-length: ", str(length).encode(), b"\r\n")
+            parts.append(b"\r\n")
+            parts += body
         assert self.transport is not None
-        self.transport.write(head)
+        self.transport.write(b"".join(parts))
+        if end_stream:
+            self.arm_response_timeout()
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+    def send_data(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed and data:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self._send_chunked else data)
+
+    def send_end(self, trailers: Headers | None) -> None:
+        """The request body is complete: its terminator (and trailers), then the response clock."""
+        if self._send_chunked and self.transport is not None and not self.closed:
+            if trailers:
+                parts = [b"0\r\n"]
+                for name, value in trailers.items:
+                    parts += (name, b": ", value, b"\r\n")
+                parts.append(b"\r\n")
+                self.transport.write(b"".join(parts))
+            else:
+                self.transport.write(b"0\r\n\r\n")
+        self.arm_response_timeout()
+
+    def expect_upgrade(self) -> None:
+        """The request being sent asks to switch protocols: a 101 is its answer, not an error."""
+        self._upgrading = True
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the transport and the bytes the upstream sent behind its head, for a
+        relay. The connection is the relay's from now on (`relay_ended` returns its slot)."""
+        assert self.transport is not None
+        self.listener = None
+        self._deadline = 0.0
+        pending, self.upgrade_pending = self.upgrade_pending or b"", None
+        return self.transport, pending
+
+    def relay_ended(self) -> None:
+        """The relay that took this connection over is done: the pool's slot is free again."""
+        if not self.closed:
+            self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.on_lost(self)
+
+    def is_available(self) -> bool:
+        """Can take a request now (HTTP/1.1: one at a time, so only when no exchange holds it)."""
+        return not self.closed and self.listener is None
+
+    def is_closed(self) -> bool:
+        return self.closed
 
     def arm_response_timeout(self) -> None:
         """Start the response clock (request fully sent); each read pushes it back.
@@ -160,11 +229,19 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the upstream is confused; never reuse it.
             self.abort()
             return
+        if self.upgrade_pending is not None:
+            self.upgrade_pending += data  # after the 101, before the relay takes over
+            return
         if self._deadline:
             self._deadline = self._loop.time() + self._timeout
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if isinstance(exc, httptools.HttpParserUpgrade) and self.upgrade_pending is not None:
+                # The 101 the request asked for: what follows is the new protocol's.
+                self.upgrade_pending = bytes(data[exc.args[0] :])
+                self.pause_reading()
+                return
             if self._complete:
                 self.abort()  # bytes after the final response: the listener has it all; no reuse
             elif isinstance(exc, httptools.HttpParserCallbackError):
@@ -182,11 +259,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
         listener = self.listener
         self.listener = None
-        self.pool.connection_lost(self)
+        self.on_lost(self)
         if listener is None or self._complete:
             return
         if exc is None and self._head_seen and self._until_close():
-            listener.upstream_done(False)
+            listener.upstream_end(None, False)
         elif self._head_seen:
             listener.upstream_failed(UpstreamError("The upstream closed the connection mid-response."))
         else:
@@ -209,6 +286,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        if self._head_seen:  # after the head: a trailer of a chunked body
+            if self._trailers is None:
+                self._trailers = []
+            if name not in DROP_RESPONSE:
+                self._trailers.append((name, value))
+            return
         if name == b"content-length":
             self._content_length = int(value)
         elif name == b"transfer-encoding":
@@ -234,7 +317,12 @@ class UpstreamConnection(asyncio.Protocol):
             # An interim response (RFC 9110 section 15.2): the final one is still to come, and
             # until it is complete this connection belongs to this exchange.
             if status == 101:
-                raise UpstreamError("The upstream switched protocols, which this route does not support.")
+                if not self._upgrading:
+                    raise UpstreamError("The upstream switched protocols, which this route does not support.")
+                self._head_seen = True
+                self.upgrade_pending = b""
+                listener.upstream_head(Response(101, Headers(headers), reason), None)
+                return
             self._interim = True
             self._content_length = None
             self._chunked = False
@@ -242,7 +330,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._head_seen = True
         keep_alive = self.parser.should_keep_alive()
-        listener.upstream_head(Response(status, Headers(headers), reason), self._content_length, keep_alive)
+        listener.upstream_head(Response(status, Headers(headers), reason), self._content_length)
         if self.head_only:
             # A response to HEAD has no body whatever its framing headers say; httptools cannot
             # be told, so the parser is replaced to start clean at the next response.
@@ -251,14 +339,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.listener is not None:
-            self.listener.upstream_body(body)
+            self.listener.upstream_data(body)
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False  # the end of a 1xx, not of the response
             return
-        if self._complete:
-            return  # a HEAD response's old parser, already answered for
+        if self._complete or self.upgrade_pending is not None:
+            return  # a HEAD response's old parser, already answered for; or a 101
         self._done(self.parser.should_keep_alive())
 
     # --- internals -------------------------------------------------------------------------
@@ -271,7 +359,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete = True
         listener = self.listener
         if listener is not None:
-            listener.upstream_done(keep_alive)
+            trailers = self._trailers
+            listener.upstream_end(Headers(trailers) if trailers else None, keep_alive)
 
     def _fail(self, error: GatewayError) -> None:
         listener = self.listener

@@ -6,9 +6,10 @@ rhythm and counters go on), restarts the task of one whose settings changed, sta
 for new targets and stops those of targets that left. So a reload never doubles or leaks
 checkers, and a target's health survives it.
 
-A probe is an HTTP GET (the status must be in `statuses`) or a bare TCP connect, each bounded
-by `timeout`. Results move `TargetState.healthy` after `healthy`/`unhealthy` consecutive
-results; every change is logged.
+A probe is an HTTP GET (the status must be in `statuses`; over TLS, verified as requests
+are, when the upstream has `tls`) or a bare TCP connect, each bounded by `timeout`. Results
+move `TargetState.healthy` after `healthy`/`unhealthy` consecutive results; every change is
+logged.
 
 With N worker processes every worker probes on its own, each every `interval x N`, with
 worker i offset by `i x interval`: together they probe a target once per `interval`, and each
@@ -37,7 +38,13 @@ _MAX_STATUS_LINE = 8192
 async def probe_http(target: TargetState, check: ActiveHealthCheck) -> tuple[bool, str]:
     """GET the check path over a fresh connection; healthy when the status is expected."""
     host, port = target.address
-    reader, writer = await asyncio.open_connection(host, port)
+    tls = target.pool.tls
+    if tls is None:
+        reader, writer = await asyncio.open_connection(host, port)
+    else:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls.context, server_hostname=tls.server_hostname(host)
+        )
     try:
         host_header = check.host or str(target.address)
         writer.write(

@@ -1,4 +1,6 @@
 """Keep-alive connections to one target, with a cap on how many are open and a bounded queue.
+Connections are seen through `PooledConnection` (http/streams.py): `is_available()` says
+whether one can take a request now.
 
 Bookkeeping is synchronous (which idle connection to reuse, whether one may be opened, who
 is next in the queue); only opening a connection and waiting in the queue await. Idle
@@ -19,12 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.config.types import HostPort
 from bastion.errors import Overloaded, UpstreamConnectError, UpstreamConnectTimeout
 from bastion.upstream.conn import UpstreamConnection
+
+if TYPE_CHECKING:
+    from bastion.net.tls import ClientTls
 
 
 class PoolLimits:
@@ -67,6 +73,20 @@ class ConnectionPool:
         self.opened_total = 0
         self.waiters: deque[asyncio.Future[_Grant]] = deque()
         self._closing = False
+        self.tls: ClientTls | None = None
+        self.epoch = 0  # bumped when the TLS settings change: older connections are not reused
+
+    def set_tls(self, tls: ClientTls | None) -> None:
+        """Connect with these TLS settings from now on; connections made under others are
+        closed when idle or released (a reload may turn TLS on, or change the CA)."""
+        if (self.tls.key if self.tls else None) == (tls.key if tls else None):
+            self.tls = tls
+            return
+        self.tls = tls
+        self.epoch += 1
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
 
     def saturated(self) -> bool:
         """Would a request have to queue here now?"""
@@ -80,7 +100,7 @@ class ConnectionPool:
         deadline = asyncio.get_running_loop().time() - self.limits.idle_timeout
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.idle_since >= deadline:
+            if conn.is_available() and conn.idle_since >= deadline:
                 return conn
             conn.close()
         return None
@@ -142,16 +162,33 @@ class ConnectionPool:
         counted = True
         loop = asyncio.get_running_loop()
         host, port = self.address
+        tls = self.tls
         try:
             async with asyncio.timeout(self.limits.connect_timeout):
-                _, conn = await loop.create_connection(lambda: UpstreamConnection(self), host, port)
+                if tls is None:
+                    _, conn = await loop.create_connection(lambda: UpstreamConnection(self.connection_lost), host, port)
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self.connection_lost),
+                        host,
+                        port,
+                        ssl=tls.context,
+                        server_hostname=tls.server_hostname(host),
+                    )
         except TimeoutError:
             raise UpstreamConnectTimeout() from None
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamConnectError(
+                f"The upstream's TLS certificate did not verify ({exc.verify_message})."
+            ) from None
+        except ssl.SSLError as exc:
+            raise UpstreamConnectError(f"The TLS handshake with the upstream failed ({exc.reason or exc}).") from None
         except OSError as exc:
             raise UpstreamConnectError(f"The upstream refused the connection ({exc.strerror or exc}).") from None
         else:
             counted = False
             self.opened_total += 1
+            conn.epoch = self.epoch
             return conn
         finally:
             if counted:
@@ -161,7 +198,7 @@ class ConnectionPool:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Give a connection back after an exchange; close it unless it can serve again."""
         conn.detach()
-        if not reusable or conn.closed or self._closing:
+        if not reusable or not conn.is_available() or self._closing or conn.epoch != self.epoch:
             conn.close()  # connection_lost frees the slot for a waiter
             return
         self._reuse(conn)

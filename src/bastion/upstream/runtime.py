@@ -19,15 +19,19 @@ import hmac
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.config.schema import Upstream
 from bastion.errors import GatewayError, NoHealthyTarget, UpstreamError, UpstreamTimeout
 from bastion.http.model import Request
-from bastion.observability.metrics import UpstreamStats
+from bastion.observability.metrics import REQUEST_BUCKETS, UpstreamStats
 from bastion.upstream.balancers import BALANCERS, Balancer, cookie_value
 from bastion.upstream.targets import TargetState, pool_limits
+
+if TYPE_CHECKING:
+    from bastion.net.tls import ClientTls
 
 log = logging.getLogger("bastion.upstream")
 
@@ -103,6 +107,7 @@ class UpstreamRuntime:
         "sticky_targets",
         "sticky_cookie",
         "stats",
+        "tls",
     )
 
     def __init__(
@@ -112,11 +117,13 @@ class UpstreamRuntime:
         targets: Sequence[TargetState],
         clock: Callable[[], float] = time.monotonic,
         stats: UpstreamStats | None = None,
+        tls: ClientTls | None = None,
         **balancer_options: Any,
     ) -> None:
         """`stats`: the process's counters for this upstream name (they outlive the snapshot)."""
         self.name = name
         self.stats = stats if stats is not None else UpstreamStats()
+        self.tls = tls  # applied to the targets' pools when this snapshot goes live
         self.config = config
         self.targets = list(targets)
         self.clock = clock
@@ -151,6 +158,7 @@ class UpstreamRuntime:
             target.pool.limits = limits
             target.pool.queue.size = queue.size
             target.pool.queue.timeout = queue.timeout
+            target.pool.set_tls(self.tls)
             if target.joining:
                 target.joining = False
                 target.start_ramp(now)
@@ -223,7 +231,9 @@ class UpstreamRuntime:
         """A try got a response head after `seconds` (passive health, latency scores)."""
         target.tried_ok()
         target.observe_latency(seconds, self.clock())
-        self.stats.latency.observe(seconds)
+        latency = self.stats.latency  # Histogram.observe, inlined: once per try
+        latency.counts[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        latency.sum += seconds
 
     def report_failure(self, target: TargetState, error: Exception) -> None:
         """A try failed: connect error, reset, timeout, or a retryable status."""

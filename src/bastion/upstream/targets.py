@@ -58,6 +58,7 @@ class TargetState:
         "slow_start",
         "joining",
         "admin_drained",
+        "responses",
     )
 
     def __init__(self, key: str, address: HostPort, pool: ConnectionPool, upstream: str = "") -> None:
@@ -86,6 +87,7 @@ class TargetState:
         self.slow_start = 0.0
         self.joining = False  # joined a running gateway: slow-start when its snapshot goes live
         self.admin_drained = False  # drained through the admin API: no new requests until enabled
+        self.responses: dict[int, int] = {}  # status the client got -> requests whose last try came here
 
     def available(self, now: float) -> bool:
         """May the balancer send a request here now (ignoring weight, which is per snapshot)?"""
@@ -186,6 +188,7 @@ class TargetState:
             "in_flight": self.in_flight,
             "requests": self.requests,
             "failures": self.failures,
+            "responses": [[status, count] for status, count in self.responses.items()],
             "latency_ewma_ms": round(self.ewma * 1000, 3),
             "pool": self.pool.statistics(),
         }

@@ -1,0 +1,1 @@
+"""Listening: which protocol serves a connection, TLS contexts, byte relays."""
