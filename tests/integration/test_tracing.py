@@ -6,7 +6,9 @@ attributes, and the `traceparent` / `tracestate` the origin receives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -317,3 +319,43 @@ def test_a_reload_applies_new_tracing_settings(origins, gateway, receiver, tmp_p
     gw.config_path.write_text(yaml.safe_dump(config))
     assert gw.reload()
     assert request(gw.port, headers={"traceparent": TRACEPARENT}).json()["headers"]["traceparent"] == TRACEPARENT
+
+
+def test_a_websocket_client_span_lasts_as_long_as_the_relay(ws_origin, gateway, receiver):
+    from ws_support import ws_connect
+
+    origin = ws_origin()
+    route = {"name": "chat", "match": {"path": "/"}, "upstream": "app", "websocket": True}
+    gw = gateway(targets=[origin.port], routes=[route], tracing=tracing(receiver))
+    with ws_connect(gw.port, headers={"traceparent": TRACEPARENT}) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+    spans = receiver.wait_spans(2)
+    (server,) = by_kind(spans, SERVER)
+    (client,) = by_kind(spans, CLIENT)
+    assert server.trace_id == TRACE_ID and client.parent_span_id == server.span_id
+    assert server.attributes["http.response.status_code"] == client.attributes["http.response.status_code"] == 101
+    assert server.status == client.status == STATUS_UNSET
+    (_, headers), *_ = origin.requests
+    assert headers["traceparent"].split("-")[2] == client.span_id
+
+
+def test_an_attempt_refused_before_it_has_a_connection_is_an_error(origins, gateway, receiver):
+    origin = origins()
+    config = simple_config(0, [origin.port], tracing=tracing(receiver))
+    config["upstreams"]["app"]["max_connections"] = 1
+    gw = gateway(config)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(request, gw.port, "GET", "/delay/3000")
+        deadline = time.monotonic() + 10
+        while origin.call(lambda: origin.origin.open_connections) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reply = request(gw.port, path="/second")  # the one connection is busy: refused at once
+        assert slow.result(15).status == 200
+    assert reply.status == 503 and reply.json()["error"] == "upstream_overloaded"
+    spans = receiver.wait_spans(4)
+    (server,) = [span for span in by_kind(spans, SERVER) if span.attributes["url.path"] == "/second"]
+    (client,) = [span for span in by_kind(spans, CLIENT) if span.parent_span_id == server.span_id]
+    assert client.status == server.status == STATUS_ERROR
+    assert client.attributes["error.type"] == server.attributes["error.type"] == "upstream_overloaded"
+    assert "http.response.status_code" not in client.attributes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import random
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +22,7 @@ from bastion.observability.tracecontext import (
     incoming_context,
     parse_traceparent,
 )
-from bastion.observability.tracing import traces_url
+from bastion.observability.tracing import OncePerInterval, Tracer, traces_url
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PID = "00f067aa0ba902b7"
@@ -171,3 +173,38 @@ def test_without_the_otel_extra_tracing_is_a_config_error(tmp_path: Path, monkey
     # Without `tracing`, nothing needs it.
     path.write_text(BASE.replace("tracing:\n", ""))
     assert CliRunner().invoke(cli, ["check", str(path)]).exit_code == 0
+
+
+def test_repeated_sdk_warnings_are_let_through_once_per_interval() -> None:
+    now = [100.0]
+    throttle = OncePerInterval(10.0, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("sdk", logging.WARNING, __file__, 1, msg, None, None)
+
+    assert throttle.filter(record("Queue full, dropping %s."))
+    assert not throttle.filter(record("Queue full, dropping %s."))
+    assert throttle.filter(record("another message"))
+    now[0] += 10.0
+    assert throttle.filter(record("Queue full, dropping %s."))
+
+
+@pytest.mark.parametrize("parent_based", [True, False])
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 1.0])
+def test_the_early_sampling_decision_is_the_sdks(ratio: float, parent_based: bool) -> None:
+    """`Tracer.begin` decides before calling the SDK; the SDK's sampler must agree every time."""
+    from opentelemetry import trace as trace_api
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    tracer = Tracer(endpoint="http://127.0.0.1:4318", sample_ratio=ratio, parent_based=parent_based)
+    rng = random.Random(7)
+    for _ in range(500):
+        trace_id = rng.getrandbits(128) or 1
+        flags = rng.choice([0, 1, 2, 3])
+        parent = TraceParent(trace_id, rng.getrandbits(64) or 1, flags) if rng.random() < 0.5 else None
+        context = None
+        if parent is not None:
+            remote = SpanContext(trace_id, parent.span_id, is_remote=True, trace_flags=TraceFlags(flags))
+            context = trace_api.set_span_in_context(NonRecordingSpan(remote))
+        sdk = tracer.sampler.should_sample(context, trace_id, "GET").decision.is_sampled()
+        assert tracer.sampled(parent, trace_id) == sdk

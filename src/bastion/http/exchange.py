@@ -535,14 +535,19 @@ class Exchange:
         self.downstream.finished(self.close)
 
     def _end_trace(self, trace: RequestTrace) -> None:
+        """End the request's spans; a failure here must not keep the connection from going on."""
         route = self.route
         consumer = self.ctx.consumer if self.ctx is not None else None
-        if route is None:
-            trace.finish(self.status, None, None, None, None)
-            return
-        match = route.config.match
-        template = match.path or match.path_exact or match.path_regex
-        trace.finish(self.status, route.name, template, route.upstream.name, consumer.name if consumer else None)
+        try:
+            if route is None:
+                trace.finish(self.status, self._response, None, None, None, None)
+                return
+            match = route.config.match
+            template = match.path or match.path_exact or match.path_regex
+            consumer_name = consumer.name if consumer is not None else None
+            trace.finish(self.status, self._response, route.name, template, route.upstream.name, consumer_name)
+        except Exception:
+            log.exception("request %s: ending its trace failed", self.request.request_id)
 
     def log_record(self) -> dict[str, Any]:
         route = self.route
