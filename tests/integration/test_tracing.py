@@ -259,6 +259,25 @@ def test_each_attempt_has_its_client_span(origins, gateway, receiver):
     assert server.status == STATUS_UNSET
 
 
+def test_a_try_that_fails_after_sending_is_ended_as_an_error_before_the_retry(origins, gateway, receiver):
+    a, b = origins("a"), origins("b")
+    config = simple_config(0, [a.port, b.port], tracing=tracing(receiver))
+    config["upstreams"]["app"]["retries"] = {"attempts": 1}
+    gw = gateway(config)
+    reply = request(gw.port, path="/reset")  # both targets reset the connection: tried, retried, 502
+    assert reply.status == 502
+    spans = receiver.wait_spans(3)
+    (server,) = by_kind(spans, SERVER)
+    first, second = sorted(by_kind(spans, CLIENT), key=lambda span: span.start_ns)
+    assert {first.attributes["server.port"], second.attributes["server.port"]} == {a.port, b.port}
+    for span in (first, second):
+        assert span.status == STATUS_ERROR
+        assert span.attributes["error.type"] == reply.json()["error"]
+    assert first.end_ns <= second.start_ns
+    assert second.attributes["http.request.resend_count"] == 1
+    assert server.attributes["error.type"] == reply.json()["error"]
+
+
 def test_gateway_errors_and_plugin_replies_get_a_server_span(origins, gateway, receiver):
     origin = origins()
     config = simple_config(0, [origin.port], tracing=tracing(receiver))

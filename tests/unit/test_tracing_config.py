@@ -208,3 +208,17 @@ def test_the_early_sampling_decision_is_the_sdks(ratio: float, parent_based: boo
             context = trace_api.set_span_in_context(NonRecordingSpan(remote))
         sdk = tracer.sampler.should_sample(context, trace_id, "GET").decision.is_sampled()
         assert tracer.sampled(parent, trace_id) == sdk
+
+
+def test_a_started_tracer_throttles_the_sdks_batch_warnings() -> None:
+    import asyncio
+
+    tracer = Tracer(endpoint="http://127.0.0.1:9", timeout=1.0)
+    tracer.start()
+    try:
+        assert any(
+            isinstance(f, OncePerInterval) for f in logging.getLogger("opentelemetry.sdk._shared_internal").filters
+        )
+    finally:
+        asyncio.run(tracer.close())
+    assert tracer.provider is None
