@@ -378,3 +378,21 @@ def test_an_attempt_refused_before_it_has_a_connection_is_an_error(origins, gate
     assert client.status == server.status == STATUS_ERROR
     assert client.attributes["error.type"] == server.attributes["error.type"] == "upstream_overloaded"
     assert "http.response.status_code" not in client.attributes
+
+
+def test_workers_export_their_spans_and_flush_them_on_sigterm(origins, receiver, tmp_path):
+    from support import GatewayProcess, write_config
+
+    origin = origins()
+    port = free_port()
+    config = simple_config(port, [origin.port], tracing=tracing(receiver, batch_delay="1h"))
+    proc = GatewayProcess(write_config(tmp_path / "gw.yaml", config), port, "--workers", "2")
+    try:
+        for _ in range(6):
+            assert request(port, headers={"Connection": "close"}).status == 200
+    finally:
+        code, _, err = proc.stop()
+    assert code == 0, err
+    spans = receiver.wait_spans(12, timeout=5)  # nothing is exported before the stop: batch_delay is 1h
+    assert len(by_kind(spans, SERVER)) == len(by_kind(spans, CLIENT)) == 6
+    assert all(span.resource["service.instance.id"] for span in spans)

@@ -378,6 +378,7 @@ class RecordedTrace(RequestTrace):
         # Attributes given at the start are stored once (set later, each call takes a lock).
         attributes = self._server_attributes(request)
         self.server: Span = tracer.start_span(self._method, context, SpanKind.SERVER, attributes)
+        ids.next_trace_id = 0  # taken by the root span; never left for another one
         self.flags = self.server.get_span_context().trace_flags
         self._parent = trace_api.set_span_in_context(self.server)
         self.client: Span | None = None
