@@ -372,7 +372,7 @@ class Exchange:
             path = path[len(prefix) :] or "/"
         if request.query:
             path = path + "?" + request.query
-        headers = forwarded_headers(request, None if route.preserve_host else target.host_header)
+        headers = forwarded_headers(request, target.host_header, route.preserve_host)
         if self.trace is not None:  # this attempt's traceparent replaces the client's
             headers = self.trace.outgoing(headers, str(target.address), path)
         upgrade = request.upgrade == "websocket" and route.websocket
