@@ -433,7 +433,9 @@ def test_the_config_version_is_in_the_admin_api_and_metrics(tmp_path: Path, redi
     def version() -> tuple[Any, str]:
         status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5).read())
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
-        (info,) = [s for f in text_string_to_metric_families(metrics) if f.name == "bastion_config_info" for s in f.samples]
+        (info,) = [
+            s for f in text_string_to_metric_families(metrics) if f.name == "bastion_config_info" for s in f.samples
+        ]
         return status["config"]["version"], info.labels["version"]
 
     try:
