@@ -402,7 +402,9 @@ def test_workers_follow_redis_each_on_their_own(tmp_path: Path, redis_server: Re
     try:
         write_config(tmp_path / "gw.yaml", pushed_config(origin.port, "v2"))
         assert bastion("push", str(tmp_path / "gw.yaml"), "--redis", redis_server.url)[0] == 0
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10  # within 1 s each on an idle machine; bounded on a busy one
+        while gateway.output()[1].count("config reloaded: config version 2") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         tags = {header_of(port, "/x", "X-Config")[1] for _ in range(40)}  # new connections: both workers
         err = gateway.output()[1]
     finally:
