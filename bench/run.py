@@ -11,7 +11,12 @@ consumers to add to Bastion's config and the nginx directives that do the same w
 whose plugins the gateway cannot load (`bastion.plugins.plugin_class`, probed in a
 subprocess) is printed as skipped. Besides the wrk rows there are two memory rows: "idle
 connections" (RSS with 10,000 idle keep-alive clients, held by `idle_clients.py`) and "soak"
-(RSS sampled during 60 s of full load). The run ends with the targets of issue 5, PASS/FAIL.
+(RSS sampled during 60 s of full load). The TLS and WebSocket rows (issue 9) use one
+certificate made for the run and served by both proxies: "https keep-alive" (wrk over
+HTTPS), "tls handshakes" (`openssl s_time -new`: a full handshake per request, no
+resumption) and "websocket echo" (`ws_load.py` ping-pong through each proxy to
+`ws_echo.py`, and straight to it). Those rows also report the CPU the proxy used. The run
+ends with the targets of issues 5 and 9, PASS/FAIL.
 
     python bench/run.py                      # 3 rounds of 10 s per scenario and proxy
     python bench/run.py --rounds 5 --duration 20s --workers 1
@@ -21,7 +26,9 @@ connections" (RSS with 10,000 idle keep-alive clients, held by `idle_clients.py`
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -32,6 +39,7 @@ import selectors
 import shlex
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -48,6 +56,10 @@ PROXIES = ("bastion", "nginx")
 MB = 1024 * 1024  # memory is reported in MiB, written "MB"
 SOAK_SAMPLE = 5.0  # seconds between RSS samples in the soak
 SOAK_WARMUP = 10.0  # soak growth is counted from the first sample at or after this
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Bastion's TLS 1.2 suites (docs/tls.md), given to nginx too; TLS 1.3 keeps OpenSSL's suites on both.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
+WS_MESSAGE = 32  # payload bytes of each WebSocket message
 
 
 @dataclass(frozen=True)
@@ -57,8 +69,11 @@ class Scenario:
     name: str
     connections: int
     # "throughput": compare rps; "latency": compare p50 (and show direct); "idle": RSS with
-    # `connections` idle keep-alive clients; "soak": Bastion's RSS during one long wrk run
+    # `connections` idle keep-alive clients; "soak": Bastion's RSS during one long wrk run;
+    # "handshakes": new TLS connections/s from `connections` s_time clients; "websocket":
+    # echo messages/s over `connections` WebSockets (and direct to the echo origin)
     kind: str = "throughput"
+    tls: bool = False  # clients speak HTTPS to the proxies (the run's certificate)
     path: str = "/plain"
     route_plugins: list[dict[str, Any]] = field(default_factory=list)
     global_plugins: list[dict[str, Any]] = field(default_factory=list)
@@ -101,6 +116,12 @@ SCENARIOS: list[Scenario] = [
         "limit_req_zone $http_x_api_key zone=bench:1m rate=10000000r/s;",
         nginx_location="if ($bench_ok = 0) { return 401; } limit_req zone=bench burst=1000000 nodelay;",
     ),
+    # Issue 9. TLS 1.3 with the same ECDSA P-256 certificate on both proxies.
+    Scenario("https keep-alive", connections=64, tls=True),
+    # Each s_time client does one full handshake (no session reuse) and GET per connection.
+    Scenario("tls handshakes", connections=16, kind="handshakes", tls=True),
+    # 32-byte binary messages, one in flight per WebSocket.
+    Scenario("websocket echo", connections=64, kind="websocket", path="/ws"),
     # `connections` is --idle-connections; keep-alive long enough that none expires meanwhile.
     Scenario("idle connections", connections=10_000, kind="idle", keepalive=600.0),
     # The length is --soak; the load is the plain-proxy row's.
@@ -116,8 +137,8 @@ def find_tool(name: str) -> str | None:
 
 
 def ensure_tools() -> dict[str, str]:
-    """nginx, wrk and taskset, installed with apt-get (non-interactive) when missing."""
-    packages = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux"}
+    """nginx, wrk, taskset and openssl, installed with apt-get (non-interactive) when missing."""
+    packages = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux", "openssl": "openssl"}
     missing = [pkg for tool, pkg in packages.items() if find_tool(tool) is None]
     if missing:
         if shutil.which("apt-get") is None:
@@ -268,6 +289,69 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by the process tree (from /proc/PID/stat)."""
+    ticks = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    at: float  # time.monotonic()
+    proxy: float  # CPU seconds of the proxy's process tree
+    load: float  # CPU seconds of the load side: the origin's tree, and our finished children (the load tools)
+    proxy_cpus: tuple[float, float]  # cpu_busy() of --proxy-cpus
+    load_cpus: tuple[float, float]  # cpu_busy() of --load-cpus
+
+    def since(self, before: CpuUse) -> dict[str, float]:
+        """Shares of one CPU used meanwhile by the proxy (`cpu`) and the load side (`load_cpu`),
+        and how busy the proxy's and the load's CPUs were with everything that ran on them."""
+        elapsed = self.at - before.at
+        shares = {"cpu": (self.proxy - before.proxy) / elapsed, "load_cpu": (self.load - before.load) / elapsed}
+        for name, now, then in (
+            ("proxy_cpus_busy", self.proxy_cpus, before.proxy_cpus),
+            ("load_cpus_busy", self.load_cpus, before.load_cpus),
+        ):
+            shares[name] = (now[0] - then[0]) / max(1e-9, now[1] - then[1])
+        return shares
+
+
+def cpu_list(text: str) -> list[int]:
+    """A taskset CPU list ("1", "0,2", "0-3") -> the CPU numbers."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return cpus
+
+
+def cpu_busy(cpus: list[int]) -> tuple[float, float]:
+    """(busy, total) seconds of these CPUs since boot, whoever ran on them (/proc/stat): on a
+    shared machine, busy minus our processes' share is what other work took from the run."""
+    busy = total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy / CLOCK_TICKS, total / CLOCK_TICKS
+
+
+def cpu_use(proxy: int | None, origin: int, args: argparse.Namespace) -> CpuUse:
+    """A snapshot to subtract from a later one. The load tools (wrk, s_time, ws_load.py) are
+    children of this process, counted by RUSAGE_CHILDREN once they have exited; the proxies
+    and origins are reaped only at the end, so they never count there."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = children.ru_utime + children.ru_stime + cpu_seconds(origin)
+    proxy_cpus, load_cpus = cpu_busy(cpu_list(args.proxy_cpus)), cpu_busy(cpu_list(args.load_cpus))
+    return CpuUse(time.monotonic(), cpu_seconds(proxy) if proxy else 0.0, load, proxy_cpus, load_cpus)
+
+
 def open_files_limit(pid: int) -> str:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
@@ -327,11 +411,12 @@ PROXY_HTTP = """\
         keepalive_requests 10000000;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
+        {server_extra}
         location / {{
             proxy_pass http://origin;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            {connection}
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
@@ -342,13 +427,37 @@ PROXY_HTTP = """\
     }}"""
 
 
-def bastion_config(port: int, admin_port: int, origin_ports: tuple[int, int], scenario: Scenario) -> dict[str, Any]:
+# The TLS side of an https listener as Bastion has it (docs/tls.md): TLS 1.2 and 1.3, ECDHE with
+# AEAD suites for 1.2, the server's order, no compression or renegotiation (nginx's defaults).
+NGINX_TLS = """ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {ciphers};
+        ssl_prefer_server_ciphers on;"""
+
+NGINX_CONNECTION = 'proxy_set_header Connection "";'
+NGINX_UPGRADE = 'proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection "upgrade";'
+
+
+def bastion_config(
+    port: int,
+    admin_port: int,
+    origin_ports: tuple[int, int],
+    scenario: Scenario,
+    certificate: tuple[Path, Path] | None = None,
+) -> dict[str, Any]:
     route: dict[str, Any] = {"name": "bench", "upstream": "origin"}
     if scenario.route_plugins:
         route["plugins"] = scenario.route_plugins
+    if scenario.kind == "websocket":
+        route["websocket"] = True
     listener: dict[str, Any] = {"name": "bench", "bind": f"127.0.0.1:{port}"}
     if scenario.keepalive:
         listener["timeouts"] = {"keepalive": f"{scenario.keepalive:g}s"}
+    if certificate is not None:
+        cert, key = certificate
+        listener["protocol"] = "https"
+        listener["tls"] = {"certificates": [{"cert": str(cert), "key": str(key)}]}
     config: dict[str, Any] = {
         "version": 1,
         "listeners": [listener],
@@ -370,19 +479,31 @@ def bastion_config(port: int, admin_port: int, origin_ports: tuple[int, int], sc
 
 
 class Stack:
-    """Origin nginx, nginx as proxy and Bastion, for one scenario; `close()` stops them all."""
+    """The origins (nginx; the WebSocket echo origin and the certificate when a row needs them),
+    nginx as proxy and Bastion, for one scenario; `close()` stops them all."""
 
     def __init__(self, tools: dict[str, str], workdir: Path, args: argparse.Namespace) -> None:
         self.tools = tools
         self.workdir = workdir
         self.args = args
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.origins: list[subprocess.Popen[bytes]] = []
+        self.processes: list[subprocess.Popen[bytes]] = []  # the proxies of the current row
         self.origin_ports = (free_port(), free_port())
+        self.ws_origin_ports: tuple[int, int] | None = None
+        self.certificate: tuple[Path, Path] | None = None
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
+        self.tls_seen: dict[str, str] = {}  # proxy -> the TLS version and suite it negotiated
+        self.origin_pids: dict[str, int] = {}  # "http" (nginx) and "websocket" (ws_echo.py)
 
     def _spawn(
-        self, name: str, cpus: str, command: list[str], env: dict[str, str] | None = None, open_files: int = 0
+        self,
+        name: str,
+        cpus: str,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        open_files: int = 0,
+        origin: bool = False,
     ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
@@ -394,7 +515,7 @@ class Stack:
                 start_new_session=True,  # Ctrl-C reaches only us; we stop the children in close()
                 preexec_fn=raise_open_files(open_files) if open_files else None,
             )
-        self.processes.append(process)
+        (self.origins if origin else self.processes).append(process)
         return process, log
 
     def _nginx(self, name: str, cpus: str, body: str, port: int, scenario: Scenario | None = None) -> int:
@@ -409,21 +530,62 @@ class Stack:
             )
         )
         command = [self.tools["nginx"], "-p", str(directory), "-e", "stderr", "-c", str(conf), "-g", "daemon off;"]
-        process, log = self._spawn(name, cpus, command, open_files=open_files_needed(clients))
+        process, log = self._spawn(name, cpus, command, open_files=open_files_needed(clients), origin=scenario is None)
         wait_listening(port, process, name, log)
         return process.pid
 
     def start_origin(self) -> None:
         port1, port2 = self.origin_ports
-        self._nginx("origin", self.args.load_cpus, ORIGIN_HTTP.format(port1=port1, port2=port2), port1)
+        body = ORIGIN_HTTP.format(port1=port1, port2=port2)
+        self.origin_pids["http"] = self._nginx("origin", self.args.load_cpus, body, port1)
+
+    def start_ws_origin(self) -> tuple[int, int]:
+        """`ws_echo.py` on two ports, pinned with the load; started by the first WebSocket row."""
+        if self.ws_origin_ports is None:
+            ports = (free_port(), free_port())
+            command = [sys.executable, str(ROOT / "bench" / "ws_echo.py"), "--port", str(ports[0])]
+            command += ["--port", str(ports[1])]
+            process, log = self._spawn("ws-origin", self.args.load_cpus, command, origin=True)
+            wait_listening(ports[0], process, "ws-origin", log)
+            self.origin_pids["websocket"] = process.pid
+            self.ws_origin_ports = ports
+        return self.ws_origin_ports
+
+    def make_certificate(self) -> tuple[Path, Path]:
+        """One self-signed ECDSA P-256 certificate for the run (for 127.0.0.1 and localhost),
+        served by both proxies."""
+        if self.certificate is None:
+            cert, key = self.workdir / "bench-cert.pem", self.workdir / "bench-key.pem"
+            command = [self.tools["openssl"], "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+            command += ["-nodes", "-days", "2", "-subj", "/CN=localhost"]
+            command += ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                sys.exit(f"bench: openssl could not make the certificate: {done.stderr.strip()}")
+            self.certificate = (cert, key)
+        return self.certificate
+
+    def upstream_ports(self, scenario: Scenario) -> tuple[int, int]:
+        return self.start_ws_origin() if scenario.kind == "websocket" else self.origin_ports
+
+    def origin_pid(self, scenario: Scenario) -> int:
+        return self.origin_pids["websocket" if scenario.kind == "websocket" else "http"]
 
     def start_proxies(self, scenario: Scenario, proxies: tuple[str, ...] = PROXIES) -> None:
-        """Start the proxies of this row (`pids`, `ports`), and check each answers `200 hello`."""
-        port1, port2 = self.origin_ports
+        """Start the proxies of this row (`pids`, `ports`), and check each answers `200 hello`
+        (or, on a WebSocket row, upgrades and echoes)."""
+        port1, port2 = upstream = self.upstream_ports(scenario)
+        certificate = self.make_certificate() if scenario.tls else None
         if "nginx" in proxies:
             self.ports["nginx"] = free_port()
+            server_extra = ""
+            if certificate is not None:
+                server_extra = NGINX_TLS.format(cert=certificate[0], key=certificate[1], ciphers=TLS12_CIPHERS)
             body = PROXY_HTTP.format(
                 port=self.ports["nginx"],
+                ssl=" ssl" if certificate else "",
+                server_extra=server_extra,
+                connection=NGINX_UPGRADE if scenario.kind == "websocket" else NGINX_CONNECTION,
                 port1=port1,
                 port2=port2,
                 http_extra=scenario.nginx_http,
@@ -434,7 +596,7 @@ class Stack:
 
         if "bastion" in proxies:
             self.ports["bastion"] = free_port()
-            config = bastion_config(self.ports["bastion"], free_port(), self.origin_ports, scenario)
+            config = bastion_config(self.ports["bastion"], free_port(), upstream, scenario, certificate)
             path = self.workdir / f"bastion-{slug(scenario.name)}.json"
             path.write_text(json.dumps(config, indent=2))
             bastion: BastionCommand = self.args.bastion
@@ -451,24 +613,30 @@ class Stack:
             wait_listening(self.ports["bastion"], process, "bastion", log)
             self.pids["bastion"] = process.pid
 
+        self.tls_seen.clear()
         for proxy in proxies:
-            check_answers(proxy, self.ports[proxy], scenario)
+            if scenario.kind == "websocket":
+                check_websocket(proxy, self.ports[proxy], scenario.path)
+            elif certificate is not None:
+                self.tls_seen[proxy] = check_answers_tls(proxy, self.ports[proxy], scenario, certificate[0])
+                print(f"  {proxy:8} {self.tls_seen[proxy]}", flush=True)
+            else:
+                check_answers(proxy, self.ports[proxy], scenario)
 
     def alive(self, proxy: str) -> bool:
         return any(p.pid == self.pids[proxy] and p.poll() is None for p in self.processes)
 
     def stop_proxies(self) -> None:
-        keep = self.processes[:1]  # the origin
-        for process in self.processes[1:]:
+        for process in self.processes:
             stop(process)
-        self.processes = keep
+        self.processes = []
         self.ports.clear()
         self.pids.clear()
 
     def close(self) -> None:
-        for process in reversed(self.processes):
+        for process in reversed([*self.origins, *self.processes]):
             stop(process)
-        self.processes = []
+        self.origins, self.processes = [], []
 
 
 def open_files_needed(clients: int) -> int:
@@ -497,6 +665,51 @@ def check_answers(proxy: str, port: int, scenario: Scenario) -> None:
     conn.close()
     if response.status != 200 or body != b"hello":
         sys.exit(f"bench: {proxy} answered {response.status} {body[:200]!r} to GET {scenario.path}")
+
+
+def check_answers_tls(proxy: str, port: int, scenario: Scenario, cafile: Path) -> str:
+    """The same check over TLS, verifying the run's certificate, with the request s_time sends
+    (HTTP/1.0, see `s_time_page`), so every TLS row is checked with it.
+    -> what was negotiated, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384" """
+    context = ssl.create_default_context(cafile=str(cafile))
+    headers = "".join(f"{h}\r\n" for h in scenario.wrk_headers)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
+        conn.sendall(f"GET {s_time_page(scenario.path)} HTTP/1.0\r\n{headers}\r\n".encode())
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        version, cipher = conn.version(), conn.cipher()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")) or body != b"hello":
+        sys.exit(f"bench: {proxy} answered {answer[:300]!r} to GET {scenario.path} over TLS")
+    return f"{version} {cipher[0] if cipher else '?'}"
+
+
+def check_websocket(proxy: str, port: int, path: str) -> None:
+    """One WebSocket handshake and one echoed message through `proxy`, before measuring."""
+    key = base64.b64encode(os.urandom(16))
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    message = os.urandom(WS_MESSAGE)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key.decode()}\r\n\r\n".encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := conn.recv(65536)):
+            answer += chunk
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101") or accept not in head:
+            sys.exit(f"bench: {proxy} answered {head[:300]!r} to a WebSocket handshake on {path}")
+        conn.sendall(bytes((0x82, 0x80 | WS_MESSAGE)) + b"\0\0\0\0" + message)
+        expected = bytes((0x82, WS_MESSAGE)) + message
+        while len(rest) < len(expected) and (chunk := conn.recv(65536)):
+            rest += chunk
+        if rest != expected:
+            sys.exit(f"bench: {proxy} did not echo a WebSocket message: {rest[:100]!r}")
 
 
 def slug(name: str) -> str:
@@ -536,11 +749,78 @@ def run_wrk(tools: dict[str, str], cpus: str, port: int, scenario: Scenario, sec
     command += [f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "5s"]
     for header in scenario.wrk_headers:
         command += ["-H", header]
-    command.append(f"http://127.0.0.1:{port}{scenario.path}")
+    scheme = "https" if scenario.tls else "http"
+    command.append(f"{scheme}://127.0.0.1:{port}{scenario.path}")
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     return parse_wrk(done.stdout)
+
+
+_S_TIME = re.compile(r"^(\d+) connections in [\d.]+s;", re.MULTILINE)
+
+
+def s_time_page(path: str) -> str:
+    """s_time sends `GET {page} HTTP/1.0` and nothing else; a request without Host reaches the
+    origin without one through both proxies, and the origin refuses it. So the page carries a
+    Host line, and the trailing " HTTP/1.0" lands in the value of a dummy field."""
+    return f"{path} HTTP/1.0\r\nHost: localhost\r\nX-Bench: s_time"
+
+
+def run_s_time(tools: dict[str, str], cpus: str, port: int, scenario: Scenario, seconds: float) -> dict[str, float]:
+    """`scenario.connections` `openssl s_time -new` clients at once, each doing, one after the
+    other, connect + full TLS handshake (no session reuse) + `GET path HTTP/1.0` + close.
+    wrk cannot do this: it resumes the session on every reconnect. -> rps = handshakes/s."""
+    command = [tools["taskset"], "-c", cpus, tools["openssl"], "s_time", "-connect", f"127.0.0.1:{port}"]
+    command += ["-new", "-time", str(max(1, round(seconds))), "-www", s_time_page(scenario.path)]
+    command += ["-no-CApath", "-no-CAfile", "-no-CAstore"]  # nothing to verify against: no lookups
+    started = time.monotonic()
+    clients = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(scenario.connections)
+    ]
+    handshakes, errors = 0, 0
+    for client in clients:
+        try:
+            output, _ = client.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            output, _ = client.communicate()
+        done = _S_TIME.search(output)
+        handshakes += int(done.group(1)) if done else 0
+        errors += 1 if client.returncode or done is None else 0  # s_time stops at its first failure
+    elapsed = time.monotonic() - started
+    return {"rps": handshakes / elapsed, "requests": float(handshakes), "errors": float(errors)}
+
+
+def run_ws_load(tools: dict[str, str], cpus: str, port: int, scenario: Scenario, seconds: float) -> dict[str, float]:
+    """`ws_load.py`: `scenario.connections` WebSockets doing ping-pong -> rps = messages/s."""
+    command = [tools["taskset"], "-c", cpus, sys.executable, str(ROOT / "bench" / "ws_load.py"), "--port", str(port)]
+    command += ["--path", scenario.path, "--connections", str(scenario.connections)]
+    command += ["--duration", f"{seconds:g}", "--size", str(WS_MESSAGE)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RuntimeError(f"ws_load.py failed ({done.returncode}): {done.stderr[-2000:]}") from None
+    if result["error_kinds"]:
+        print(f"    ws_load errors: {result['error_kinds']}", flush=True)
+    return {
+        "rps": result["rate"],
+        "p50": result["p50"],
+        "p99": result["p99"],
+        "requests": float(result["messages"]),
+        "errors": float(result["errors"]),
+    }
+
+
+def run_load(tools: dict[str, str], cpus: str, port: int, scenario: Scenario, seconds: float) -> dict[str, float]:
+    """One measured run of the row's load generator against `port`."""
+    if scenario.kind == "handshakes":
+        return run_s_time(tools, cpus, port, scenario, seconds)
+    if scenario.kind == "websocket":
+        return run_ws_load(tools, cpus, port, scenario, seconds)
+    return run_wrk(tools, cpus, port, scenario, seconds)
 
 
 # --- rounds and the report -------------------------------------------------------------------
@@ -554,33 +834,50 @@ def parse_seconds(text: str) -> float:
 
 
 def contenders(scenario: Scenario) -> list[str]:
-    return [*PROXIES, "direct"] if scenario.kind == "latency" else list(PROXIES)
+    """Who is measured: both proxies, and the origin straight (`direct`) on latency and
+    WebSocket rows (for the WebSocket row, the rate the load side manages on its own CPU)."""
+    return [*PROXIES, "direct"] if scenario.kind in ("latency", "websocket") else list(PROXIES)
 
 
 def measure_rounds(tools: dict[str, str], stack: Stack, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
-    """Throughput and latency rows: alternating rounds of wrk, medians per contender."""
+    """Throughput, latency, handshake and WebSocket rows: alternating rounds of the row's load
+    generator, medians per contender. `cpu` is the share of one CPU the proxy used meanwhile."""
     stack.start_proxies(scenario)
-    ports = {**stack.ports, "direct": stack.origin_ports[0]}
+    ports = {**stack.ports, "direct": stack.upstream_ports(scenario)[0]}
     for proxy in PROXIES:  # warm up pools, caches and branch predictors before anything counts
-        run_wrk(tools, args.load_cpus, ports[proxy], scenario, args.warmup)
+        run_load(tools, args.load_cpus, ports[proxy], scenario, args.warmup)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders(scenario)}
     for round_index in range(args.rounds):
         order = contenders(scenario)
         if round_index % 2:
             order = [order[1], order[0], *order[2:]]
         for name in order:
-            result = run_wrk(tools, args.load_cpus, ports[name], scenario, args.duration)
+            pid = stack.pids.get(name)
+            before = cpu_use(pid, stack.origin_pid(scenario), args)
+            result = run_load(tools, args.load_cpus, ports[name], scenario, args.duration)
+            shares = cpu_use(pid, stack.origin_pid(scenario), args).since(before)
+            if not pid:
+                del shares["cpu"]
+            elif shares["cpu"] > 0:  # steadier than rps on a busy machine: see report_tls_websocket
+                shares["per_cpu_s"] = result["rps"] / shares["cpu"]
+            result.update(shares)
             runs[name].append(result)
+            latency = f"  p50 {result['p50']:7.3f} ms  p99 {result['p99']:7.3f} ms" if "p50" in result else ""
+            cpu = f"  proxy cpu {result['cpu']:4.0%}" if "cpu" in result else ""
             print(
-                f"  round {round_index + 1} {name:8} rps {result['rps']:>9.0f}  p50 {result['p50']:7.3f} ms"
-                f"  p99 {result['p99']:7.3f} ms  errors {result['errors']:.0f}",
+                f"  round {round_index + 1} {name:8} rps {result['rps']:>9.0f}{latency}{cpu}"
+                f"  load cpu {result['load_cpu']:4.0%}  (cpus busy: proxy {result['proxy_cpus_busy']:4.0%},"
+                f" load {result['load_cpus_busy']:4.0%})  errors {result['errors']:.0f}",
                 flush=True,
             )
             time.sleep(0.5)
     medians = {
         name: {key: statistics.median(r[key] for r in results) for key in results[0]} for name, results in runs.items()
     }
-    return {"scenario": asdict(scenario), "runs": runs, "medians": medians}
+    entry: dict[str, Any] = {"scenario": asdict(scenario), "runs": runs, "medians": medians}
+    if stack.tls_seen:
+        entry["tls"] = dict(stack.tls_seen)
+    return entry
 
 
 class LineReader:
@@ -719,18 +1016,24 @@ Measure = Callable[[dict[str, str], Stack, Scenario, argparse.Namespace], dict[s
 MEASURES: dict[str, Measure] = {
     "throughput": measure_rounds,
     "latency": measure_rounds,
+    "handshakes": measure_rounds,
+    "websocket": measure_rounds,
     "idle": measure_idle,
     "soak": measure_soak,
 }
 
 
+def tls_or_websocket(scenario: dict[str, Any]) -> bool:
+    return bool(scenario["tls"]) or scenario["kind"] in ("handshakes", "websocket")
+
+
 def report(results: list[dict[str, Any]]) -> str:
-    """The wrk rows as a table; skipped rows say why."""
+    """The plain HTTP wrk rows as a table; skipped rows say why."""
     header = ["scenario", "c", "proxy", "rps", "p50 ms", "p99 ms", "rps vs nginx", "p50 - nginx"]
     rows: list[list[str]] = []
     for entry in results:
         scenario = entry["scenario"]
-        if scenario["kind"] not in ("throughput", "latency"):
+        if scenario["kind"] not in ("throughput", "latency") or tls_or_websocket(scenario):
             continue
         if "skipped" in entry:
             rows.append([scenario["name"], str(scenario["connections"]), entry["skipped"], "", "", "", "", ""])
@@ -750,7 +1053,63 @@ def report(results: list[dict[str, Any]]) -> str:
                     f"{m['p50'] - nginx['p50']:+.3f} ms",
                 ]
             )
-    return table(header, rows)
+    return table(header, rows) if rows else ""
+
+
+UNITS = {"handshakes": "handshakes/s", "websocket": "messages/s"}
+
+
+def report_tls_websocket(results: list[dict[str, Any]]) -> str:
+    """The TLS and WebSocket rows: the rate, its ratio to nginx, the share of a CPU the proxy
+    used, the rate per CPU-second of the proxy (median over the rounds) as a ratio to nginx's,
+    and the share of a CPU the load side (load tool and origin) used.
+
+    Per CPU-second is what the proxy costs per request, handshake or message, whether or not
+    it was the limit. On a machine shared with other work, the rate moves with what the
+    others leave to each run, while the cost per unit holds: that ratio is the steadier one."""
+    header = [
+        "scenario",
+        "c",
+        "proxy",
+        "rate",
+        "unit",
+        "p50 ms",
+        "p99 ms",
+        "vs nginx",
+        "proxy CPU",
+        "per CPU-s vs nginx",
+        "load CPU",
+    ]
+    rows: list[list[str]] = []
+    for entry in results:
+        scenario = entry["scenario"]
+        if not tls_or_websocket(scenario):
+            continue
+        if "skipped" in entry:
+            rows.append([scenario["name"], str(scenario["connections"]), entry["skipped"], *[""] * 8])
+            continue
+        medians = entry["medians"]
+        nginx = medians["nginx"]
+        for name, m in medians.items():
+            cost = ""
+            if "per_cpu_s" in m and "per_cpu_s" in nginx:
+                cost = f"{m['per_cpu_s'] / nginx['per_cpu_s']:.2f}x"
+            rows.append(
+                [
+                    scenario["name"],
+                    str(scenario["connections"]),
+                    name,
+                    f"{m['rps']:.0f}",
+                    UNITS.get(scenario["kind"], "requests/s"),
+                    f"{m['p50']:.3f}" if "p50" in m else "",
+                    f"{m['p99']:.3f}" if "p99" in m else "",
+                    f"{m['rps'] / nginx['rps']:.2f}x",
+                    f"{m['cpu']:.0%}" if "cpu" in m else "",
+                    cost,
+                    f"{m['load_cpu']:.0%}" if "load_cpu" in m else "",
+                ]
+            )
+    return table(header, rows) if rows else ""
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -792,7 +1151,7 @@ def report_memory(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# --- the targets of issue 5 -----------------------------------------------------------------
+# --- the targets of issues 5 and 9 ---------------------------------------------------------
 
 
 def rps_ratio(entry: dict[str, Any]) -> tuple[float, bool]:
@@ -833,6 +1192,7 @@ TARGETS = [
     Target("rate_limit + headers", "rate_limit + headers rps >= 0.20x nginx", rps_ratio, "x", lambda e: 0.20, True),
     Target("key_auth + rate_limit", "key_auth + rate_limit rps >= 0.20x nginx", rps_ratio, "x", lambda e: 0.20, True),
     Target("added latency", "added latency (c=1 p50 - nginx) <= 60 us", added_latency_us, " us", lambda e: 60.0),
+    Target("https keep-alive", "https keep-alive rps >= 0.25x nginx", rps_ratio, "x", lambda e: 0.25, at_least=True),
     Target(
         "idle connections",
         "10,000 idle keep-alive connections in <= 100 MB RSS",
@@ -1020,8 +1380,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.close()
 
-    print()
-    print(report(results))
+    plain = report(results)
+    if plain:
+        print()
+        print(plain)
+    tls_websocket = report_tls_websocket(results)
+    if tls_websocket:
+        print()
+        print(tls_websocket)
+        for entry in results:
+            if "tls" in entry:
+                seen = ", ".join(f"{proxy} {negotiated}" for proxy, negotiated in entry["tls"].items())
+                print(f"{entry['scenario']['name']}: {seen}")
     memory = report_memory(results)
     if memory:
         print()

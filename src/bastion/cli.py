@@ -174,6 +174,8 @@ def check(config: str) -> None:
         from bastion.cluster.connect import redact
 
         click.echo(f"  cluster: {redact(cfg.cluster.redis)} (prefix {cfg.cluster.prefix})")
+    if cfg.tracing is not None:
+        click.echo(f"  tracing: OTLP to {cfg.tracing.otlp_endpoint}, sample ratio {cfg.tracing.sample_ratio:g}")
     click.echo("config OK")
 
 

@@ -7,6 +7,7 @@ the test sent; drains are checked by where requests land (the origins' X-Origin 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import re
 import socket
@@ -640,3 +641,34 @@ def test_the_demo_refuses_to_start_when_its_admin_port_is_taken(
         assert run_demo() == 1
     err = capsys.readouterr().err
     assert f"port {port} already in use" in err and ADMIN_ENV in err
+
+
+def test_https_certificates_expiry_is_a_gauge(
+    tmp_path: Path, origins: Callable[..., OriginHandle], gateway: Callable[..., GatewayThread]
+) -> None:
+    from tls_support import Pki
+
+    pki = Pki(tmp_path)
+    valid_until = datetime.datetime(2031, 5, 1, 12, 0, tzinfo=datetime.UTC)
+    cert, key = pki.issue("api", "api.example.com", not_after=valid_until)
+    port, admin_port = free_port(), free_port()
+    gateway(
+        {
+            "version": 1,
+            "listeners": [
+                {
+                    "name": "web-tls",
+                    "bind": f"127.0.0.1:{port}",
+                    "protocol": "https",
+                    "tls": {"certificates": [{"cert": cert, "key": key}]},
+                }
+            ],
+            "upstreams": {"app": {"targets": [{"address": origins("a").address}]}},
+            "routes": [{"name": "all", "match": {"path": "/"}, "upstream": "app"}],
+            "admin": {"bind": f"127.0.0.1:{admin_port}"},
+            "log": {"access": False},
+        }
+    )
+    metrics = Admin(None, admin_port).metrics()
+    labels = (("bind", f"127.0.0.1:{port}"), ("cert", cert))
+    assert metrics[("bastion_tls_certificate_not_after_seconds", labels)] == valid_until.timestamp()

@@ -7,8 +7,10 @@ docs/cluster.md quotes.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,7 +404,9 @@ def test_workers_follow_redis_each_on_their_own(tmp_path: Path, redis_server: Re
     try:
         write_config(tmp_path / "gw.yaml", pushed_config(origin.port, "v2"))
         assert bastion("push", str(tmp_path / "gw.yaml"), "--redis", redis_server.url)[0] == 0
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10  # within 1 s each on an idle machine; bounded on a busy one
+        while gateway.output()[1].count("config reloaded: config version 2") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         tags = {header_of(port, "/x", "X-Config")[1] for _ in range(40)}  # new connections: both workers
         err = gateway.output()[1]
     finally:
@@ -410,3 +414,47 @@ def test_workers_follow_redis_each_on_their_own(tmp_path: Path, redis_server: Re
         origin.stop()
     assert tags == {"v2"}
     assert err.count("config reloaded: config version 2") == 2, err
+
+
+def test_the_config_version_is_in_the_admin_api_and_metrics(tmp_path: Path, redis_server: RedisServer) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from support import free_port
+
+    origin = OriginProcess()
+    env = {**gateway_env(tmp_path, 0), "ADMIN_PORT": str(free_port())}
+    admin = int(env["ADMIN_PORT"])
+    config = pushed_config(origin.port, "v1")
+    config["admin"] = {"bind": "127.0.0.1:${ADMIN_PORT:-9901}"}  # each host fills in its own port
+    write_config(tmp_path / "gw.yaml", config)
+    assert bastion("push", str(tmp_path / "gw.yaml"), "--redis", redis_server.url)[0] == 0
+    gateway = GatewayProcess(None, int(env["GW_PORT"]), "--from-redis", redis_server.url, env=env)
+
+    def version() -> tuple[Any, str]:
+        status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5).read())
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
+        (info,) = [
+            s for f in text_string_to_metric_families(metrics) if f.name == "bastion_config_info" for s in f.samples
+        ]
+        return status["config"]["version"], info.labels["version"]
+
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if version() == (1, "1"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        assert version() == (1, "1")
+        config["plugins"] = [{"response_headers": {"set": {"X-Config": "v2"}}}]
+        write_config(tmp_path / "gw.yaml", config)
+        assert bastion("push", str(tmp_path / "gw.yaml"), "--redis", redis_server.url)[0] == 0
+        deadline = time.monotonic() + 10
+        while version() != (2, "2") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert version() == (2, "2")
+    finally:
+        gateway.stop()
+        origin.stop()

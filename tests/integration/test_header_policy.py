@@ -95,3 +95,12 @@ def test_unknown_transfer_coding_before_chunked_is_501(origins, gateway):
     assert b'"error": "not_implemented"' in body
     assert headers["connection"] == "close"
     assert origin.origin.requests == 0
+
+
+def test_an_http10_request_without_host_reaches_the_upstream_with_one(origins, gateway):
+    origin = origins()
+    gw = gateway(targets=[origin.port])
+    ((status, _, body),) = split_responses(raw_exchange(gw.port, b"GET /echo HTTP/1.0\r\n\r\n"))
+    assert status == 200
+    assert f'"host": "127.0.0.1:{origin.port}"'.encode() in body  # the upstream hop is HTTP/1.1
+    assert b"x-forwarded-host" not in body

@@ -202,3 +202,9 @@ def test_the_openapi_document_is_valid_and_lists_exactly_the_endpoints() -> None
     table = {("/" + "/".join(pattern), verb.lower()) for verb, pattern, _ in ENDPOINTS}
     documented = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert documented == table
+
+
+def test_tracing_exporter_headers_are_redacted() -> None:
+    shown = redact({"tracing": {"otlp_endpoint": "http://c:4318", "headers": {"api-key": "s3cret", "x-team": "a"}}})
+    assert shown["tracing"]["headers"] == {"api-key": "<redacted>", "x-team": "<redacted>"}
+    assert shown["tracing"]["otlp_endpoint"] == "http://c:4318"

@@ -88,7 +88,7 @@ def test_unknown_key_without_close_match_lists_known_keys() -> None:
     out = problems(BASE + "zzz: 1\n")
     assert out == [
         "gw.yaml:14: zzz: unknown key (expected one of: version, listeners, upstreams, routes, plugins, "
-        "consumers, admin, cluster, log, drain_timeout)"
+        "consumers, admin, cluster, tracing, log, drain_timeout)"
     ]
 
 
@@ -296,7 +296,7 @@ def test_merge_keys_and_aliases() -> None:
     out = problems(text)
     assert out == [
         "gw.yaml:5: x-defaults: unknown key (expected one of: version, listeners, upstreams, routes, plugins, "
-        "consumers, admin, cluster, log, drain_timeout)"
+        "consumers, admin, cluster, tracing, log, drain_timeout)"
     ]
     text = BASE.replace("    targets:\n", "    <<: {balance: random}\n    targets:\n")
     assert load(text).config.upstreams["users"].balance == "random"

@@ -1,7 +1,8 @@
 """The running config with its secrets masked, for `GET /config`.
 
 Masked, wherever they appear: values of keys that name a secret (`token`, `secret`,
-`password`, `password_hash`, `key_sha256`, ...), a consumer credential's `key`, the
+`password`, `password_hash`, `key_sha256`, ...), a consumer credential's `key`, every value
+of `tracing.headers` (a collector's API key travels there), the
 password in any URL (`redis://:pw@host` becomes `redis://:***@host`), and inside a
 `python` plugin's own `config`, which the gateway cannot know, every key whose name
 contains secret, password, passwd, token, key, credential or private. Over-masking a custom
@@ -43,6 +44,8 @@ def redact(value: Any, path: tuple[str, ...] = ()) -> Any:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         custom = "python" in path and "config" in path  # a custom plugin's own settings
+        if path == ("tracing", "headers"):  # sent to the collector: often its API key
+            return {str(key): REDACTED for key in value}
         for key, item in value.items():
             name = str(key)
             if item is not None and (

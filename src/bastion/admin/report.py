@@ -166,6 +166,7 @@ def merge_status(reports: Sequence[dict[str, Any]], expected: int) -> dict[str, 
         },
         "last_reload": max(last_reloads, key=lambda r: r["at"]) if last_reloads else None,
         "store": first.get("store"),
+        "tls": first.get("tls") or {},  # https listener bind -> its certificates (the same in every worker)
         "following": first.get("following", {}),
     }
 

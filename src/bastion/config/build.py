@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from bastion import __version__
 from bastion.config.loader import format_loc, model_problems, suggest
-from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route
+from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route, Tracing
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
@@ -34,6 +35,7 @@ from bastion.upstream.targets import TargetRegistry
 
 if TYPE_CHECKING:
     from bastion.config.loader import LoadedConfig
+    from bastion.observability.tracing import Tracer
 
 log = logging.getLogger("bastion.config")
 
@@ -92,6 +94,7 @@ class Snapshot:
         tls: dict[str, CertSet] | None = None,
         tls_files: dict[str, str] | None = None,
         where: Callable[[Loc, str], str] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """`where` formats a problem with the config's file and line (LoadedConfig.where)."""
         self.config = config
@@ -110,6 +113,7 @@ class Snapshot:
         self.request_drop = request_drop_set(name for plugin in plugins for name in plugin.identity_headers)
         self.tls = tls or {}  # https listener bind -> its certificates
         self.tls_files = tls_files or {}  # every TLS file read -> sha256 of its content, for the watch
+        self.tracer = tracer  # None without `tracing:`: the exchange then skips every tracing hook
         self.closed = False
 
     async def start(self) -> None:
@@ -124,6 +128,8 @@ class Snapshot:
                 what = access_log.file or "standard output"
                 problem = self._where(("log", key), f"cannot open {what}: {exc.strerror or exc}")
                 raise ConfigError([problem]) from None
+        if self.tracer is not None:
+            self.tracer.start()
         try:
             for plugin in self.plugins:
                 await plugin.start()
@@ -148,6 +154,8 @@ class Snapshot:
             log.exception("the store failed to close")
         if self.access_log is not None:
             await self.access_log.close()
+        if self.tracer is not None:
+            await self.tracer.close()
 
     def target_keys(self) -> set[str]:
         return {t.key for u in self.upstreams.values() for t in u.targets}
@@ -311,12 +319,39 @@ class _Built:
             complete = global_complete and ("routes", i, "plugins") not in builder.incomplete
             builder.check_chain(chain, route.name, complete)
         self.tls, self.upstream_tls, self.tls_files = build_tls(loaded, builder.problems)
+        self.tracer = make_tracer(config.tracing, builder.problems) if config.tracing is not None else None
         if builder.problems:
             raise builder.error()
         for route, chain in zip(config.routes, self.chains, strict=True):
             for plugin in chain:
                 plugin.prepare_route(route.name, chain)
         self.instances = builder.instances
+
+
+def make_tracer(settings: Tracing, problems: list[tuple[Loc, str]]) -> Tracer | None:
+    """The snapshot's tracer (nothing started yet), or None with a problem when the OpenTelemetry
+    SDK is not installed: only a config with `tracing` imports it."""
+    try:
+        from bastion.observability.tracing import Tracer
+    except ImportError as exc:
+        problems.append(
+            (("tracing",), f"needs OpenTelemetry ({exc.name} is missing): pip install 'bastion-gateway[otel]'")
+        )
+        return None
+    return Tracer(
+        endpoint=settings.otlp_endpoint,
+        sample_ratio=settings.sample_ratio,
+        parent_based=settings.parent_based,
+        service_name=settings.service_name,
+        service_version=__version__,
+        headers=settings.headers,
+        timeout=settings.timeout,
+        compression=settings.compression,
+        batch_delay=settings.batch_delay,
+        batch_size=settings.batch_size,
+        queue_size=settings.queue_size,
+        resource_attributes=settings.resource_attributes,
+    )
 
 
 def config_dir(path: str) -> Path:
@@ -391,6 +426,7 @@ def build_snapshot(
         tls=built.tls,
         tls_files=built.tls_files,
         where=loaded.where,
+        tracer=built.tracer,
     )
 
 

@@ -506,6 +506,62 @@ class Cluster(Model):
         return self
 
 
+class Tracing(Model):
+    otlp_endpoint: str = Field(
+        "http://127.0.0.1:4318",
+        description="OTLP/HTTP collector: a base URL gets /v1/traces appended; a URL with a path is used as it is.",
+    )
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of new traces recorded and exported, 0 to 1 (0.1: one in ten)."
+    )
+    parent_based: bool = Field(
+        True,
+        description="Follow the sampled flag of a client's traceparent (false: sample_ratio decides for every "
+        "request, so clients cannot ask for tracing).",
+    )
+    service_name: str = Field("bastion", min_length=1, description="The service.name resource attribute of spans.")
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict, description="More resource attributes, e.g. deployment.environment.name: prod."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Header fields sent with each export (a collector's API key: ${NAME})."
+    )
+    timeout: Duration = Field(10.0, description="Longest wait for one export; also the wait for the last at stop.")
+    compression: Literal["none", "gzip"] = Field("none", description="Compression of export requests.")
+    batch_delay: Duration = Field(5.0, description="Longest a finished span waits before it is exported.")
+    batch_size: int = Field(512, ge=1, le=100000, description="Most spans in one export request.")
+    queue_size: int = Field(
+        2048, ge=1, le=1000000, description="Finished spans waiting for export; past it, new ones are dropped."
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        host = rest.partition("/")[0]
+        if not sep or scheme not in ("http", "https") or not host or "?" in value or "#" in value:
+            raise ValueError("not an http:// or https:// URL (e.g. http://127.0.0.1:4318)")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _TOKEN.match(name):
+                raise ValueError(f"not a header name: {name!r}")
+            if any(ch in text for ch in "\r\n\0"):
+                raise ValueError(f"the value of {name} holds a line break or NUL")
+        return value
+
+    @model_validator(mode="after")
+    def _positive(self) -> Tracing:
+        if self.timeout <= 0 or self.batch_delay <= 0:
+            raise ValueError("timeout and batch_delay must be longer than 0")
+        if self.queue_size < self.batch_size:
+            raise ValueError("queue_size must be at least batch_size")
+        return self
+
+
 class Log(Model):
     access: bool = Field(True, description="One JSON line per request (on stdout unless access_file is set).")
     access_file: str | None = Field(
@@ -541,6 +597,11 @@ class Config(Model):
         None, description="The admin API (status, metrics, drain, reload); omitted: no admin listener."
     )
     cluster: Cluster | None = None
+    tracing: Tracing | None = Field(
+        None,
+        description="OpenTelemetry spans exported over OTLP/HTTP (needs the otel extra). W3C traceparent and "
+        "tracestate are propagated with or without it.",
+    )
     log: Log = Log()
     drain_timeout: Duration = Field(30.0, description="How long shutdown waits for in-flight requests.")
 

@@ -46,6 +46,7 @@ from bastion.upstream.targets import TargetState
 
 if TYPE_CHECKING:
     from bastion.config.build import RouteRuntime, Snapshot
+    from bastion.observability.tracing import RequestTrace
 
 log = logging.getLogger("bastion.exchange")
 
@@ -88,6 +89,7 @@ class Exchange:
         "_continue_sent",
         "relay",
         "redirect_https",
+        "trace",
     )
 
     def __init__(self, downstream: Downstream, request: Request, snapshot: Snapshot, expect_continue: bool) -> None:
@@ -124,6 +126,7 @@ class Exchange:
         self._continue_sent = False
         self.relay: Relay | None = None  # after a 101: the byte relay that carries the connection
         self.redirect_https: int | None = None  # set by the protocol: answer 308 to https on this port
+        self.trace: RequestTrace | None = None  # spans, when the snapshot has a tracer
 
     # --- DownstreamListener: the request body from the client ---------------------------------
 
@@ -246,6 +249,8 @@ class Exchange:
         # _forward below it): every resume after an upstream event passes through each frame.
         snapshot = self.snapshot
         request = self.request
+        if snapshot.tracer is not None:
+            self.trace = snapshot.tracer.begin(request)
         try:
             if self.redirect_https is not None:  # a listener that only sends clients to https
                 if not self.body_complete:
@@ -289,6 +294,7 @@ class Exchange:
         attempt = 0
         stale_retries = 0
         last_error: GatewayError | None = None
+        trace = self.trace
         while True:
             attempt += 1
             try:
@@ -298,9 +304,13 @@ class Exchange:
                     raise last_error from None  # no other target to retry on: the real failure
                 raise
             started = time.monotonic()
+            if trace is not None:
+                trace.start_attempt(upstream.name, target.address, target.pool.tls is not None)
             try:
                 conn = await target.pool.acquire()
             except (UpstreamConnectError, UpstreamConnectTimeout) as exc:
+                if trace is not None:
+                    trace.end_attempt(None, exc)
                 upstream.report_failure(target, exc)
                 tried.append(target)
                 last_error = exc
@@ -362,7 +372,9 @@ class Exchange:
             path = path[len(prefix) :] or "/"
         if request.query:
             path = path + "?" + request.query
-        headers = forwarded_headers(request, None if route.preserve_host else target.host_header)
+        headers = forwarded_headers(request, target.host_header, route.preserve_host)
+        if self.trace is not None:  # this attempt's traceparent replaces the client's
+            headers = self.trace.outgoing(headers, str(target.address), path)
         upgrade = request.upgrade == "websocket" and route.websocket
         if upgrade:
             headers += ((b"connection", b"upgrade"), (b"upgrade", b"websocket"))
@@ -461,6 +473,8 @@ class Exchange:
             self.relay.abort("shutdown")
 
     def _detach(self, target: TargetState, reusable: bool) -> None:
+        if self.trace is not None:
+            self.trace.end_attempt(self._response, self._error)
         conn = self.conn
         target.in_flight -= 1
         target.requests += 1
@@ -488,6 +502,8 @@ class Exchange:
     def _fail(self, error: GatewayError) -> None:
         """Answer with the protocol's error response, or cut the stream if it is too late."""
         self._error = error  # what went wrong, for the metrics' recent errors (GET /errors)
+        if self.trace is not None:
+            self.trace.failed(error)
         if self._head_sent:
             self.close = True
             self.downstream.reset(error)
@@ -516,7 +532,24 @@ class Exchange:
                 access_log.write(record)
             if route is not None and route.log_plugins and self.ctx is not None:
                 run_log_hooks(route, self.ctx, record)
+        if self.trace is not None:
+            self._end_trace(self.trace)
         self.downstream.finished(self.close)
+
+    def _end_trace(self, trace: RequestTrace) -> None:
+        """End the request's spans; a failure here must not keep the connection from going on."""
+        route = self.route
+        consumer = self.ctx.consumer if self.ctx is not None else None
+        try:
+            if route is None:
+                trace.finish(self.status, self._response, None, None, None, None)
+                return
+            match = route.config.match
+            template = match.path or match.path_exact or match.path_regex
+            consumer_name = consumer.name if consumer is not None else None
+            trace.finish(self.status, self._response, route.name, template, route.upstream.name, consumer_name)
+        except Exception:
+            log.exception("request %s: ending its trace failed", self.request.request_id)
 
     def log_record(self) -> dict[str, Any]:
         route = self.route

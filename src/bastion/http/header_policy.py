@@ -88,26 +88,31 @@ def is_dropped(name: bytes, drop: frozenset[bytes]) -> bool:
 _VIA = b"1.1 bastion"
 
 
-def forwarded_headers(request: Request, host: bytes | None) -> HeaderList:
+def forwarded_headers(request: Request, target_host: bytes, preserve_host: bool) -> HeaderList:
     """The request's fields toward the upstream: the client's (already filtered), then the
-    gateway's own. `host`: the target's Host value, or None to keep the client's."""
+    gateway's own. Host is the client's with `preserve_host`, else the target's; a request
+    without one (HTTP/1.0 may omit it) gets the target's, since the upstream hop is HTTP/1.1."""
     items: HeaderList = []
     forwarded_for = None
     via = None
+    client_host = None
     for item in request.headers.items:
         name = item[0]
         if name == b"x-forwarded-for":
             forwarded_for = item[1] if forwarded_for is None else forwarded_for + b", " + item[1]
         elif name == b"via":
             via = item[1] if via is None else via + b", " + item[1]
-        elif name != b"host" or host is None:
+        elif name == b"host":
+            client_host = item[1]
+            if preserve_host:
+                items.append(item)
+        else:
             items.append(item)
     client = request.client_ip.encode()
     items.append((b"x-forwarded-for", client if forwarded_for is None else forwarded_for + b", " + client))
     items.append((b"via", _VIA if via is None else via + b", " + _VIA))
-    if host is not None:
-        items.append((b"host", host))
-    client_host = request.headers.get_raw(b"host")
+    if not preserve_host or client_host is None:
+        items.append((b"host", target_host))
     if client_host:
         items.append((b"x-forwarded-host", client_host))
     items.append((b"x-real-ip", client))

@@ -11,6 +11,7 @@ The names and labels are listed, with their types, in docs/admin.md.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from typing import Any
 
 from prometheus_client.core import (
@@ -194,6 +195,16 @@ def _process_families(report: Mapping[str, Any]) -> Iterator[Metric]:
             },
         )
     yield info
+
+    expiry = GaugeMetricFamily(
+        "bastion_tls_certificate_not_after_seconds",
+        "When each certificate of an https listener expires (Unix time).",
+        labels=["bind", "cert"],
+    )
+    for bind, certificates in sorted(status.get("tls", {}).items()):
+        for cert in certificates:
+            expiry.add_metric([bind, cert["cert"]], datetime.fromisoformat(cert["not_after"]).timestamp())
+    yield expiry
 
     build = InfoMetricFamily("bastion_build", "The Bastion version running.", labels=[])
     build.add_metric([], {"version": status["version"]})
