@@ -56,6 +56,12 @@ class ExpectationFailed(GatewayError):
     status, word, message = 417, "expectation_failed", "The only expectation supported is 100-continue."
 
 
+class ClientClosed(GatewayError):
+    """The client went away before its answer: nothing is sent; logged as 499, as nginx does."""
+
+    status, word, message = 499, "client_closed", "The client closed the connection."
+
+
 class TransferCodingNotImplemented(GatewayError):
     status, word, message = 501, "not_implemented", "The request's transfer coding is not supported (only chunked)."
 

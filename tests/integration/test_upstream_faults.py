@@ -138,3 +138,29 @@ def test_client_leaving_never_causes_a_resend(origins, gateway):
         time.sleep(0.1)
     time.sleep(0.6)
     assert origin.call(lambda: origin.origin.requests) == 2
+
+
+def test_a_client_that_leaves_before_its_answer_is_logged_as_499(origins, tmp_path):
+    import json
+    import socket
+    import time
+
+    from support import GatewayProcess, free_port, simple_config, write_config
+
+    origin = origins()
+    port = free_port()
+    config = simple_config(port, [origin.port])
+    config["log"] = {"access": True}
+    gw = GatewayProcess(write_config(tmp_path / "gw.yaml", config), port)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /delay/1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.2)  # the request is at the upstream; the client goes away
+        deadline = time.monotonic() + 10
+        lines: list[dict] = []
+        while not lines and time.monotonic() < deadline:
+            lines = [json.loads(line) for line in gw.output()[0].splitlines() if line.startswith("{")]
+            time.sleep(0.05)
+    finally:
+        gw.stop()
+    assert [line["status"] for line in lines] == [499]

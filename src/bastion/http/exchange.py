@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bastion.errors import (
+    ClientClosed,
     GatewayError,
     NoHealthyTarget,
     PayloadTooLarge,
@@ -166,7 +167,7 @@ class Exchange:
         """The client went away: nothing more to relay."""
         self.close = True
         self._client_gone = True
-        self.upstream_failed(GatewayError("The client closed the connection."))
+        self.upstream_failed(ClientClosed())
 
     def on_client_error(self, error: GatewayError) -> None:
         self.close = True
