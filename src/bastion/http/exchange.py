@@ -422,7 +422,8 @@ class Exchange:
             self.close = True  # the client's unsent body would be read as the next request
         self._send_head(response, self._resp_length, pending or (), finished and self._resp_trailers is None)
         if pending:
-            self.bytes_out += sum(len(chunk) for chunk in pending)
+            for chunk in pending:
+                self.bytes_out += len(chunk)
         while not self._upstream_done:
             if self._error is not None:
                 raise self._error

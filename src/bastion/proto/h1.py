@@ -596,7 +596,8 @@ class H1Server(asyncio.BufferedProtocol):
         request = active.request
         status = response.status
         parts = [status_line(status, response.reason)]
-        _field_lines(parts, response.headers.items)
+        for name, value in response.headers.items:  # inline: once per response
+            parts += (name, b": ", value, b"\r\n")
         if status == 101:  # switching protocols: the head carries its own Connection: upgrade
             parts.append(b"\r\n")
             self.write(b"".join(parts))
