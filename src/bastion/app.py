@@ -231,7 +231,7 @@ class Gateway:
 
     def _factory(self, bind: str) -> Callable[[], asyncio.BaseProtocol]:
         # The listener's settings are looked up at each accept: a reload changes them.
-        return lambda: new_protocol(self, self.listeners[bind])
+        return lambda: new_protocol(self, self.listeners[bind], self.metrics)
 
     async def reload(self, same_config: bool = False, why: str = "config reloaded") -> bool:
         """Build the config again and swap it in; on any error keep the running one.

@@ -369,3 +369,31 @@ def test_redirect_https_leaves_out_port_443_and_needs_a_host(
     assert (reply.status, reply.header("Location")) == (308, "https://shop.example.com/p")
     raw = raw_exchange(port, b"GET /p HTTP/1.0\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 400 ")
+
+
+def test_handshakes_are_counted_in_the_metrics(pki: Pki, origin: OriginHandle, threads: Start) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port, admin = free_port(), free_port()
+    config = https_config(port, origin, [pki.issue("api", "api.example.com")])
+    config["admin"] = {"bind": f"127.0.0.1:{admin}"}
+    threads(config)
+    assert https_request(port, "api.example.com", pki.client_context()).status == 200
+    with pytest.raises(ssl.SSLError), tls_socket(port, "api.example.com", ssl.create_default_context()):
+        pass  # the client does not trust the certificate and aborts the handshake
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # plain HTTP on a TLS port
+        sock.recv(100)
+
+    def counts() -> dict[str, float]:
+        text = request(admin, path="/metrics").body.decode()
+        return {
+            sample.labels["result"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "bastion_tls_handshakes"
+            for sample in family.samples
+            if sample.labels.get("listener") == "web-tls"
+        }
+
+    wait_for(lambda: counts().get("failed", 0) >= 2)
+    assert counts() == {"completed": 1, "failed": 2}

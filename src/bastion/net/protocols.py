@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from bastion.config.schema import Listener
 from bastion.proto.h1 import H1Server, Host
@@ -28,14 +28,30 @@ def alpn_offer() -> list[str]:
     return list(PROTOCOLS)
 
 
-class Negotiator(asyncio.Protocol):
-    """A TLS connection before it is handed over: read ALPN, swap in the protocol it chose."""
+class HandshakeCounter(Protocol):
+    def tls_handshake(self, listener: str, completed: bool) -> None: ...
 
-    def __init__(self, host: Host, listener: Listener) -> None:
+
+class Negotiator(asyncio.Protocol):
+    """A TLS connection before it is handed over: read ALPN, swap in the protocol it chose.
+
+    It also counts the handshake: `connection_made` comes only after a completed one, and a
+    negotiator dropped without it (refused, timed out, cut) was a failed one."""
+
+    def __init__(self, host: Host, listener: Listener, counter: HandshakeCounter | None = None) -> None:
         self.host = host
         self.listener = listener
+        self.counter = counter
+        self.completed = False
+
+    def __del__(self) -> None:
+        if not self.completed and self.counter is not None:
+            self.counter.tls_handshake(self.listener.name, False)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.completed = True
+        if self.counter is not None:
+            self.counter.tls_handshake(self.listener.name, True)
         ssl_object: Any = transport.get_extra_info("ssl_object")
         chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         protocol = PROTOCOLS.get(chosen or DEFAULT, PROTOCOLS[DEFAULT])(self.host, self.listener)
@@ -43,8 +59,8 @@ class Negotiator(asyncio.Protocol):
         protocol.connection_made(transport)
 
 
-def new_protocol(host: Host, listener: Listener) -> asyncio.BaseProtocol:
+def new_protocol(host: Host, listener: Listener, counter: HandshakeCounter | None = None) -> asyncio.BaseProtocol:
     """The protocol object for one accepted connection (what `create_server`'s factory makes)."""
     if listener.protocol == "https":
-        return Negotiator(host, listener)
+        return Negotiator(host, listener, counter)
     return PROTOCOLS[DEFAULT](host, listener)

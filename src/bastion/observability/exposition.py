@@ -92,6 +92,15 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
 
     yield from _target_families(report["upstreams"])
 
+    handshakes = CounterMetricFamily(
+        "bastion_tls_handshakes",
+        "TLS handshakes on https listeners, by result (completed, or failed: refused, timed out, cut).",
+        labels=["listener", "result"],
+    )
+    for listener, result, count in sorted(report["metrics"].get("tls_handshakes", ())):
+        handshakes.add_metric([listener, result], count)
+    yield handshakes
+
     active = GaugeMetricFamily(
         "bastion_connections_active", "Open client connections, by listener.", labels=["listener"]
     )

@@ -164,7 +164,7 @@ class Metrics:
     """What one process counted since it started. Owned by the Gateway (through its
     TargetRegistry, which every snapshot shares), so reloads keep every count."""
 
-    __slots__ = ("routes", "upstreams", "unmatched", "recent_errors", "errors_seen")
+    __slots__ = ("routes", "upstreams", "unmatched", "recent_errors", "errors_seen", "tls_handshakes")
 
     def __init__(self) -> None:
         self.routes: dict[str, RouteStats] = {}
@@ -172,6 +172,12 @@ class Metrics:
         self.unmatched = self.route(UNMATCHED)
         self.recent_errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
         self.errors_seen = 0  # every error `recent_errors` was given, kept or since pushed out
+        self.tls_handshakes: dict[tuple[str, str], int] = {}  # (listener, completed|failed) -> count
+
+    def tls_handshake(self, listener: str, completed: bool) -> None:
+        """Count one TLS handshake on an https listener, completed or failed (per connection)."""
+        key = (listener, "completed" if completed else "failed")
+        self.tls_handshakes[key] = self.tls_handshakes.get(key, 0) + 1
 
     def route(self, name: str) -> RouteStats:
         stats = self.routes.get(name)
@@ -251,6 +257,7 @@ class Metrics:
         return {
             "routes": {name: stats.export() for name, stats in self.routes.items() if stats.responses},
             "upstreams": {name: stats.export() for name, stats in self.upstreams.items()},
+            "tls_handshakes": [[listener, result, count] for (listener, result), count in self.tls_handshakes.items()],
         }
 
 
@@ -276,7 +283,9 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Several processes' `export()`s added up: counters summed, histograms bucket by bucket."""
     routes: dict[str, dict[str, Any]] = {}
     upstreams: dict[str, dict[str, Any]] = {}
+    handshakes: list[list[Any]] = []
     for export in exports:
+        handshakes = add_rows(handshakes, export.get("tls_handshakes", ()))
         for name, route in export["routes"].items():
             merged = routes.setdefault(name, {"responses": [], "latency": None, "refused": []})
             merged["responses"] = add_rows(merged["responses"], route["responses"])
@@ -287,4 +296,4 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
             merged["latency"] = add_histograms(merged["latency"], stats["latency"])
             merged["retries"] += stats["retries"]
             merged["retries_denied"] += stats["retries_denied"]
-    return {"routes": routes, "upstreams": upstreams}
+    return {"routes": routes, "upstreams": upstreams, "tls_handshakes": handshakes}
