@@ -672,3 +672,15 @@ def test_https_certificates_expiry_is_a_gauge(
     metrics = Admin(None, admin_port).metrics()
     labels = (("bind", f"127.0.0.1:{port}"), ("cert", cert))
     assert metrics[("bastion_tls_certificate_not_after_seconds", labels)] == valid_until.timestamp()
+
+
+def test_requests_refused_before_routing_are_counted(admin_gateway: Callable[..., Any]) -> None:
+    admin, _, _ = admin_gateway()
+    port = admin.gw.port
+    raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    raw_exchange(port, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a,b\r\n\r\n")
+    metrics = admin.metrics()
+    assert total(metrics, "bastion_http_rejected_total", code="400") == 2
+    assert total(metrics, "bastion_http_rejected_total", code="414") == 1
+    assert total(metrics, "bastion_http_requests_total") == 0  # none became a request to route

@@ -92,6 +92,15 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
 
     yield from _target_families(report["upstreams"])
 
+    rejected = CounterMetricFamily(
+        "bastion_http_rejected",
+        "Requests refused before routing (malformed, 414, 431, ...), by listener and status.",
+        labels=["listener", "code"],
+    )
+    for listener, code, count in sorted(report["metrics"].get("rejected", ())):
+        rejected.add_metric([listener, code], count)
+    yield rejected
+
     handshakes = CounterMetricFamily(
         "bastion_tls_handshakes",
         "TLS handshakes on https listeners, by result (completed, or failed: refused, timed out, cut).",

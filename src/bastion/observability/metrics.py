@@ -164,7 +164,7 @@ class Metrics:
     """What one process counted since it started. Owned by the Gateway (through its
     TargetRegistry, which every snapshot shares), so reloads keep every count."""
 
-    __slots__ = ("routes", "upstreams", "unmatched", "recent_errors", "errors_seen", "tls_handshakes")
+    __slots__ = ("routes", "upstreams", "unmatched", "recent_errors", "errors_seen", "tls_handshakes", "rejected")
 
     def __init__(self) -> None:
         self.routes: dict[str, RouteStats] = {}
@@ -173,6 +173,12 @@ class Metrics:
         self.recent_errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
         self.errors_seen = 0  # every error `recent_errors` was given, kept or since pushed out
         self.tls_handshakes: dict[tuple[str, str], int] = {}  # (listener, completed|failed) -> count
+        self.rejected: dict[tuple[str, int], int] = {}  # (listener, status) -> requests refused unparsed
+
+    def reject(self, listener: str, status: int) -> None:
+        """Count a request the protocol refused before it became one to route (400, 414, 431...)."""
+        key = (listener, status)
+        self.rejected[key] = self.rejected.get(key, 0) + 1
 
     def tls_handshake(self, listener: str, completed: bool) -> None:
         """Count one TLS handshake on an https listener, completed or failed (per connection)."""
@@ -258,6 +264,7 @@ class Metrics:
             "routes": {name: stats.export() for name, stats in self.routes.items() if stats.responses},
             "upstreams": {name: stats.export() for name, stats in self.upstreams.items()},
             "tls_handshakes": [[listener, result, count] for (listener, result), count in self.tls_handshakes.items()],
+            "rejected": [[listener, str(status), count] for (listener, status), count in self.rejected.items()],
         }
 
 
@@ -284,8 +291,10 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     routes: dict[str, dict[str, Any]] = {}
     upstreams: dict[str, dict[str, Any]] = {}
     handshakes: list[list[Any]] = []
+    rejected: list[list[Any]] = []
     for export in exports:
         handshakes = add_rows(handshakes, export.get("tls_handshakes", ()))
+        rejected = add_rows(rejected, export.get("rejected", ()))
         for name, route in export["routes"].items():
             merged = routes.setdefault(name, {"responses": [], "latency": None, "refused": []})
             merged["responses"] = add_rows(merged["responses"], route["responses"])
@@ -296,4 +305,4 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
             merged["latency"] = add_histograms(merged["latency"], stats["latency"])
             merged["retries"] += stats["retries"]
             merged["retries_denied"] += stats["retries_denied"]
-    return {"routes": routes, "upstreams": upstreams, "tls_handshakes": handshakes}
+    return {"routes": routes, "upstreams": upstreams, "tls_handshakes": handshakes, "rejected": rejected}

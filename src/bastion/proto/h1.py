@@ -553,6 +553,8 @@ class H1Server(asyncio.BufferedProtocol):
         self._close()
 
     def send_error(self, error: GatewayError, request_id: str) -> None:
+        """Answer a request refused before it became an exchange (and count it)."""
+        self.gateway.snapshot.metrics.reject(self.settings.name, error.status)
         body = json.dumps({"error": error.word, "message": error.message, "request_id": request_id}).encode()
         parts = [status_line(error.status)]
         for name, value in error.headers:
