@@ -373,7 +373,8 @@ def test_stats_are_sampled_every_interval_into_a_series(
 
     wait_for(lambda: len(series()) >= 3 and sum(point["requests"] for point in series()) == 3)
     points = series()
-    assert all(0 < point["seconds"] <= 0.25 + 1e-6 for point in points), points
+    # Each point covers one interval (a sample may run a few ms late: never a second interval).
+    assert all(0 < point["seconds"] < 0.5 for point in points), points
     assert [point["at"] for point in points] == sorted({point["at"] for point in points})
     assert admin.get("/stats")["interval_seconds"] == 0.25
 

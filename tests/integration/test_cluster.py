@@ -270,7 +270,7 @@ def test_redis_killed_with_on_store_error_deny_refuses_with_503_then_recovers(
         redis.kill()
         start = time.monotonic()
         status, _ = header_of(gateway.port, "/limited", "X-Config")
-        assert status == 503 and time.monotonic() - start < 0.5
+        assert status == 503 and time.monotonic() - start < 1.0  # the 250 ms store timeout, once
         assert header_of(gateway.port, "/other", "X-Config")[0] == 200  # routes without a limit: untouched
         redis.start()
         until_all([gateway.port], lambda p: header_of(p, "/limited", "X-Config")[0] == 200, timeout=2)
