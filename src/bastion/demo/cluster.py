@@ -16,7 +16,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,28 +23,14 @@ import time
 from importlib import resources
 from pathlib import Path
 
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+from bastion.demo.runner import port_free, wait_listening
 
 
 def _wait(port: int, process: subprocess.Popen[bytes], name: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    if not wait_listening(port, process, time.monotonic() + timeout):
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited ({process.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{name} does not listen on 127.0.0.1:{port}")
+        raise RuntimeError(f"{name} does not listen on 127.0.0.1:{port}")
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -72,7 +57,7 @@ def run(once: bool) -> int:
     ports = [int(p) for p in os.environ.get("BASTION_CLUSTER_DEMO_PORTS", "8081,8082,8083").split(",")]
     redis_port = int(os.environ.get("BASTION_CLUSTER_DEMO_REDIS_PORT", "6399"))
     origin_port = int(os.environ.setdefault("BASTION_DEMO_ORIGIN_PORT", "9111"))
-    busy = [p for p in [*ports, redis_port, origin_port] if not _free(p)]
+    busy = [p for p in [*ports, redis_port, origin_port] if not port_free(p)]
     if busy:
         print(
             f"cluster demo: port {', '.join(map(str, busy))} in use on 127.0.0.1 (see the ports below)", file=sys.stderr

@@ -58,7 +58,8 @@ def _pin_ports() -> None:
             raise ValueError(f"{env}={value!r} is not a port number")
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether a demo can bind 127.0.0.1:PORT now (checked before starting anything)."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -68,7 +69,8 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], deadline: float) -> bool:
+def wait_listening(port: int, process: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Whether `process` listens on 127.0.0.1:PORT before `deadline` (False: it exited or did not)."""
     while time.monotonic() < deadline:
         if process.poll() is not None:
             return False
@@ -88,7 +90,7 @@ def _start_origins() -> list[subprocess.Popen[bytes]]:
             processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, process_group=0))
         deadline = time.monotonic() + _START_TIMEOUT
         for origin, process in zip(ORIGINS, processes, strict=True):
-            if not _wait_listening(origin.port, process, deadline):
+            if not wait_listening(origin.port, process, deadline):
                 raise _DemoError(f"demo origin {origin.name} did not start on 127.0.0.1:{origin.port}")
     except BaseException:
         _stop(processes)
@@ -192,7 +194,7 @@ def run_demo() -> int:
         print(f"bastion demo: {exc}", file=sys.stderr)
         return 1
     ports = [int(os.environ[GATEWAY_ENV]), int(os.environ[ADMIN_ENV])] + [o.port for o in ORIGINS]
-    busy = [p for p in ports if not _port_free(p)]
+    busy = [p for p in ports if not port_free(p)]
     if busy:
         names = ", ".join(str(p) for p in busy)
         print(
