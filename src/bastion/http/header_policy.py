@@ -52,7 +52,9 @@ CONNECTION_PROTECTED = frozenset((b"host",))
 # Response fields the gateway sets itself toward the client.
 DROP_RESPONSE = HOP_BY_HOP | frozenset((b"x-request-id",))
 
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))  # values that name no other field
+# `Connection` values that name no other field, as senders usually spell them (checked without
+# lower-casing on the hot path; other spellings take the general path, with the same result).
+PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))
 
 
 def request_drop_set(identity: Iterable[bytes] = ()) -> frozenset[bytes]:
@@ -75,7 +77,7 @@ def with_connection_tokens(drop: frozenset[bytes], connection: list[bytes]) -> f
     """`drop` plus the names `Connection` lists, except the protected ones.
 
     `Connection: keep-alive` or `close` alone (the common case) names no field: no new set."""
-    if len(connection) == 1 and connection[0].lower() in _PLAIN_CONNECTION:
+    if len(connection) == 1 and connection[0] in PLAIN_CONNECTION:
         return drop
     return drop | (connection_tokens(connection) - CONNECTION_PROTECTED)
 

@@ -22,8 +22,6 @@ from bastion.http.header_policy import DROP_RESPONSE, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
 
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))  # name no other field
-
 
 class _BytesAfterResponse(Exception):
     """The upstream sent more after the final response: the connection is not reusable."""
@@ -304,7 +302,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         drop = DROP_RESPONSE
         connection = self._connection
-        if connection and not (len(connection) == 1 and connection[0] in _PLAIN_CONNECTION):
+        if connection:
             drop = with_connection_tokens(drop, connection)
         headers = [item for item in self._headers if item[0] not in drop]
         reason = self._reason
