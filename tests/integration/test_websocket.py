@@ -354,3 +354,39 @@ def test_wss_through_a_tls_listener(gateway: StartGateway, ws_origin: StartOrigi
         ws.send(b"\x00" * MIB)
         assert ws.recv(timeout=10) == b"\x00" * MIB
     assert origin.requests[-1][0] == "/echo"
+
+
+def test_a_closed_websocket_gives_its_upstream_connection_slot_back(
+    gateway: StartGateway, ws_origin: StartOrigin
+) -> None:
+    origin = ws_origin()
+    config = simple_config(free_port(), [origin.port], routes=[ws_route()])
+    config["listeners"][0]["bind"] = "127.0.0.1:PORT"
+    config["upstreams"]["app"]["max_connections"] = 1  # no queue: a leaked slot is a 503
+    gw = gateway(config)
+    for n in range(3):
+        with ws_connect(gw.port) as ws:
+            ws.send(f"round {n}")
+            assert ws.recv(timeout=5) == f"round {n}"
+        wait_until(lambda: origin.open_connections == 0)
+
+
+def test_frames_sent_right_behind_the_handshake_are_not_lost(gateway: StartGateway, ws_origin: StartOrigin) -> None:
+    import socket
+
+    origin = ws_origin()
+    gw = gateway(targets=[origin.port], routes=[ws_route()])
+    handshake = (
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    mask = b"\x01\x02\x03\x04"
+    frame = b"\x81\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"hi"))  # masked text "hi"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(handshake + frame)  # one write: the frame arrives with the Upgrade request
+        received = b""
+        while b"\x81\x02hi" not in received:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 101 ")
