@@ -65,7 +65,7 @@ def test_https_needs_tls_and_tls_needs_https() -> None:
 
 def test_tcp_and_udp_are_still_refused() -> None:
     text = HTTPS.replace("protocol: https", "protocol: tcp")
-    assert "gw.yaml:5: listeners[0].protocol: protocol 'tcp' is not supported yet (only http and https)" in (
+    assert "gw.yaml:5: listeners[0].protocol: protocol 'tcp' is not supported yet (only http, https and udp)" in (
         load_problems(text)
     )
 
