@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 from bastion.admin.listener import AdminListener
 from bastion.config.build import Snapshot, build_snapshot, close_later
 from bastion.config.loader import LoadedConfig, load_config, load_config_text
-from bastion.config.schema import Cluster, Config, Consumer, Listener
+from bastion.config.schema import L4_PROTOCOLS, Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
+from bastion.l4.listener import L4Hub
 from bastion.net.protocols import new_protocol
 from bastion.net.tls import TlsFront, file_digest
 from bastion.observability.logs import reopen_access_logs
@@ -117,7 +118,8 @@ class Gateway:
         self.registry = TargetRegistry(self.metrics)
         self.read_buffer = ReadBuffer()  # shared by this gateway's client connections
         self.health = HealthMonitor(worker, workers)
-        self.connections: set[H1Server] = set()
+        self.connections: set[H1Server] = set()  # L4 connections (l4/conn.py) too: drained alike
+        self.l4 = L4Hub(self)
         self.servers: dict[str, asyncio.Server] = {}  # by bind address
         self.listeners: dict[str, Listener] = {}  # by bind address, current settings
         self._snapshot: Snapshot | None = None
@@ -231,7 +233,13 @@ class Gateway:
 
     def _factory(self, bind: str) -> Callable[[], asyncio.BaseProtocol]:
         # The listener's settings are looked up at each accept: a reload changes them.
-        return lambda: new_protocol(self, self.listeners[bind], self.metrics)
+        def accept() -> asyncio.BaseProtocol:
+            listener = self.listeners[bind]
+            if listener.protocol in L4_PROTOCOLS:
+                return self.l4.protocol(listener)
+            return new_protocol(self, listener, self.metrics)
+
+        return accept
 
     async def reload(self, same_config: bool = False, why: str = "config reloaded") -> bool:
         """Build the config again and swap it in; on any error keep the running one.

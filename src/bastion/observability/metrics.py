@@ -164,7 +164,17 @@ class Metrics:
     """What one process counted since it started. Owned by the Gateway (through its
     TargetRegistry, which every snapshot shares), so reloads keep every count."""
 
-    __slots__ = ("routes", "upstreams", "unmatched", "recent_errors", "errors_seen", "tls_handshakes", "rejected")
+    __slots__ = (
+        "routes",
+        "upstreams",
+        "unmatched",
+        "recent_errors",
+        "errors_seen",
+        "tls_handshakes",
+        "rejected",
+        "l4_connections",
+        "l4_bytes",
+    )
 
     def __init__(self) -> None:
         self.routes: dict[str, RouteStats] = {}
@@ -174,11 +184,24 @@ class Metrics:
         self.errors_seen = 0  # every error `recent_errors` was given, kept or since pushed out
         self.tls_handshakes: dict[tuple[str, str], int] = {}  # (listener, completed|failed) -> count
         self.rejected: dict[tuple[str, int], int] = {}  # (listener, status) -> requests refused unparsed
+        self.l4_connections: dict[tuple[str, str], int] = {}  # (listener, close reason) -> L4 connections ended
+        self.l4_bytes: dict[tuple[str, str], int] = {}  # (listener, in|out) -> bytes relayed by ended ones
 
     def reject(self, listener: str, status: int) -> None:
         """Count a request the protocol refused before it became one to route (400, 414, 431...)."""
         key = (listener, status)
         self.rejected[key] = self.rejected.get(key, 0) + 1
+
+    def l4_closed(self, listener: str, reason: str, bytes_in: int, bytes_out: int) -> None:
+        """Count one ended L4 connection (tcp, tls_passthrough) and the bytes it relayed."""
+        key = (listener, reason)
+        self.l4_connections[key] = self.l4_connections.get(key, 0) + 1
+        if bytes_in:
+            key = (listener, "in")
+            self.l4_bytes[key] = self.l4_bytes.get(key, 0) + bytes_in
+        if bytes_out:
+            key = (listener, "out")
+            self.l4_bytes[key] = self.l4_bytes.get(key, 0) + bytes_out
 
     def tls_handshake(self, listener: str, completed: bool) -> None:
         """Count one TLS handshake on an https listener, completed or failed (per connection)."""
@@ -265,6 +288,8 @@ class Metrics:
             "upstreams": {name: stats.export() for name, stats in self.upstreams.items()},
             "tls_handshakes": [[listener, result, count] for (listener, result), count in self.tls_handshakes.items()],
             "rejected": [[listener, str(status), count] for (listener, status), count in self.rejected.items()],
+            "l4_connections": [[listener, result, count] for (listener, result), count in self.l4_connections.items()],
+            "l4_bytes": [[listener, direction, count] for (listener, direction), count in self.l4_bytes.items()],
         }
 
 
@@ -292,9 +317,13 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     upstreams: dict[str, dict[str, Any]] = {}
     handshakes: list[list[Any]] = []
     rejected: list[list[Any]] = []
+    l4_connections: list[list[Any]] = []
+    l4_bytes: list[list[Any]] = []
     for export in exports:
         handshakes = add_rows(handshakes, export.get("tls_handshakes", ()))
         rejected = add_rows(rejected, export.get("rejected", ()))
+        l4_connections = add_rows(l4_connections, export.get("l4_connections", ()))
+        l4_bytes = add_rows(l4_bytes, export.get("l4_bytes", ()))
         for name, route in export["routes"].items():
             merged = routes.setdefault(name, {"responses": [], "latency": None, "refused": []})
             merged["responses"] = add_rows(merged["responses"], route["responses"])
@@ -305,4 +334,11 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
             merged["latency"] = add_histograms(merged["latency"], stats["latency"])
             merged["retries"] += stats["retries"]
             merged["retries_denied"] += stats["retries_denied"]
-    return {"routes": routes, "upstreams": upstreams, "tls_handshakes": handshakes, "rejected": rejected}
+    return {
+        "routes": routes,
+        "upstreams": upstreams,
+        "tls_handshakes": handshakes,
+        "rejected": rejected,
+        "l4_connections": l4_connections,
+        "l4_bytes": l4_bytes,
+    }
