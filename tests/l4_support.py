@@ -193,7 +193,9 @@ def l4_config(port: int, targets: list[str], listener: dict[str, Any] | None = N
     """One tcp listener on `port` relaying to upstream `db` over `targets`."""
     return {
         "version": 1,
-        "listeners": [{"name": "db", "bind": f"127.0.0.1:{port}", "protocol": "tcp", "upstream": "db", **(listener or {})}],
+        "listeners": [
+            {"name": "db", "bind": f"127.0.0.1:{port}", "protocol": "tcp", "upstream": "db", **(listener or {})}
+        ],
         "upstreams": {"db": {"targets": [{"address": t} for t in targets], **upstream}},
         "log": {"access": False},
     }
