@@ -9,6 +9,7 @@ be killed (listening socket and every open connection closed at once, with a res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -71,10 +72,8 @@ class TcpOrigin:
             conns = list(self.open)
         for conn in conns:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             conn.close()
 
     stop = kill

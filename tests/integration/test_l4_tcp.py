@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -143,10 +144,8 @@ def test_a_target_that_does_not_answer_the_connect_times_out_and_fails_over(
     for _ in range(8):
         filler = socket.socket()
         filler.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             filler.connect(silent.getsockname())
-        except BlockingIOError:
-            pass
         fillers.append(filler)
     time.sleep(0.2)
     origin = tcp_origin(greeting=b"b\n")

@@ -94,7 +94,8 @@ def test_one_gigabyte_through_one_connection_keeps_memory_flat(tmp_path: Path, o
         assert peak - baseline < 32 * MB, f"RSS grew {(peak - baseline) / MB:.1f} MB"
         assert elapsed < 120
         print(
-            f"1 GB in {elapsed:.2f}s ({total / elapsed / MB:.0f} MB/s), RSS {baseline / MB:.1f} -> peak {peak / MB:.1f} MB"
+            f"1 GB in {elapsed:.2f}s ({total / elapsed / MB:.0f} MB/s), "
+            f"RSS {baseline / MB:.1f} -> peak {peak / MB:.1f} MB"
         )
     finally:
         gw.stop()
