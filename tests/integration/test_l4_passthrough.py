@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import time
@@ -91,10 +92,8 @@ def client_hello(server_name: str | None) -> bytes:
         context.check_hostname = False
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
@@ -189,10 +188,8 @@ def test_a_hello_sent_byte_by_byte_is_routed(setup: Any) -> None:
     tls = context.wrap_bio(incoming, outgoing, server_hostname="x.apps.example.com")
     with connect(s.port) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
+        with contextlib.suppress(ssl.SSLWantReadError):
             tls.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
         for byte in outgoing.read():
             sock.sendall(bytes([byte]))
         while True:  # finish the handshake over the socket with the origin

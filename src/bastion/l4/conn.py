@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from bastion.errors import GatewayError, NoHealthyTarget, Overloaded
 from bastion.l4.connect import connect_target
@@ -31,12 +31,39 @@ from bastion.net.relay import Relay, RelayStats
 if TYPE_CHECKING:
     from bastion.config.build import Snapshot
     from bastion.config.schema import Listener
-    from bastion.l4.listener import L4Hub
+    from bastion.l4.sni import SniTable
+    from bastion.observability.metrics import Metrics
     from bastion.upstream.targets import TargetState
 
 log = logging.getLogger("bastion.l4")
 
 HOLD_LIMIT = 64 * 1024  # bytes a target may send before the relay starts; then its reading pauses
+
+
+class L4Host(Protocol):
+    """What L4 connections need from the gateway (app.Gateway)."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def connections(self) -> set[Any]: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+
+class Hub(Protocol):
+    """The listener side a connection reports to (l4/listener.py `L4Hub`)."""
+
+    @property
+    def host(self) -> L4Host: ...
+
+    def admit(self, conn: L4Connection) -> bool: ...
+
+    def release(self, conn: L4Connection) -> None: ...
+
+    def sni_table(self, listener: Listener) -> SniTable: ...
 
 
 class _UpstreamHold(asyncio.Protocol):
@@ -75,7 +102,7 @@ class L4Connection(asyncio.Protocol):
 
     kind = "tcp"
 
-    def __init__(self, hub: L4Hub, listener: Listener) -> None:
+    def __init__(self, hub: Hub, listener: Listener) -> None:
         self.hub = hub
         self.settings = listener  # the gateway's connection count reads `settings.name`
         self.snapshot: Snapshot = hub.host.snapshot

@@ -4,31 +4,12 @@ listener for `limits.max_connections`, and keeps each passthrough listener's SNI
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.config.schema import Listener
-from bastion.l4.conn import L4Connection
+from bastion.l4.conn import L4Connection, L4Host
 from bastion.l4.passthrough import PassthroughProxy
 from bastion.l4.sni import SniTable
 from bastion.l4.tcp import TcpProxy
-
-if TYPE_CHECKING:
-    from bastion.config.build import Snapshot
-    from bastion.observability.metrics import Metrics
-
-
-class L4Host(Protocol):
-    """What L4 connections need from the gateway (app.Gateway)."""
-
-    @property
-    def snapshot(self) -> Snapshot: ...
-
-    @property
-    def connections(self) -> set[Any]: ...
-
-    @property
-    def metrics(self) -> Metrics: ...
-
 
 PROTOCOLS: dict[str, type[L4Connection]] = {"tcp": TcpProxy, "tls_passthrough": PassthroughProxy}
 
