@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 from bastion.admin.listener import AdminListener
 from bastion.config.build import Snapshot, build_snapshot, close_later
 from bastion.config.loader import LoadedConfig, load_config, load_config_text
-from bastion.config.schema import Cluster, Config, Consumer, Listener
+from bastion.config.schema import L4_PROTOCOLS, Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
+from bastion.l4.listener import L4Hub
 from bastion.net.protocols import new_protocol
 from bastion.net.proxy_accept import ProxyReader, Trusted, late_tls
 from bastion.net.tls import TlsFront, file_digest
@@ -118,7 +119,8 @@ class Gateway:
         self.registry = TargetRegistry(self.metrics)
         self.read_buffer = ReadBuffer()  # shared by this gateway's client connections
         self.health = HealthMonitor(worker, workers)
-        self.connections: set[H1Server] = set()
+        self.connections: set[H1Server] = set()  # L4 connections (l4/conn.py) too: drained alike
+        self.l4 = L4Hub(self)
         self.servers: dict[str, asyncio.Server] = {}  # by bind address
         self.listeners: dict[str, Listener] = {}  # by bind address, current settings
         self._late_tls: set[str] = set()  # https binds listening in the clear: TLS after a PROXY header
@@ -246,9 +248,14 @@ class Gateway:
             listener = self.listeners[bind]
             if listener.proxy_protocol is not None and listener.proxy_protocol.accept:
                 return self._proxy_reader(bind, listener)
-            return new_protocol(self, listener, self.metrics)
+            return self._protocol(listener)
 
         return accept
+
+    def _protocol(self, listener: Listener) -> asyncio.BaseProtocol:
+        if listener.protocol in L4_PROTOCOLS:
+            return self.l4.protocol(listener)
+        return new_protocol(self, listener, self.metrics)
 
     def _proxy_reader(self, bind: str, listener: Listener) -> ProxyReader:
         """The PROXY header first, then the listener's protocol (TLS first on https)."""
@@ -262,7 +269,7 @@ class Gateway:
             listener.name,
             trusted,
             listener.timeouts.header,
-            lambda: new_protocol(self, listener, self.metrics),
+            lambda: self._protocol(listener),
             self.metrics.proxy_stats(listener.name),
             front.context if front is not None else None,
         )

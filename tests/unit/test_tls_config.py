@@ -59,15 +59,8 @@ def test_https_needs_tls_and_tls_needs_https() -> None:
         "gw.yaml:3: listeners[0]: an https listener needs tls: { certificates: [{ cert: ..., key: ... }] }"
     ]
     assert load_problems(HTTPS.replace("protocol: https", "protocol: http")) == [
-        "gw.yaml:3: listeners[0]: tls is for https listeners (this one is http)"
+        "gw.yaml:3: listeners[0]: tls is for https and tcp listeners (this one is http)"
     ]
-
-
-def test_tcp_and_udp_are_still_refused() -> None:
-    text = HTTPS.replace("protocol: https", "protocol: tcp")
-    assert "gw.yaml:5: listeners[0].protocol: protocol 'tcp' is not supported yet (only http, https and udp)" in (
-        load_problems(text)
-    )
 
 
 def test_redirect_https_is_for_http_listeners_and_a_port() -> None:

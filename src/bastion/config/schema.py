@@ -51,6 +51,12 @@ class ListenerTimeouts(Model):
     keepalive: Duration = Field(75.0, description="How long an idle keep-alive client connection stays open.")
     body: Duration = Field(60.0, description="Longest gap between two reads of a request body.")
     send: Duration = Field(60.0, description="Longest time a response write may stay blocked on a slow client.")
+    idle: Duration = Field(
+        3600.0,
+        gt=0,
+        description="tcp and tls_passthrough listeners: a connection with no byte moving either way for this "
+        "long is closed (close_reason idle_timeout).",
+    )
 
 
 class ListenerLimits(Model):
@@ -63,6 +69,12 @@ class ListenerLimits(Model):
         ge=0,
         description="Slowest request-body upload accepted, in bytes per second averaged from the body's start, "
         "after a grace of timeouts.body; a slower client gets 400 and is closed. 0: no minimum.",
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="tcp and tls_passthrough listeners: open client connections at most; one more is closed at "
+        "once (close_reason over_limit). 0: unlimited.",
     )
 
 
@@ -146,11 +158,51 @@ class ListenerUdp(Model):
     )
 
 
+_SNI_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*)$")
+
+
+class SniRoute(Model):
+    hosts: list[str] = Field(
+        min_length=1,
+        description="Server names (SNI) this route takes: exact names, *.suffix wildcards (any depth, longest "
+        "suffix first) or * for every other hello, SNI-less and malformed ones included.",
+    )
+    upstream: str = Field(min_length=1, description="The upstream whose targets get the bytes, untouched.")
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        out = []
+        for host in value:
+            host = host.strip().lower().rstrip(".")
+            if not _SNI_HOST.match(host):
+                raise ValueError(f"not a host name, *.wildcard or *: {host!r}")
+            out.append(host)
+        return out
+
+
+L4_PROTOCOLS = ("tcp", "tls_passthrough")
+_HTTP_ONLY_TIMEOUTS = ("keepalive", "body", "send")
+_HTTP_ONLY_LIMITS = ("max_header_bytes", "max_uri_bytes", "max_headers", "max_requests_per_connection", "min_body_rate")
+
+
 class Listener(Model):
     name: str = Field(min_length=1)
     bind: Address
-    protocol: Literal["http", "https", "tcp", "udp"] = "http"
-    tls: ListenerTls | None = Field(None, description="Certificates and TLS settings; required for https.")
+    protocol: Literal["http", "https", "tcp", "tls_passthrough", "udp"] = "http"
+    tls: ListenerTls | None = Field(
+        None, description="Certificates and TLS settings; required for https, optional on tcp (TLS terminated first)."
+    )
+    upstream: str | None = Field(
+        None,
+        description="tcp and udp listeners: the upstream whose targets get the relayed bytes or datagrams "
+        "(required there).",
+    )
+    sni_routes: list[SniRoute] | None = Field(
+        None,
+        description="tls_passthrough listeners: the upstream for each server name read from the ClientHello "
+        "(required there); exact names win over wildcards, wildcards over *.",
+    )
     http2: bool | None = Field(
         None,
         description="Offer HTTP/2 in ALPN (https listeners; default true). HTTP/2 is not implemented yet: "
@@ -174,22 +226,48 @@ class Listener(Model):
     proxy_protocol: ProxyProtocolAccept | None = Field(
         None, description="Accept the PROXY protocol from front balancers (http, https and tcp listeners)."
     )
-    upstream: str | None = Field(None, description="tcp and udp listeners: the upstream whose targets get the traffic.")
     udp: ListenerUdp | None = Field(None, description="Sessions of a udp listener (defaults when omitted).")
 
-    @field_validator("protocol")
-    @classmethod
-    def _http_or_https_for_now(cls, value: str) -> str:
-        if value not in ("http", "https", "udp"):
-            raise ValueError(f"protocol {value!r} is not supported yet (only http, https and udp)")
-        return value
+    @model_validator(mode="after")
+    def _l4_keys_match_protocol(self) -> Listener:
+        l4 = self.protocol in L4_PROTOCOLS or self.protocol == "udp"
+        if self.protocol == "udp" and (
+            "idle" in self.timeouts.model_fields_set or "max_connections" in self.limits.model_fields_set
+        ):
+            raise ValueError("a udp listener sets udp.session_idle and udp.max_sessions instead")
+        if self.protocol == "tcp" and self.upstream is None:
+            raise ValueError("a tcp listener needs upstream: NAME")
+        if self.protocol not in ("tcp", "udp") and self.upstream is not None:
+            raise ValueError(
+                f"upstream is for tcp and udp listeners (this one is {self.protocol}; http ones use routes)"
+            )
+        if self.protocol == "tls_passthrough" and not self.sni_routes:
+            raise ValueError("a tls_passthrough listener needs sni_routes: [{ hosts: [...], upstream: NAME }]")
+        if self.protocol != "tls_passthrough" and self.sni_routes is not None:
+            raise ValueError(f"sni_routes is for tls_passthrough listeners (this one is {self.protocol})")
+        if l4:
+            for key in ("http2", "redirect_https", "underscores_in_headers"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"{key} is for http and https listeners (this one is {self.protocol})")
+            for key in _HTTP_ONLY_TIMEOUTS:
+                if key in self.timeouts.model_fields_set:
+                    raise ValueError(f"timeouts.{key} is for http and https listeners (this one is {self.protocol})")
+            for key in _HTTP_ONLY_LIMITS:
+                if key in self.limits.model_fields_set:
+                    raise ValueError(f"limits.{key} is for http and https listeners (this one is {self.protocol})")
+        else:
+            if "idle" in self.timeouts.model_fields_set:
+                raise ValueError("timeouts.idle is for tcp and tls_passthrough listeners (http ones use keepalive)")
+            if "max_connections" in self.limits.model_fields_set:
+                raise ValueError("limits.max_connections is for tcp and tls_passthrough listeners")
+        return self
 
     @model_validator(mode="after")
     def _tls_matches_protocol(self) -> Listener:
         if self.protocol == "https" and self.tls is None:
             raise ValueError("an https listener needs tls: { certificates: [{ cert: ..., key: ... }] }")
-        if self.protocol != "https" and self.tls is not None:
-            raise ValueError(f"tls is for https listeners (this one is {self.protocol})")
+        if self.protocol not in ("https", "tcp") and self.tls is not None:
+            raise ValueError(f"tls is for https and tcp listeners (this one is {self.protocol})")
         if self.redirect_https is not None and self.protocol != "http":
             raise ValueError("redirect_https is for http listeners")
         if self.http2 and self.protocol != "https":
@@ -713,12 +791,10 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
     if uses_mtls and not any(listener.tls is not None and listener.tls.client_ca for listener in config.listeners):
         problems.append((("listeners",), "mtls_auth is used but no https listener sets tls.client_ca"))
 
-    for index, listener in enumerate(config.listeners):
-        if listener.upstream is not None and listener.upstream not in config.upstreams:
-            known = ", ".join(sorted(config.upstreams)) or "none defined"
-            problems.append((("listeners", index, "upstream"), f"no upstream named {listener.upstream!r} ({known})"))
-        elif listener.protocol == "udp" and listener.upstream is not None:
-            upstream = config.upstreams[listener.upstream]
+    problems.extend(_l4_problems(config))
+    for listener in config.listeners:
+        if listener.protocol == "udp" and listener.upstream in config.upstreams:
+            upstream = config.upstreams[listener.upstream]  # udp: listener.upstream is set
             active = upstream.health_check.active
             if active is not None and active.type == "tcp":
                 problems.append(
@@ -751,4 +827,41 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         path = route.match.path
         if prefix and path and "{" not in path and not (path == prefix or path.startswith(prefix + "/")):
             problems.append((("routes", index, "strip_prefix"), f"{prefix!r} is not a prefix of path {path!r}"))
+    return problems
+
+
+def _l4_problems(config: Config) -> list[tuple[Loc, str]]:
+    """L4 listeners name existing upstreams, and those upstreams use nothing HTTP-only."""
+    problems: list[tuple[Loc, str]] = []
+    known = ", ".join(sorted(config.upstreams)) or "none defined"
+    used: dict[str, Loc] = {}
+    for index, listener in enumerate(config.listeners):
+        names: list[tuple[Loc, str]] = []
+        if listener.upstream is not None:
+            names.append((("listeners", index, "upstream"), listener.upstream))
+        for route_index, route in enumerate(listener.sni_routes or ()):
+            names.append((("listeners", index, "sni_routes", route_index, "upstream"), route.upstream))
+        seen_hosts: set[str] = set()
+        for route_index, route in enumerate(listener.sni_routes or ()):
+            for host in route.hosts:
+                if host in seen_hosts:
+                    loc: Loc = ("listeners", index, "sni_routes", route_index, "hosts")
+                    problems.append((loc, f"{host!r} is already in an earlier route"))
+                seen_hosts.add(host)
+        for loc, name in names:
+            if name not in config.upstreams:
+                problems.append((loc, f"no upstream named {name!r} ({known})"))
+            else:
+                used.setdefault(name, loc)
+    for name, where in used.items():
+        upstream = config.upstreams[name]
+        listener_loc = ".".join(str(part) if isinstance(part, str) else f"[{part}]" for part in where)
+        listener_loc = listener_loc.replace(".[", "[")
+        if upstream.balance == "consistent_hash" and upstream.hash_on != "ip":
+            problems.append((("upstreams", name, "hash_on"), f"an L4 upstream ({listener_loc}) can only hash on ip"))
+        if any(route.upstream == name for route in config.routes):
+            continue  # routes use it too: the HTTP-only keys are theirs
+        for key in ("sticky", "tls"):
+            if key in upstream.model_fields_set:
+                problems.append((("upstreams", name, key), f"not used by an L4 upstream ({listener_loc})"))
     return problems

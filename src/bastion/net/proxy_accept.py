@@ -69,9 +69,9 @@ class Trusted:
 
 
 def late_tls(listener: Listener) -> bool:
-    """An https listener that reads a PROXY header before its TLS handshake."""
+    """A TLS listener (https, tcp with tls) that reads a PROXY header before its handshake."""
     accept = listener.proxy_protocol
-    return listener.protocol == "https" and accept is not None and accept.accept
+    return listener.tls is not None and accept is not None and accept.accept
 
 
 def feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:

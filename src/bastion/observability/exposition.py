@@ -121,6 +121,24 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
 
     yield from _udp_families(report["metrics"].get("udp", {}))
 
+    l4_connections = CounterMetricFamily(
+        "bastion_l4_connections",
+        "Ended connections of tcp and tls_passthrough listeners, by listener and result (the close reason).",
+        labels=["listener", "result"],
+    )
+    for listener, result, count in sorted(report["metrics"].get("l4_connections", ())):
+        l4_connections.add_metric([listener, result], count)
+    yield l4_connections
+
+    l4_bytes = CounterMetricFamily(
+        "bastion_l4_bytes",
+        "Bytes relayed by ended L4 connections, by listener and direction (in: client to target).",
+        labels=["listener", "direction"],
+    )
+    for listener, direction, count in sorted(report["metrics"].get("l4_bytes", ())):
+        l4_bytes.add_metric([listener, direction], count)
+    yield l4_bytes
+
     active = GaugeMetricFamily(
         "bastion_connections_active", "Open client connections, by listener.", labels=["listener"]
     )

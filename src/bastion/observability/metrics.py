@@ -217,6 +217,8 @@ class Metrics:
         "rejected",
         "proxy_protocol",
         "udp",
+        "l4_connections",
+        "l4_bytes",
     )
 
     def __init__(self) -> None:
@@ -229,6 +231,8 @@ class Metrics:
         self.rejected: dict[tuple[str, int], int] = {}  # (listener, status) -> requests refused unparsed
         self.proxy_protocol: dict[str, ProxyProtocolStats] = {}  # by listener
         self.udp: dict[str, UdpStats] = {}  # by listener
+        self.l4_connections: dict[tuple[str, str], int] = {}  # (listener, close reason) -> L4 connections ended
+        self.l4_bytes: dict[tuple[str, str], int] = {}  # (listener, in|out) -> bytes relayed by ended ones
 
     def proxy_stats(self, listener: str) -> ProxyProtocolStats:
         stats = self.proxy_protocol.get(listener)
@@ -246,6 +250,17 @@ class Metrics:
         """Count a request the protocol refused before it became one to route (400, 414, 431...)."""
         key = (listener, status)
         self.rejected[key] = self.rejected.get(key, 0) + 1
+
+    def l4_closed(self, listener: str, reason: str, bytes_in: int, bytes_out: int) -> None:
+        """Count one ended L4 connection (tcp, tls_passthrough) and the bytes it relayed."""
+        key = (listener, reason)
+        self.l4_connections[key] = self.l4_connections.get(key, 0) + 1
+        if bytes_in:
+            key = (listener, "in")
+            self.l4_bytes[key] = self.l4_bytes.get(key, 0) + bytes_in
+        if bytes_out:
+            key = (listener, "out")
+            self.l4_bytes[key] = self.l4_bytes.get(key, 0) + bytes_out
 
     def tls_handshake(self, listener: str, completed: bool) -> None:
         """Count one TLS handshake on an https listener, completed or failed (per connection)."""
@@ -334,6 +349,8 @@ class Metrics:
             "rejected": [[listener, str(status), count] for (listener, status), count in self.rejected.items()],
             "proxy_protocol": [row for name, stats in self.proxy_protocol.items() for row in stats.rows(name)],
             "udp": {name: stats.export() for name, stats in self.udp.items()},
+            "l4_connections": [[listener, result, count] for (listener, result), count in self.l4_connections.items()],
+            "l4_bytes": [[listener, direction, count] for (listener, direction), count in self.l4_bytes.items()],
         }
 
 
@@ -363,12 +380,16 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     rejected: list[list[Any]] = []
     proxy: list[list[Any]] = []
     udp: dict[str, dict[str, Any]] = {}
+    l4_connections: list[list[Any]] = []
+    l4_bytes: list[list[Any]] = []
     for export in exports:
         proxy = add_rows(proxy, export.get("proxy_protocol", ()))
         for name, stats in export.get("udp", {}).items():
             udp[name] = add_udp(udp.get(name), stats)
         handshakes = add_rows(handshakes, export.get("tls_handshakes", ()))
         rejected = add_rows(rejected, export.get("rejected", ()))
+        l4_connections = add_rows(l4_connections, export.get("l4_connections", ()))
+        l4_bytes = add_rows(l4_bytes, export.get("l4_bytes", ()))
         for name, route in export["routes"].items():
             merged = routes.setdefault(name, {"responses": [], "latency": None, "refused": []})
             merged["responses"] = add_rows(merged["responses"], route["responses"])
@@ -386,6 +407,8 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "rejected": rejected,
         "proxy_protocol": proxy,
         "udp": udp,
+        "l4_connections": l4_connections,
+        "l4_bytes": l4_bytes,
     }
 
 

@@ -1,0 +1,1 @@
+"""L4 listeners: TCP relays (optionally behind TLS termination) and TLS passthrough by SNI."""

@@ -1,0 +1,282 @@
+"""TCP listeners end to end over real sockets: relay, half-close, failover, limits, logs."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from l4_support import (
+    TcpOrigin,
+    access_lines,
+    closed_soon,
+    connect,
+    l4_config,
+    recv_exactly,
+    recv_until_close,
+    wait_for,
+)
+from support import GatewayThread, free_port, write_config
+
+
+@pytest.fixture
+def tcp_origin() -> Iterator[Callable[..., TcpOrigin]]:
+    started: list[TcpOrigin] = []
+
+    def start(*args: Any, **kwargs: Any) -> TcpOrigin:
+        origin = TcpOrigin(*args, **kwargs)
+        started.append(origin)
+        return origin
+
+    yield start
+    for origin in started:
+        origin.kill()
+    errors = [error for origin in started for error in origin.errors]
+    assert not errors, f"an origin's handler raised: {errors!r}"
+
+
+@pytest.fixture
+def l4_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayThread]]:
+    """Factory: `l4_gateway(targets, listener={...}, **upstream)`; access log in tmp_path/access.log."""
+    started: list[GatewayThread] = []
+
+    def start(targets: list[str], listener: dict[str, Any] | None = None, **upstream: Any) -> GatewayThread:
+        port = free_port()
+        config = l4_config(port, targets, listener, **upstream)
+        config["log"] = {"access_file": str(tmp_path / "access.log")}
+        handle = GatewayThread(write_config(tmp_path / "gw.yaml", config), port)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+def closed_port() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+def log_lines(tmp_path: Path, count: int = 1) -> list[dict[str, Any]]:
+    return wait_for(lambda: (lines := access_lines(tmp_path / "access.log")) and len(lines) >= count and lines)
+
+
+def test_bytes_are_relayed_both_ways_and_the_connection_is_logged(
+    tcp_origin: Any, l4_gateway: Any, tmp_path: Path
+) -> None:
+    origin = tcp_origin(greeting=b"hello from a\n")
+    gw = l4_gateway([origin.address])
+    with connect(gw.port) as sock:
+        assert recv_exactly(sock, 13) == b"hello from a\n"  # the target may speak first
+        sock.sendall(b"ping" * 1000)
+        assert recv_exactly(sock, 4000) == b"ping" * 1000
+    [line] = log_lines(tmp_path)
+    assert line["listener"] == "db" and line["protocol"] == "tcp"
+    assert line["upstream"] == "db" and line["target"] == origin.address
+    assert line["client"] == "127.0.0.1" and line["client_port"] > 0
+    assert line["bytes_in"] == 4000 and line["bytes_out"] == 4013
+    assert line["close_reason"] == "client_closed" and line["duration_ms"] >= 0
+
+
+def test_a_client_half_close_reaches_the_target_and_the_answer_still_comes(tcp_origin: Any, l4_gateway: Any) -> None:
+    counted: list[int] = []
+    from l4_support import sink
+
+    origin = tcp_origin(sink(counted))
+    gw = l4_gateway([origin.address])
+    with connect(gw.port) as sock:
+        sock.sendall(b"x" * 300_000)
+        sock.shutdown(socket.SHUT_WR)  # the target reads to EOF, then answers
+        assert recv_until_close(sock) == b"300000\n"
+    assert counted == [300_000]
+
+
+def test_a_target_half_close_reaches_the_client_which_can_still_send(tcp_origin: Any, l4_gateway: Any) -> None:
+    received: list[bytes] = []
+
+    def says_bye_first(origin: TcpOrigin, conn: socket.socket) -> None:
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)
+        received.append(recv_until_close(conn))
+
+    origin = tcp_origin(says_bye_first)
+    gw = l4_gateway([origin.address])
+    with connect(gw.port) as sock:
+        assert recv_until_close(sock) == b"bye"  # EOF from the target crossed over
+        sock.sendall(b"still talking")
+        sock.shutdown(socket.SHUT_WR)
+        wait_for(lambda: received)
+    assert received == [b"still talking"]
+
+
+def test_a_refused_target_fails_over_to_the_next(tcp_origin: Any, l4_gateway: Any, tmp_path: Path) -> None:
+    origin = tcp_origin(greeting=b"b\n")
+    gw = l4_gateway([closed_port(), origin.address])
+    for _ in range(4):  # round robin starts on either: every connection ends on b
+        with connect(gw.port) as sock:
+            assert recv_exactly(sock, 2) == b"b\n"
+    lines = log_lines(tmp_path, 4)
+    assert {line["target"] for line in lines} == {origin.address}
+
+
+def test_every_target_refusing_closes_the_client(l4_gateway: Any, tmp_path: Path) -> None:
+    gw = l4_gateway([closed_port(), closed_port()])
+    with connect(gw.port) as sock:
+        assert closed_soon(sock)
+    [line] = log_lines(tmp_path)
+    assert line["close_reason"] == "connect_failed" and line["target"] is None
+    assert "error" in line
+
+
+def test_a_target_that_does_not_answer_the_connect_times_out_and_fails_over(
+    tcp_origin: Any, l4_gateway: Any, tmp_path: Path
+) -> None:
+    # A listener whose accept queue is full drops new SYNs: connects to it hang.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(silent.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    origin = tcp_origin(greeting=b"b\n")
+    gw = l4_gateway([f"127.0.0.1:{silent.getsockname()[1]}", origin.address], timeouts={"connect": "300ms"})
+    try:
+        for _ in range(2):
+            with connect(gw.port) as sock:
+                assert recv_exactly(sock, 2) == b"b\n"
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()
+    assert {line["target"] for line in log_lines(tmp_path, 2)} == {origin.address}
+    stats = gw.gateway.snapshot.upstreams["db"].statistics()
+    assert stats["targets"][0]["failures"] >= 1  # the timed-out connect counted against it
+
+
+def test_a_target_killed_mid_stream_closes_the_client(tcp_origin: Any, l4_gateway: Any, tmp_path: Path) -> None:
+    origin = tcp_origin()
+    gw = l4_gateway([origin.address])
+    with connect(gw.port) as sock:
+        sock.sendall(b"abc")
+        assert recv_exactly(sock, 3) == b"abc"
+        origin.kill()
+        assert closed_soon(sock)
+    [line] = log_lines(tmp_path)
+    assert line["close_reason"] in ("upstream_closed", "error")
+    assert line["bytes_in"] == 3 and line["bytes_out"] == 3
+
+
+def test_consistent_hash_on_ip_keeps_a_client_on_one_target(tcp_origin: Any, l4_gateway: Any) -> None:
+    origins = [tcp_origin(greeting=b"%d\n" % i) for i in range(4)]
+    gw = l4_gateway([o.address for o in origins], balance="consistent_hash", hash_on="ip")
+    seen = set()
+    for _ in range(8):
+        with connect(gw.port) as sock:
+            seen.add(recv_exactly(sock, 2))
+    assert len(seen) == 1
+
+
+def test_round_robin_spreads_connections(tcp_origin: Any, l4_gateway: Any) -> None:
+    origins = [tcp_origin(greeting=b"%d\n" % i) for i in range(2)]
+    gw = l4_gateway([o.address for o in origins])
+    seen = []
+    for _ in range(4):
+        with connect(gw.port) as sock:
+            seen.append(recv_exactly(sock, 2))
+    assert sorted(seen) == [b"0\n", b"0\n", b"1\n", b"1\n"]
+
+
+def test_the_listener_connection_limit_closes_extra_connections_at_once(
+    tcp_origin: Any, l4_gateway: Any, tmp_path: Path
+) -> None:
+    origin = tcp_origin()
+    gw = l4_gateway([origin.address], listener={"limits": {"max_connections": 2}})
+    first, second = connect(gw.port), connect(gw.port)
+    try:
+        for sock in (first, second):
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+        with connect(gw.port) as third:
+            assert closed_soon(third, timeout=5)
+        assert [line["close_reason"] for line in log_lines(tmp_path)] == ["over_limit"]
+        first.close()
+        wait_for(lambda: len(access_lines(tmp_path / "access.log")) == 2)
+        with connect(gw.port) as fourth:  # a place is free again
+            fourth.sendall(b"y")
+            assert recv_exactly(fourth, 1) == b"y"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_per_target_cap_sends_connections_elsewhere_then_refuses(
+    tcp_origin: Any, l4_gateway: Any, tmp_path: Path
+) -> None:
+    origins = [tcp_origin(greeting=b"%d\n" % i) for i in range(2)]
+    gw = l4_gateway([o.address for o in origins], max_connections=1, balance="consistent_hash")
+    first, second = connect(gw.port), connect(gw.port)
+    try:
+        assert {recv_exactly(first, 2), recv_exactly(second, 2)} == {b"0\n", b"1\n"}  # hash or not: no room
+        with connect(gw.port) as third:
+            assert closed_soon(third, timeout=5)
+        assert log_lines(tmp_path)[0]["close_reason"] == "targets_full"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_tcp_health_check_marks_a_dead_target_down_and_traffic_avoids_it(tcp_origin: Any, l4_gateway: Any) -> None:
+    origin = tcp_origin(greeting=b"live\n")
+    dead = closed_port()
+    check = {"active": {"type": "tcp", "interval": "100ms", "timeout": "200ms", "unhealthy": 1}}
+    gw = l4_gateway([dead, origin.address], health_check=check)
+    targets = gw.gateway.snapshot.upstreams["db"].targets
+    wait_for(lambda: not targets[0].healthy)
+    assert targets[1].healthy
+    tries = targets[0].requests
+    for _ in range(4):
+        with connect(gw.port) as sock:
+            assert recv_exactly(sock, 5) == b"live\n"
+    assert targets[0].requests == tries  # never tried
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(tcp_origin: Any, l4_gateway: Any, tmp_path: Path) -> None:
+    origin = tcp_origin()
+    gw = l4_gateway([origin.address], listener={"timeouts": {"idle": "300ms"}})
+    with connect(gw.port) as sock:
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+        assert closed_soon(sock, timeout=10)
+    assert log_lines(tmp_path)[0]["close_reason"] == "idle_timeout"
+
+
+def test_metrics_count_l4_connections_and_bytes(tcp_origin: Any, l4_gateway: Any) -> None:
+    origin = tcp_origin()
+    gw = l4_gateway([origin.address])
+    with connect(gw.port) as sock:
+        sock.sendall(b"12345")
+        assert recv_exactly(sock, 5) == b"12345"
+        assert 'bastion_connections_active{listener="db"} 1.0' in gw.call(_metrics(gw))
+    wait_for(lambda: gw.gateway.metrics.l4_connections)
+    text = gw.call(_metrics(gw))
+    assert 'bastion_connections_active{listener="db"} 0.0' in text
+    assert 'bastion_l4_connections_total{listener="db",result="client_closed"} 1.0' in text
+    assert 'bastion_l4_bytes_total{direction="in",listener="db"} 5.0' in text
+    assert 'bastion_l4_bytes_total{direction="out",listener="db"} 5.0' in text
+
+
+async def _metrics(gw: GatewayThread) -> str:
+    from bastion.admin.report import merge_reports, process_report
+    from bastion.observability.exposition import render
+
+    return render(merge_reports([process_report(gw.gateway)], 1)).decode()
