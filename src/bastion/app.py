@@ -44,6 +44,7 @@ from bastion.config.loader import LoadedConfig, load_config, load_config_text
 from bastion.config.schema import L4_PROTOCOLS, Cluster, Config, Consumer, Listener
 from bastion.errors import ConfigError
 from bastion.l4.listener import L4Hub
+from bastion.l4.udp import UdpListener
 from bastion.net.protocols import new_protocol
 from bastion.net.proxy_accept import ProxyReader, Trusted, late_tls
 from bastion.net.tls import TlsFront, file_digest
@@ -123,6 +124,7 @@ class Gateway:
         self.l4 = L4Hub(self)
         self.servers: dict[str, asyncio.Server] = {}  # by bind address
         self.listeners: dict[str, Listener] = {}  # by bind address, current settings
+        self.udp: dict[str, UdpListener] = {}  # udp listeners by bind address
         self._late_tls: set[str] = set()  # https binds listening in the clear: TLS after a PROXY header
         self._trusted: dict[tuple[str, ...], Trusted] = {}  # proxy_protocol.trusted, parsed once
         self._snapshot: Snapshot | None = None
@@ -205,6 +207,7 @@ class Gateway:
         for bind, server in list(self.servers.items()):
             if (
                 bind not in wanted
+                or wanted[bind].protocol == "udp"
                 or (bind in self.tls_fronts) != (bind in snapshot.tls)
                 or (bind in self._late_tls) != late_tls(wanted[bind])
             ):
@@ -216,7 +219,7 @@ class Gateway:
         self.listeners = wanted
         fronts = dict(self.tls_fronts)
         for bind, listener in wanted.items():
-            if bind in self.servers:
+            if bind in self.servers or listener.protocol == "udp":
                 continue
             certs = snapshot.tls.get(bind)
             front = TlsFront(certs) if certs is not None else None
@@ -240,7 +243,27 @@ class Gateway:
             log.info("listener %s (%s) on %s://%s", listener.name, listener.protocol, scheme, bind)
         for bind, front in fronts.items():  # every new socket is open: only now swap certificates
             front.install(snapshot.tls[bind])
+        await self._bind_udp(wanted)
         await self.admin.sync(snapshot.config.admin, self.reuse_port)
+
+    async def _bind_udp(self, wanted: dict[str, Listener]) -> None:
+        """udp listeners: open new ones, close those gone, give the rest their new settings
+        (their sessions go on: see l4/udp.py)."""
+        for bind, udp in list(self.udp.items()):
+            if bind not in wanted or wanted[bind].protocol != "udp":
+                udp.close()
+                del self.udp[bind]
+                log.info("listener %s closed", bind)
+        for bind, listener in wanted.items():
+            if listener.protocol != "udp":
+                continue
+            if bind in self.udp:
+                self.udp[bind].update(listener)
+                continue
+            udp = UdpListener(self, listener, self.metrics.udp_stats(listener.name))
+            await udp.start(self.reuse_port)
+            self.udp[bind] = udp
+            log.info("listener %s (udp) on udp://%s to upstream %s", listener.name, bind, listener.upstream)
 
     def _factory(self, bind: str) -> Callable[[], asyncio.BaseProtocol]:
         # The listener's settings are looked up at each accept: a reload changes them.
@@ -499,7 +522,8 @@ class Gateway:
 
     def is_ready(self) -> bool:
         """Serving: a config is live and every listener is bound (false while draining)."""
-        return self._snapshot is not None and not self._stopping and set(self.servers) == set(self.listeners)
+        bound = set(self.servers) | set(self.udp)
+        return self._snapshot is not None and not self._stopping and bound == set(self.listeners)
 
     def _access_log(self) -> AccessLog | None:
         return self._snapshot.access_log if self._snapshot is not None else None
@@ -548,6 +572,9 @@ class Gateway:
         for server in self.servers.values():
             server.close()
         self.servers.clear()
+        for udp in self.udp.values():
+            udp.close()
+        self.udp.clear()
         for conn in list(self.connections):
             conn.drain()
         loop = asyncio.get_running_loop()
@@ -605,6 +632,8 @@ class Gateway:
             now = loop.time()
             for state in self.registry.targets.values():
                 state.pool.sweep(now)
+            for udp in self.udp.values():
+                udp.sweep(now)
 
 
 def _digests(paths: list[str]) -> dict[str, str]:

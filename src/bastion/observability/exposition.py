@@ -306,6 +306,9 @@ def _udp_families(udp: dict[str, Any]) -> Iterator[Metric]:
     )
     sessions = CounterMetricFamily("bastion_udp_sessions", "Client sessions opened.", labels=["listener"])
     active = GaugeMetricFamily("bastion_udp_sessions_active", "Client sessions open now.", labels=["listener"])
+    evicted = CounterMetricFamily(
+        "bastion_udp_sessions_evicted", "Sessions ended at max_sessions to make room.", labels=["listener"]
+    )
     dropped = CounterMetricFamily(
         "bastion_udp_dropped", "Datagrams not relayed, by reason.", labels=["listener", "reason"]
     )
@@ -315,6 +318,7 @@ def _udp_families(udp: dict[str, Any]) -> Iterator[Metric]:
             size.add_metric([listener, direction], stats["bytes"][index])
         sessions.add_metric([listener], stats["sessions"])
         active.add_metric([listener], stats["sessions_active"])
+        evicted.add_metric([listener], stats["evicted"])
         for reason, count in sorted(stats["dropped"]):
             dropped.add_metric([listener, reason], count)
-    yield from (datagrams, size, sessions, active, dropped)
+    yield from (datagrams, size, sessions, active, evicted, dropped)

@@ -181,13 +181,14 @@ class ProxyProtocolStats:
 class UdpStats:
     """One udp listener's traffic; `sessions_active` is a gauge, the rest count up."""
 
-    __slots__ = ("datagrams", "bytes", "sessions", "sessions_active", "dropped")
+    __slots__ = ("datagrams", "bytes", "sessions", "sessions_active", "evicted", "dropped")
 
     def __init__(self) -> None:
         self.datagrams = [0, 0]  # [client to target, target to client]
         self.bytes = [0, 0]
         self.sessions = 0
         self.sessions_active = 0
+        self.evicted = 0  # sessions ended at max_sessions to make room for a new client
         self.dropped: dict[str, int] = {}  # reason -> datagrams dropped
 
     def drop(self, reason: str) -> None:
@@ -199,6 +200,7 @@ class UdpStats:
             "bytes": list(self.bytes),
             "sessions": self.sessions,
             "sessions_active": self.sessions_active,
+            "evicted": self.evicted,
             "dropped": [[reason, count] for reason, count in self.dropped.items()],
         }
 
@@ -420,5 +422,6 @@ def add_udp(into: dict[str, Any] | None, other: dict[str, Any]) -> dict[str, Any
         into[key] = [a + b for a, b in zip(into[key], other[key], strict=True)]
     into["sessions"] += other["sessions"]
     into["sessions_active"] += other["sessions_active"]
+    into["evicted"] += other["evicted"]
     into["dropped"] = add_rows(into["dropped"], other["dropped"])
     return into

@@ -1,0 +1,263 @@
+"""udp listeners over real sockets: DNS queries resolved through the gateway, sessions per
+client address, balancing and affinity, idle expiry, the session limit, dead targets, reloads,
+PROXY v2 on datagrams."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lb_support import wait_for
+
+from bastion.demo.origin import start_origin_thread
+from bastion.l4.udp import UdpListener
+from support import GatewayThread, free_port, request, write_config
+from udp_support import DnsClient, DnsServer
+
+Start = Callable[..., GatewayThread]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def udp_config(port: int, targets: list[str], udp: dict[str, Any] | None = None, **upstream: Any) -> dict[str, Any]:
+    listener: dict[str, Any] = {"name": "dns", "bind": f"127.0.0.1:{port}", "protocol": "udp", "upstream": "dns"}
+    if udp is not None:
+        listener["udp"] = udp
+    return {
+        "version": 1,
+        "listeners": [listener],
+        "upstreams": {"dns": {"targets": [{"address": t} for t in targets], **upstream}},
+        "log": {"access": False},
+    }
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., DnsServer]]:
+    started: list[DnsServer] = []
+
+    def start(answer: str, **options: Any) -> DnsServer:
+        server = DnsServer(answer, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[[int], DnsClient]]:
+    made: list[DnsClient] = []
+
+    def make(port: int) -> DnsClient:
+        client = DnsClient(port)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Start]:
+    started: list[GatewayThread] = []
+
+    def run(config: dict[str, Any]) -> GatewayThread:
+        port = int(config["listeners"][0]["bind"].rpartition(":")[2])
+        handle = _UdpGateway(write_config(tmp_path / f"gw{len(started)}.yaml", config), port)
+        started.append(handle)
+        return handle
+
+    yield run
+    for handle in started:
+        handle.stop()
+
+
+class _UdpGateway(GatewayThread):
+    """GatewayThread waits for nothing on UDP: the listener is bound once start() returns."""
+
+    def udp(self) -> UdpListener:
+        return self.gateway.udp[f"127.0.0.1:{self.port}"]
+
+
+def test_a_dns_query_resolves_through_the_listener(start: Start, servers: Any, clients: Any) -> None:
+    server = servers("192.0.2.1")
+    gw = start(udp_config(free_udp_port(), [server.address]))
+    client = clients(gw.port)
+    # The client's socket is connected to the listener: an answer from any other address
+    # would never reach it, so this also shows replies leave from the listener's address.
+    assert client.resolve() == "192.0.2.1"
+    assert client.resolve("other.example.test.") == "192.0.2.1"
+    stats = gw.udp().stats
+    assert stats.datagrams == [2, 2]
+    assert stats.sessions == 1 and stats.sessions_active == 1
+    assert len(set(server.sources)) == 1  # one session: one socket toward the target
+
+
+def test_clients_are_balanced_and_each_keeps_its_target(start: Start, servers: Any, clients: Any) -> None:
+    a, b = servers("192.0.2.1"), servers("192.0.2.2")
+    gw = start(udp_config(free_udp_port(), [a.address, b.address]))
+    first, second = clients(gw.port), clients(gw.port)
+    answers = [first.resolve(), second.resolve()]
+    assert sorted(answers) == ["192.0.2.1", "192.0.2.2"]  # round robin over two sessions
+    for _ in range(3):
+        assert [first.resolve(), second.resolve()] == answers  # affinity per client address
+    assert gw.udp().stats.sessions == 2
+
+
+def test_consistent_hash_on_ip_keeps_a_host_on_one_target(start: Start, servers: Any, clients: Any) -> None:
+    a, b = servers("192.0.2.1"), servers("192.0.2.2")
+    gw = start(udp_config(free_udp_port(), [a.address, b.address], balance="consistent_hash"))
+    answers = {clients(gw.port).resolve() for _ in range(4)}  # four source ports, one host
+    assert len(answers) == 1
+
+
+def test_an_idle_session_expires_and_the_next_datagram_picks_again(start: Start, servers: Any, clients: Any) -> None:
+    a, b = servers("192.0.2.1"), servers("192.0.2.2")
+    gw = start(udp_config(free_udp_port(), [a.address, b.address], udp={"session_idle": "200ms"}))
+    client = clients(gw.port)
+    first = client.resolve()
+    wait_for(lambda: gw.udp().stats.sessions_active == 0)
+    second = client.resolve()
+    assert {first, second} == {"192.0.2.1", "192.0.2.2"}  # a new session: round robin moved on
+    assert gw.udp().stats.sessions == 2
+
+
+def test_at_the_session_limit_the_least_recent_client_is_evicted(start: Start, servers: Any, clients: Any) -> None:
+    server = servers("192.0.2.1")
+    gw = start(udp_config(free_udp_port(), [server.address], udp={"max_sessions": 2}))
+    first, second, third = clients(gw.port), clients(gw.port), clients(gw.port)
+    assert first.resolve() and second.resolve()
+    assert first.resolve()  # first is now the most recent: second is the least recent
+    assert third.resolve() == "192.0.2.1"  # a new client is never refused
+    udp = gw.udp()
+    assert udp.stats.evicted == 1 and udp.stats.sessions_active == 2
+    assert set(udp.sessions) == {first.address, third.address}
+
+
+def test_a_dead_target_moves_its_sessions_to_a_live_one(start: Start, servers: Any, clients: Any) -> None:
+    live = servers("192.0.2.1")
+    dead = f"127.0.0.1:{free_udp_port()}"  # nothing listens: ICMP port unreachable
+    gw = start(udp_config(free_udp_port(), [dead, live.address]))
+    for _ in range(4):
+        client = clients(gw.port)
+        client.sock.settimeout(0.5)
+        assert client.resolve(attempts=4) == "192.0.2.1"
+    dead_target = gw.gateway.registry.targets[f"dns/{dead}"]
+    assert dead_target.failures >= 1
+    assert all(session.target.name == live.address for session in gw.udp().sessions.values())
+
+
+def test_datagrams_over_max_datagram_are_dropped(start: Start, servers: Any, clients: Any) -> None:
+    server = servers("192.0.2.1")
+    gw = start(udp_config(free_udp_port(), [server.address], udp={"max_datagram": "512"}))
+    client = clients(gw.port)
+    client.sock.send(b"x" * 513)
+    assert client.resolve() == "192.0.2.1"
+    assert gw.udp().stats.dropped == {"too_big": 1}
+    assert server.queries == 1 and len(server.sources) == 1
+
+
+def test_a_reload_keeps_the_session_on_its_target(start: Start, servers: Any, clients: Any) -> None:
+    a, b = servers("192.0.2.1"), servers("192.0.2.2")
+    config = udp_config(free_udp_port(), [a.address])
+    gw = start(config)
+    client = clients(gw.port)
+    assert client.resolve() == "192.0.2.1"
+    config["upstreams"]["dns"]["targets"] = [{"address": b.address}, {"address": a.address}]
+    config["listeners"][0]["udp"] = {"session_idle": "10s"}
+    write_config(gw.config_path, config)
+    assert gw.reload()
+    for _ in range(3):
+        assert client.resolve() == "192.0.2.1"
+    assert gw.udp().stats.sessions == 1
+    assert gw.udp().idle == 10.0
+
+
+def test_a_reload_that_removes_the_target_moves_the_session(start: Start, servers: Any, clients: Any) -> None:
+    a, b = servers("192.0.2.1"), servers("192.0.2.2")
+    config = udp_config(free_udp_port(), [a.address])
+    gw = start(config)
+    client = clients(gw.port)
+    assert client.resolve() == "192.0.2.1"
+    config["upstreams"]["dns"]["targets"] = [{"address": b.address}]
+    write_config(gw.config_path, config)
+    assert gw.reload()
+    wait_for(lambda: all(s.target.name == b.address for s in gw.udp().sessions.values()))
+    assert client.resolve() == "192.0.2.2"
+    assert gw.udp().stats.sessions == 1  # the same session, on its new target
+
+
+def test_active_http_checks_take_a_target_out(start: Start, servers: Any, clients: Any) -> None:
+    """UDP services are checked over HTTP on the same host:port (TCP), e.g. a DNS server's
+    sidecar; a target marked down loses its sessions to the others."""
+    a, b = servers("192.0.2.1"), servers("192.0.2.2")
+    health_a = start_origin_thread("a", port=a.port)
+    health_b = start_origin_thread("b", port=b.port)
+    try:
+        check = {"active": {"type": "http", "path": "/healthz", "interval": "100ms", "healthy": 1, "unhealthy": 1}}
+        gw = start(udp_config(free_udp_port(), [a.address, b.address], health_check=check))
+        client = clients(gw.port)
+        first = client.resolve()
+        down = health_a if first == "192.0.2.1" else health_b
+        down.origin.healthy = False
+        wait_for(lambda: client.resolve() != first, timeout=10)
+    finally:
+        health_a.stop()
+        health_b.stop()
+
+
+def test_send_proxy_protocol_v2_prefixes_each_datagram(start: Start, servers: Any, clients: Any) -> None:
+    server = servers("192.0.2.1", proxy_v2=True)
+    gw = start(udp_config(free_udp_port(), [server.address], send_proxy_protocol="v2"))
+    client = clients(gw.port)
+    assert client.resolve() == "192.0.2.1"
+    assert client.resolve() == "192.0.2.1"
+    assert len(server.headers) == 2
+    for header in server.headers:
+        assert header.source == (client.address[0], client.address[1])
+        assert header.destination == ("127.0.0.1", gw.port)
+        assert header.transport == "dgram"
+
+
+def test_no_available_target_drops_and_counts(start: Start, clients: Any) -> None:
+    config = udp_config(free_udp_port(), ["127.0.0.1:9"])
+    config["upstreams"]["dns"]["targets"][0]["weight"] = 0
+    gw = start(config)
+    client = clients(gw.port)
+    client.sock.settimeout(0.2)
+    assert client.resolve() is None
+    wait_for(lambda: gw.udp().stats.dropped.get("no_target") == 1)
+    assert gw.udp().stats.sessions == 0
+
+
+def test_metrics_are_exposed(start: Start, servers: Any, clients: Any) -> None:
+    server = servers("192.0.2.1")
+    cfg = udp_config(free_udp_port(), [server.address])
+    admin = free_port()
+    cfg["admin"] = {"bind": f"127.0.0.1:{admin}"}
+    gw = start(cfg)
+    assert clients(gw.port).resolve() == "192.0.2.1"
+    text = request(admin, path="/metrics").body.decode()
+    assert 'bastion_udp_datagrams_total{direction="upstream",listener="dns"} 1.0' in text
+    assert 'bastion_udp_datagrams_total{direction="downstream",listener="dns"} 1.0' in text
+    assert 'bastion_udp_sessions_active{listener="dns"} 1.0' in text
+
+
+def test_shutdown_closes_the_sessions(start: Start, servers: Any, clients: Any) -> None:
+    server = servers("192.0.2.1")
+    gw = start(udp_config(free_udp_port(), [server.address]))
+    assert clients(gw.port).resolve() == "192.0.2.1"
+    udp = gw.udp()
+    gw.stop()
+    assert udp.stats.sessions_active == 0 and not udp.sessions
+    target = gw.gateway.registry.targets[f"dns/{server.address}"]
+    assert target.in_flight == 0
