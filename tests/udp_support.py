@@ -18,14 +18,14 @@ from bastion.net.proxy_protocol import ProxyHeader, ProxyProtocolError, parse
 
 
 class DnsServer:
-    def __init__(self, answer: str, proxy_v2: bool = False) -> None:
+    def __init__(self, answer: str, proxy_v2: bool = False, port: int = 0) -> None:
         self.answer = answer
         self.proxy_v2 = proxy_v2
         self.sources: list[tuple[str, int]] = []
         self.headers: list[ProxyHeader] = []
         self.queries = 0
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = int(self.sock.getsockname()[1])
         self.address = f"127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -59,6 +59,20 @@ class DnsServer:
 
     def stop(self) -> None:
         self.sock.close()
+
+
+def tcp_and_udp_port() -> int:
+    """A port free for both TCP and UDP on loopback (a UDP service with an HTTP health port)."""
+    for _ in range(50):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free for both TCP and UDP")
 
 
 class DnsClient:

@@ -15,7 +15,7 @@ from lb_support import wait_for
 from bastion.demo.origin import start_origin_thread
 from bastion.l4.udp import UdpListener
 from support import GatewayThread, free_port, request, write_config
-from udp_support import DnsClient, DnsServer
+from udp_support import DnsClient, DnsServer, tcp_and_udp_port
 
 Start = Callable[..., GatewayThread]
 
@@ -199,7 +199,7 @@ def test_a_reload_that_removes_the_target_moves_the_session(start: Start, server
 def test_active_http_checks_take_a_target_out(start: Start, servers: Any, clients: Any) -> None:
     """UDP services are checked over HTTP on the same host:port (TCP), e.g. a DNS server's
     sidecar; a target marked down loses its sessions to the others."""
-    a, b = servers("192.0.2.1"), servers("192.0.2.2")
+    a, b = servers("192.0.2.1", port=tcp_and_udp_port()), servers("192.0.2.2", port=tcp_and_udp_port())
     health_a = start_origin_thread("a", port=a.port)
     health_b = start_origin_thread("b", port=b.port)
     try:
