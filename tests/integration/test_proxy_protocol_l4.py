@@ -1,0 +1,103 @@
+"""PROXY protocol on tcp listeners: the header is read (and not relayed), its client is the
+connection's client in the access log; with tls on the listener the header comes first."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.net.proxy_protocol import encode_v1, encode_v2
+from l4_support import TcpOrigin, access_lines, connect, l4_config, recv_exactly, wait_for
+from support import GatewayThread, free_port, write_config
+from tls_support import Pki
+
+CLIENT = ("203.0.113.7", 40001)
+PROXY = {"proxy_protocol": {"accept": True, "trusted": ["127.0.0.1/32"]}}
+
+
+@pytest.fixture
+def origin() -> Iterator[TcpOrigin]:
+    handle = TcpOrigin()  # echo
+    yield handle
+    handle.kill()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayThread]]:
+    started: list[GatewayThread] = []
+
+    def start(targets: list[str], listener: dict[str, Any]) -> GatewayThread:
+        port = free_port()
+        config = l4_config(port, targets, listener)
+        config["log"] = {"access_file": str(tmp_path / "access.log")}
+        handle = GatewayThread(write_config(tmp_path / "gw.yaml", config), port)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+@pytest.mark.parametrize("encode", [encode_v1, encode_v2], ids=["v1", "v2"])
+def test_tcp_listener_reads_the_header_and_logs_the_proxied_client(
+    origin: TcpOrigin, gateway: Callable[..., GatewayThread], tmp_path: Path, encode: Callable[..., bytes]
+) -> None:
+    gw = gateway([origin.address], PROXY)
+    with connect(gw.port) as sock:
+        sock.sendall(encode(CLIENT, ("10.0.0.1", 5432)) + b"ping")
+        assert recv_exactly(sock, 4) == b"ping"  # the echo saw only what followed the header
+        sock.sendall(b"pong")
+        assert recv_exactly(sock, 4) == b"pong"
+    [line] = wait_for(lambda: access_lines(tmp_path / "access.log"))
+    assert line["client"] == "203.0.113.7" and line["client_port"] == 40001
+    assert line["bytes_in"] == 8
+
+
+def test_tcp_listener_refuses_a_bad_header_before_connecting(
+    origin: TcpOrigin, gateway: Callable[..., GatewayThread]
+) -> None:
+    gw = gateway([origin.address], PROXY)
+    with connect(gw.port) as sock:
+        sock.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\nping")
+        sock.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(10) == b""
+    assert origin.accepted == 0
+    assert gw.gateway.metrics.proxy_stats("db").invalid == 1
+
+
+def test_tcp_listener_with_tls_reads_the_header_before_the_handshake(
+    origin: TcpOrigin, gateway: Callable[..., GatewayThread], tmp_path: Path
+) -> None:
+    pki = Pki(tmp_path)
+    cert, key = pki.issue("db", "db.example.com")
+    gw = gateway([origin.address], {**PROXY, "tls": {"certificates": [{"cert": cert, "key": key}]}})
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as raw:
+        raw.sendall(encode_v2(CLIENT, ("10.0.0.1", 5432)))
+        with pki.client_context().wrap_socket(raw, server_hostname="db.example.com") as tls:
+            tls.sendall(b"ping")
+            assert recv_exactly(tls, 4) == b"ping"
+    [line] = wait_for(lambda: access_lines(tmp_path / "access.log"))
+    assert line["client"] == "203.0.113.7"
+
+
+def test_tcp_listener_with_tls_without_header_is_closed(
+    origin: TcpOrigin, gateway: Callable[..., GatewayThread], tmp_path: Path
+) -> None:
+    pki = Pki(tmp_path)
+    cert, key = pki.issue("db", "db.example.com")
+    gw = gateway([origin.address], {**PROXY, "tls": {"certificates": [{"cert": cert, "key": key}]}})
+    with (
+        pytest.raises((ssl.SSLError, OSError)),
+        socket.create_connection(("127.0.0.1", gw.port), timeout=5) as raw,
+        pki.client_context().wrap_socket(raw, server_hostname="db.example.com"),
+    ):
+        pass
+    assert origin.accepted == 0
