@@ -261,3 +261,59 @@ def test_shutdown_closes_the_sessions(start: Start, servers: Any, clients: Any) 
     assert udp.stats.sessions_active == 0 and not udp.sessions
     target = gw.gateway.registry.targets[f"dns/{server.address}"]
     assert target.in_flight == 0
+
+
+def test_a_flood_of_new_clients_stays_within_the_limit_and_leaks_nothing(
+    start: Start, servers: Any, clients: Any
+) -> None:
+    server = servers("192.0.2.1")
+    gw = start(udp_config(free_udp_port(), [server.address], udp={"max_sessions": 5, "session_idle": "300ms"}))
+    flood = [clients(gw.port) for _ in range(20)]
+    for client in flood:
+        client.sock.send(b"not dns")  # the server ignores it: no reply comes back
+    udp = gw.udp()
+    wait_for(lambda: udp.stats.sessions == 20)
+    assert udp.stats.sessions_active == 5 and udp.stats.evicted == 15 and len(udp.sessions) == 5
+    target = gw.gateway.registry.targets[f"dns/{server.address}"]
+    assert target.in_flight == 5  # one place per live session, none left by the evicted ones
+    assert flood[-1].resolve() == "192.0.2.1"
+    wait_for(lambda: udp.stats.sessions_active == 0)  # all idle: expired
+    assert target.in_flight == 0 and not udp.sessions
+
+
+def test_the_gateway_is_ready_once_the_udp_socket_is_bound(start: Start, servers: Any) -> None:
+    server = servers("192.0.2.1")
+    gw = start(udp_config(free_udp_port(), [server.address]))
+    assert gw.gateway.is_ready()
+
+
+def test_a_reload_that_turns_the_listener_to_http_closes_the_udp_socket(
+    start: Start, servers: Any, clients: Any
+) -> None:
+    server = servers("192.0.2.1")
+    config = udp_config(tcp_and_udp_port(), [server.address])
+    gw = start(config)
+    client = clients(gw.port)
+    assert client.resolve() == "192.0.2.1"
+    udp = gw.udp()
+    config["listeners"][0] = {"name": "dns", "bind": f"127.0.0.1:{gw.port}"}
+    config["routes"] = [{"name": "all", "match": {"path": "/"}, "upstream": "dns"}]
+    write_config(gw.config_path, config)
+    assert gw.reload()
+    assert not gw.gateway.udp and udp.stats.sessions_active == 0
+    client.sock.settimeout(0.3)
+    assert client.resolve() is None
+    assert gw.gateway.is_ready()
+
+
+def test_a_udp_upstream_refuses_tcp_checks_and_proxy_v1(tmp_path: Path) -> None:
+    from bastion.config.loader import load_config
+    from bastion.errors import ConfigError
+
+    config = udp_config(1053, ["127.0.0.1:53"], health_check={"active": {"type": "tcp"}}, send_proxy_protocol="v1")
+    path = write_config(tmp_path / "gw.yaml", config)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    text = "\n".join(caught.value.problems)
+    assert "upstreams.dns.health_check.active.type: a tcp check cannot probe a udp service" in text
+    assert "upstreams.dns.send_proxy_protocol: udp upstreams take v2 only" in text

@@ -4,6 +4,7 @@ are closed before anything reaches the origin; https listeners read the header b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -325,3 +326,31 @@ def test_tls_without_a_proxy_header_is_closed(
         https_exchange(gw.port, b"", pki.client_context(), "a.example.com")
     assert gw.gateway.metrics.proxy_stats("web").invalid == 1
     assert origin.origin.requests == 0
+
+
+def test_a_failed_handshake_after_the_header_is_counted(
+    start: Callable[..., GatewayThread], origin: OriginHandle, tmp_path: Path
+) -> None:
+    pki = Pki(tmp_path)
+    gw = start(https_config(free_port(), origin, pki))
+    assert exchange(gw.port, encode_v1(CLIENT, ("10.0.0.1", 443)) + b"\x16\x03\x01\x00\x05hello") == b""
+    wait_for(lambda: gw.gateway.metrics.tls_handshakes.get(("web", "failed")) == 1)
+    assert gw.gateway.metrics.proxy_stats("web").accepted == 1
+    assert origin.origin.requests == 0
+
+
+def test_a_flood_of_silent_trusted_connections_is_closed_at_the_header_timeout(
+    start: Callable[..., GatewayThread], origin: OriginHandle
+) -> None:
+    gw = start(config(free_port(), origin))
+    socks = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(50)]
+    try:
+        socks[0].sendall(V2_SIGNATURE + b"\x21\x11\x10\x00")  # announces 4 KB, sends none of it
+        wait_for(lambda: gw.gateway.metrics.proxy_stats("web").timeout == 50, timeout=10)
+        for sock in socks:
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+    assert echoed(exchange(gw.port, encode_v1(CLIENT, ("10.0.0.1", 80)) + GET))  # still serving
