@@ -145,8 +145,11 @@ class ProxyReader(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
-        host = self.peer[0] if isinstance(self.peer, tuple) else ""
-        if host not in self.trusted:
+        if not isinstance(self.peer, tuple):  # reset before the accept was handled: nothing to read
+            self.done = True
+            transport.abort()
+            return
+        if self.peer[0] not in self.trusted:
             self.counts.untrusted += 1
             self._refuse("not in proxy_protocol.trusted")
             return
