@@ -41,7 +41,7 @@ ORIGIN = """\
 HAPROXY = """\
 global
     nbthread 1
-    maxconn 100000
+    maxconn 8000
     pidfile {dir}/haproxy.pid
 defaults
     mode tcp
@@ -83,6 +83,8 @@ def start_origin(stack: Any, free_port: Any) -> tuple[int, int]:
         block = bytes(range(256)) * 4096
         for _ in range(BULK_SIZE // len(block)):
             out.write(block)
+    bulk.chmod(0o644)
+    stack.workdir.chmod(0o755)  # nginx's workers (not root) read the file through it
     ports = (free_port(), free_port())
     body = ORIGIN.format(port1=ports[0], port2=ports[1], bulk=bulk)
     stack._nginx("l4-origin", stack.args.load_cpus, body, ports[0])
