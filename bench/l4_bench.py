@@ -145,10 +145,18 @@ def measure(tools: dict[str, str], stack: Any, scenario: Any, args: Any, helpers
     for index in range(args.rounds):
         order = PROXIES if index % 2 == 0 else PROXIES[::-1]
         for proxy in order:
+            cpu_seconds = helpers["cpu_seconds"]
+            before, started = cpu_seconds(stack.pids[proxy]), time.monotonic()
             result = run_wrk(tools, args.load_cpus, ports[proxy], kind, args.duration)
+            used = cpu_seconds(stack.pids[proxy]) - before
+            result["cpu"] = used / (time.monotonic() - started)
+            result["per_cpu_s"] = result["rate"] / used if used > 0 else 0.0
             runs[proxy].append(result)
             shown = f"{result['rate'] / 2**20:9.1f} MB/s" if kind == "tcp_bulk" else f"{result['rate']:9.0f} conn/s"
-            print(f"  round {index + 1} {proxy:8} {shown}  errors {result['errors']:.0f}", flush=True)
+            print(
+                f"  round {index + 1} {proxy:8} {shown}  proxy cpu {result['cpu']:4.0%}  errors {result['errors']:.0f}",
+                flush=True,
+            )
             time.sleep(0.5)
     medians = {proxy: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for proxy, rs in runs.items()}
     return {"scenario": asdict(scenario), "runs": runs, "medians": medians}
@@ -168,16 +176,21 @@ def report(results: list[dict[str, Any]], table: Any) -> str:
         if scenario["kind"] not in KINDS or "medians" not in entry:
             continue
         medians = entry["medians"]
+        haproxy = medians["haproxy"]
         for proxy, m in medians.items():
             rate = f"{m['rate'] / 2**20:.0f} MB/s" if scenario["kind"] == "tcp_bulk" else f"{m['rate']:.0f} conn/s"
+            cost = f"{m['per_cpu_s'] / haproxy['per_cpu_s']:.2f}x" if haproxy.get("per_cpu_s") else ""
             rows.append(
                 [
                     scenario["name"],
                     str(scenario["connections"]),
                     proxy,
                     rate,
-                    f"{m['rate'] / medians['haproxy']['rate']:.2f}x",
+                    f"{m['rate'] / haproxy['rate']:.2f}x",
+                    f"{m['cpu']:.0%}",
+                    cost,
                     f"{m['errors']:.0f}",
                 ]
             )
-    return table(["scenario", "c", "proxy", "rate", "vs haproxy", "errors"], rows) if rows else ""
+    header = ["scenario", "c", "proxy", "rate", "vs haproxy", "proxy CPU", "per CPU-s vs haproxy", "errors"]
+    return table(header, rows) if rows else ""

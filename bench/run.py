@@ -1026,10 +1026,18 @@ MEASURES: dict[str, Measure] = {
     "idle": measure_idle,
     "soak": measure_soak,
     "tcp_bulk": lambda tools, stack, scenario, args: l4_bench.measure(
-        tools, stack, scenario, args, {"free_port": free_port, "wait_listening": wait_listening}
+        tools,
+        stack,
+        scenario,
+        args,
+        {"free_port": free_port, "wait_listening": wait_listening, "cpu_seconds": cpu_seconds},
     ),
     "tcp_connect": lambda tools, stack, scenario, args: l4_bench.measure(
-        tools, stack, scenario, args, {"free_port": free_port, "wait_listening": wait_listening}
+        tools,
+        stack,
+        scenario,
+        args,
+        {"free_port": free_port, "wait_listening": wait_listening, "cpu_seconds": cpu_seconds},
     ),
 }
 
