@@ -45,6 +45,7 @@ from bastion.config.schema import L4_PROTOCOLS, Cluster, Config, Consumer, Liste
 from bastion.errors import ConfigError
 from bastion.l4.listener import L4Hub
 from bastion.net.protocols import new_protocol
+from bastion.net.proxy_accept import ProxyReader, Trusted, late_tls
 from bastion.net.tls import TlsFront, file_digest
 from bastion.observability.logs import reopen_access_logs
 from bastion.observability.metrics import Metrics
@@ -122,6 +123,8 @@ class Gateway:
         self.l4 = L4Hub(self)
         self.servers: dict[str, asyncio.Server] = {}  # by bind address
         self.listeners: dict[str, Listener] = {}  # by bind address, current settings
+        self._late_tls: set[str] = set()  # https binds listening in the clear: TLS after a PROXY header
+        self._trusted: dict[tuple[str, ...], Trusted] = {}  # proxy_protocol.trusted, parsed once
         self._snapshot: Snapshot | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retired: list[Snapshot] = []  # replaced by a reload, closed after a delay
@@ -200,10 +203,15 @@ class Gateway:
         loop = asyncio.get_running_loop()
         wanted = {str(listener.bind): listener for listener in snapshot.config.listeners}
         for bind, server in list(self.servers.items()):
-            if bind not in wanted or (bind in self.tls_fronts) != (bind in snapshot.tls):
+            if (
+                bind not in wanted
+                or (bind in self.tls_fronts) != (bind in snapshot.tls)
+                or (bind in self._late_tls) != late_tls(wanted[bind])
+            ):
                 server.close()
                 del self.servers[bind]
                 self.tls_fronts.pop(bind, None)
+                self._late_tls.discard(bind)
                 log.info("listener %s closed", bind)
         self.listeners = wanted
         fronts = dict(self.tls_fronts)
@@ -212,6 +220,7 @@ class Gateway:
                 continue
             certs = snapshot.tls.get(bind)
             front = TlsFront(certs) if certs is not None else None
+            late = late_tls(listener)  # TLS starts after a PROXY header: the socket listens in the clear
             server = await loop.create_server(
                 self._factory(bind),
                 listener.bind.host,
@@ -219,10 +228,12 @@ class Gateway:
                 backlog=listener.backlog,
                 reuse_address=True,
                 reuse_port=self.reuse_port or None,
-                ssl=front.context if front is not None else None,
-                ssl_handshake_timeout=listener.timeouts.header if front is not None else None,
+                ssl=front.context if front is not None and not late else None,
+                ssl_handshake_timeout=listener.timeouts.header if front is not None and not late else None,
             )
             self.servers[bind] = server
+            if late:
+                self._late_tls.add(bind)
             if front is not None:
                 self.tls_fronts[bind] = front
             scheme = "https" if front is not None else "http"
@@ -235,11 +246,33 @@ class Gateway:
         # The listener's settings are looked up at each accept: a reload changes them.
         def accept() -> asyncio.BaseProtocol:
             listener = self.listeners[bind]
-            if listener.protocol in L4_PROTOCOLS:
-                return self.l4.protocol(listener)
-            return new_protocol(self, listener, self.metrics)
+            if listener.proxy_protocol is not None and listener.proxy_protocol.accept:
+                return self._proxy_reader(bind, listener)
+            return self._protocol(listener)
 
         return accept
+
+    def _protocol(self, listener: Listener) -> asyncio.BaseProtocol:
+        if listener.protocol in L4_PROTOCOLS:
+            return self.l4.protocol(listener)
+        return new_protocol(self, listener, self.metrics)
+
+    def _proxy_reader(self, bind: str, listener: Listener) -> ProxyReader:
+        """The PROXY header first, then the listener's protocol (TLS first on https)."""
+        assert listener.proxy_protocol is not None
+        key = tuple(listener.proxy_protocol.trusted)
+        trusted = self._trusted.get(key)
+        if trusted is None:
+            trusted = self._trusted[key] = Trusted(key)
+        front = self.tls_fronts.get(bind) if bind in self._late_tls else None
+        return ProxyReader(
+            listener.name,
+            trusted,
+            listener.timeouts.header,
+            lambda: self._protocol(listener),
+            self.metrics.proxy_stats(listener.name),
+            front.context if front is not None else None,
+        )
 
     async def reload(self, same_config: bool = False, why: str = "config reloaded") -> bool:
         """Build the config again and swap it in; on any error keep the running one.

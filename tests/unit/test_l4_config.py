@@ -43,14 +43,19 @@ def test_a_passthrough_listener_lower_cases_its_hosts() -> None:
     [
         ("protocol: tcp", "a tcp listener needs upstream: NAME"),
         ("protocol: tls_passthrough", "a tls_passthrough listener needs sni_routes"),
-        ("protocol: http, upstream: db", "upstream is for tcp listeners"),
+        ("protocol: http, upstream: db", "upstream is for tcp and udp listeners"),
         ("protocol: tcp, upstream: db, sni_routes: [{hosts: ['*'], upstream: db}]", "sni_routes is for"),
         ("protocol: tcp, upstream: db, http2: true", "http2 is for http and https listeners"),
         ("protocol: tcp, upstream: db, timeouts: {keepalive: 1s}", "timeouts.keepalive is for http"),
         ("protocol: tcp, upstream: db, limits: {max_headers: 10}", "limits.max_headers is for http"),
         ("protocol: http, timeouts: {idle: 1s}", "timeouts.idle is for tcp and tls_passthrough"),
         ("protocol: http, limits: {max_connections: 1}", "limits.max_connections is for tcp"),
-        ("protocol: udp, upstream: db", "not supported yet"),
+        ("protocol: udp", "a udp listener needs upstream: NAME"),
+        ("protocol: udp, upstream: db, timeouts: {idle: 1s}", "a udp listener sets udp.session_idle"),
+        ("protocol: http, udp: {session_idle: 1s}", "udp is for udp listeners"),
+        ("protocol: udp, upstream: db, proxy_protocol: {accept: true, trusted: [10.0.0.0/8]}", "not udp"),
+        ("protocol: http, proxy_protocol: {accept: true}", "accept: true needs trusted"),
+        ("protocol: http, proxy_protocol: {accept: true, trusted: [10.0.0.300/8]}", "not an IP address or CIDR"),
         (
             "protocol: tls_passthrough, sni_routes: [{hosts: ['*'], upstream: db}], "
             "tls: {certificates: [{cert: a, key: b}]}",

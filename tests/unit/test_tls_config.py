@@ -63,14 +63,6 @@ def test_https_needs_tls_and_tls_needs_https() -> None:
     ]
 
 
-def test_udp_is_still_refused() -> None:
-    text = HTTPS.replace("protocol: https", "protocol: udp")
-    assert (
-        "gw.yaml:5: listeners[0].protocol: protocol 'udp' is not supported yet (http, https, tcp, tls_passthrough)"
-        in load_problems(text)
-    )
-
-
 def test_redirect_https_is_for_http_listeners_and_a_port() -> None:
     assert load_problems(HTTPS.replace("    protocol: https\n", "    protocol: https\n    redirect_https: 443\n")) == [
         "gw.yaml:3: listeners[0]: redirect_https is for http listeners"

@@ -8,6 +8,7 @@ together with the model's own errors.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -108,6 +109,55 @@ class ListenerTls(Model):
     )
 
 
+def _cidrs(value: list[str]) -> list[str]:
+    for spec in value:
+        try:
+            ipaddress.ip_network(spec.strip(), strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{spec!r} is not an IP address or CIDR range ({exc})") from None
+    return value
+
+
+class ProxyProtocolAccept(Model):
+    accept: bool = Field(
+        False,
+        description="Read a PROXY protocol header (v1 or v2) at the start of every connection; its client "
+        "address replaces the socket peer (X-Forwarded-For, ip_filter, rate limits, logs). Without a valid "
+        "header within timeouts.header the connection is closed.",
+    )
+    trusted: list[str] = Field(
+        default_factory=list,
+        description="CIDR ranges of the front balancers allowed to connect; any other peer is closed at once "
+        "(0.0.0.0/0 and ::/0 trust everyone).",
+    )
+
+    @field_validator("trusted")
+    @classmethod
+    def _trusted(cls, value: list[str]) -> list[str]:
+        return _cidrs(value)
+
+    @model_validator(mode="after")
+    def _trusted_when_accepting(self) -> ProxyProtocolAccept:
+        if self.accept and not self.trusted:
+            raise ValueError("accept: true needs trusted: [CIDR, ...] (the addresses of the front balancers)")
+        return self
+
+
+class ListenerUdp(Model):
+    session_idle: Duration = Field(
+        30.0, gt=0, description="A client address with no datagram either way for this long loses its session."
+    )
+    max_sessions: int = Field(
+        10000,
+        ge=1,
+        description="Client sessions kept at once; at the limit a new client takes the place of the least "
+        "recently active session.",
+    )
+    max_datagram: Size = Field(
+        65535, ge=512, le=65535, description="Largest datagram relayed either way; bigger ones are dropped."
+    )
+
+
 _SNI_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*)$")
 
 
@@ -144,7 +194,9 @@ class Listener(Model):
         None, description="Certificates and TLS settings; required for https, optional on tcp (TLS terminated first)."
     )
     upstream: str | None = Field(
-        None, description="tcp listeners: the upstream whose targets get the relayed bytes (required there)."
+        None,
+        description="tcp and udp listeners: the upstream whose targets get the relayed bytes or datagrams "
+        "(required there).",
     )
     sni_routes: list[SniRoute] | None = Field(
         None,
@@ -171,21 +223,24 @@ class Listener(Model):
         description="Keep request header fields whose names contain '_' (dropped by default: CGI and WSGI "
         "origins read X_Consumer as X-Consumer).",
     )
-
-    @field_validator("protocol")
-    @classmethod
-    def _supported_for_now(cls, value: str) -> str:
-        if value == "udp":
-            raise ValueError(f"protocol {value!r} is not supported yet (http, https, tcp, tls_passthrough)")
-        return value
+    proxy_protocol: ProxyProtocolAccept | None = Field(
+        None, description="Accept the PROXY protocol from front balancers (http, https and tcp listeners)."
+    )
+    udp: ListenerUdp | None = Field(None, description="Sessions of a udp listener (defaults when omitted).")
 
     @model_validator(mode="after")
     def _l4_keys_match_protocol(self) -> Listener:
-        l4 = self.protocol in L4_PROTOCOLS
+        l4 = self.protocol in L4_PROTOCOLS or self.protocol == "udp"
+        if self.protocol == "udp" and (
+            "idle" in self.timeouts.model_fields_set or "max_connections" in self.limits.model_fields_set
+        ):
+            raise ValueError("a udp listener sets udp.session_idle and udp.max_sessions instead")
         if self.protocol == "tcp" and self.upstream is None:
             raise ValueError("a tcp listener needs upstream: NAME")
-        if self.protocol != "tcp" and self.upstream is not None:
-            raise ValueError(f"upstream is for tcp listeners (this one is {self.protocol}; http ones use routes)")
+        if self.protocol not in ("tcp", "udp") and self.upstream is not None:
+            raise ValueError(
+                f"upstream is for tcp and udp listeners (this one is {self.protocol}; http ones use routes)"
+            )
         if self.protocol == "tls_passthrough" and not self.sni_routes:
             raise ValueError("a tls_passthrough listener needs sni_routes: [{ hosts: [...], upstream: NAME }]")
         if self.protocol != "tls_passthrough" and self.sni_routes is not None:
@@ -217,6 +272,12 @@ class Listener(Model):
             raise ValueError("redirect_https is for http listeners")
         if self.http2 and self.protocol != "https":
             raise ValueError("http2 is negotiated with ALPN on https listeners (cleartext HTTP/2 is not supported yet)")
+        if self.protocol == "udp" and self.upstream is None:
+            raise ValueError("a udp listener needs upstream: NAME")
+        if self.udp is not None and self.protocol != "udp":
+            raise ValueError("udp is for udp listeners")
+        if self.protocol == "udp" and self.proxy_protocol is not None and self.proxy_protocol.accept:
+            raise ValueError("proxy_protocol is read on stream listeners (http, https, tcp), not udp")
         return self
 
 
@@ -330,6 +391,11 @@ class Upstream(Model):
     queue: Queue = Queue()
     slow_start: Duration = Field(0.0, description="A target that joins or recovers ramps up over this window.")
     tls: UpstreamTls | None = Field(None, description="Connect to the targets over TLS.")
+    send_proxy_protocol: Literal["v1", "v2"] | None = Field(
+        None,
+        description="Start every connection to a target with a PROXY protocol header naming the client "
+        "(tcp, udp and tls_passthrough listeners; udp takes v2 only, one header per datagram).",
+    )
 
     @field_validator("hash_on")
     @classmethod
@@ -726,6 +792,25 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         problems.append((("listeners",), "mtls_auth is used but no https listener sets tls.client_ca"))
 
     problems.extend(_l4_problems(config))
+    for listener in config.listeners:
+        if listener.protocol == "udp" and listener.upstream in config.upstreams:
+            upstream = config.upstreams[listener.upstream]  # udp: listener.upstream is set
+            active = upstream.health_check.active
+            if active is not None and active.type == "tcp":
+                problems.append(
+                    (
+                        ("upstreams", listener.upstream, "health_check", "active", "type"),
+                        "a tcp check cannot probe a udp service: use http checks or none",
+                    )
+                )
+            if upstream.send_proxy_protocol == "v1":
+                problems.append((("upstreams", listener.upstream, "send_proxy_protocol"), "udp upstreams take v2 only"))
+    routed = {route.upstream for route in config.routes}
+    for name, upstream in config.upstreams.items():
+        if upstream.send_proxy_protocol is not None and name in routed:
+            problems.append(
+                (("upstreams", name, "send_proxy_protocol"), "for upstreams of tcp, udp and tls_passthrough listeners")
+            )
 
     for index, route in enumerate(config.routes):
         problem = path_problem(route.match.path) if route.match.path else None

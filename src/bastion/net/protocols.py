@@ -43,6 +43,7 @@ class Negotiator(asyncio.Protocol):
         self.listener = listener
         self.counter = counter
         self.completed = False
+        self.proxied_peer: tuple[str, int] | None = None  # from a PROXY header, for the chosen protocol
 
     def __del__(self) -> None:
         if not self.completed and self.counter is not None:
@@ -55,6 +56,8 @@ class Negotiator(asyncio.Protocol):
         ssl_object: Any = transport.get_extra_info("ssl_object")
         chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         protocol = PROTOCOLS.get(chosen or DEFAULT, PROTOCOLS[DEFAULT])(self.host, self.listener)
+        if self.proxied_peer is not None:
+            protocol.proxied_peer = self.proxied_peer  # type: ignore[attr-defined]
         cast(asyncio.Transport, transport).set_protocol(protocol)
         protocol.connection_made(transport)
 

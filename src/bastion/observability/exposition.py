@@ -110,6 +110,17 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
         handshakes.add_metric([listener, result], count)
     yield handshakes
 
+    proxied = CounterMetricFamily(
+        "bastion_proxy_protocol_connections",
+        "Connections to listeners with proxy_protocol.accept, by result (accepted, untrusted, invalid, timeout).",
+        labels=["listener", "result"],
+    )
+    for listener, result, count in sorted(report["metrics"].get("proxy_protocol", ())):
+        proxied.add_metric([listener, result], count)
+    yield proxied
+
+    yield from _udp_families(report["metrics"].get("udp", {}))
+
     l4_connections = CounterMetricFamily(
         "bastion_l4_connections",
         "Ended connections of tcp and tls_passthrough listeners, by listener and result (the close reason).",
@@ -283,3 +294,27 @@ def render(report: Mapping[str, Any]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ReportCollector(report))
     return generate_latest(registry)
+
+
+def _udp_families(udp: dict[str, Any]) -> Iterator[Metric]:
+    """udp listeners: datagrams and bytes per direction, sessions, drops by reason."""
+    datagrams = CounterMetricFamily(
+        "bastion_udp_datagrams", "Datagrams relayed by udp listeners, by direction.", labels=["listener", "direction"]
+    )
+    size = CounterMetricFamily(
+        "bastion_udp_bytes", "Bytes relayed by udp listeners, by direction.", labels=["listener", "direction"]
+    )
+    sessions = CounterMetricFamily("bastion_udp_sessions", "Client sessions opened.", labels=["listener"])
+    active = GaugeMetricFamily("bastion_udp_sessions_active", "Client sessions open now.", labels=["listener"])
+    dropped = CounterMetricFamily(
+        "bastion_udp_dropped", "Datagrams not relayed, by reason.", labels=["listener", "reason"]
+    )
+    for listener, stats in sorted(udp.items()):
+        for index, direction in enumerate(("upstream", "downstream")):
+            datagrams.add_metric([listener, direction], stats["datagrams"][index])
+            size.add_metric([listener, direction], stats["bytes"][index])
+        sessions.add_metric([listener], stats["sessions"])
+        active.add_metric([listener], stats["sessions_active"])
+        for reason, count in sorted(stats["dropped"]):
+            dropped.add_metric([listener, reason], count)
+    yield from (datagrams, size, sessions, active, dropped)

@@ -160,6 +160,49 @@ class FinishedRequest(Protocol):
     def _error(self) -> GatewayError | None: ...  # what the gateway answered with, or what cut the response
 
 
+class ProxyProtocolStats:
+    """One listener's connections by what became of their PROXY header."""
+
+    __slots__ = ("accepted", "untrusted", "invalid", "timeout", "logged_at")
+
+    RESULTS = ("accepted", "untrusted", "invalid", "timeout")
+
+    def __init__(self) -> None:
+        self.accepted = 0  # a valid header, handed to the listener's protocol
+        self.untrusted = 0  # a peer outside proxy_protocol.trusted, closed unread
+        self.invalid = 0  # a malformed header, closed
+        self.timeout = 0  # no complete header in time, closed
+        self.logged_at = 0.0  # last refusal logged (refusals are logged rate-limited)
+
+    def rows(self, listener: str) -> list[list[Any]]:
+        return [[listener, result, getattr(self, result)] for result in self.RESULTS]
+
+
+class UdpStats:
+    """One udp listener's traffic; `sessions_active` is a gauge, the rest count up."""
+
+    __slots__ = ("datagrams", "bytes", "sessions", "sessions_active", "dropped")
+
+    def __init__(self) -> None:
+        self.datagrams = [0, 0]  # [client to target, target to client]
+        self.bytes = [0, 0]
+        self.sessions = 0
+        self.sessions_active = 0
+        self.dropped: dict[str, int] = {}  # reason -> datagrams dropped
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "datagrams": list(self.datagrams),
+            "bytes": list(self.bytes),
+            "sessions": self.sessions,
+            "sessions_active": self.sessions_active,
+            "dropped": [[reason, count] for reason, count in self.dropped.items()],
+        }
+
+
 class Metrics:
     """What one process counted since it started. Owned by the Gateway (through its
     TargetRegistry, which every snapshot shares), so reloads keep every count."""
@@ -172,6 +215,8 @@ class Metrics:
         "errors_seen",
         "tls_handshakes",
         "rejected",
+        "proxy_protocol",
+        "udp",
         "l4_connections",
         "l4_bytes",
     )
@@ -184,8 +229,22 @@ class Metrics:
         self.errors_seen = 0  # every error `recent_errors` was given, kept or since pushed out
         self.tls_handshakes: dict[tuple[str, str], int] = {}  # (listener, completed|failed) -> count
         self.rejected: dict[tuple[str, int], int] = {}  # (listener, status) -> requests refused unparsed
+        self.proxy_protocol: dict[str, ProxyProtocolStats] = {}  # by listener
+        self.udp: dict[str, UdpStats] = {}  # by listener
         self.l4_connections: dict[tuple[str, str], int] = {}  # (listener, close reason) -> L4 connections ended
         self.l4_bytes: dict[tuple[str, str], int] = {}  # (listener, in|out) -> bytes relayed by ended ones
+
+    def proxy_stats(self, listener: str) -> ProxyProtocolStats:
+        stats = self.proxy_protocol.get(listener)
+        if stats is None:
+            stats = self.proxy_protocol[listener] = ProxyProtocolStats()
+        return stats
+
+    def udp_stats(self, listener: str) -> UdpStats:
+        stats = self.udp.get(listener)
+        if stats is None:
+            stats = self.udp[listener] = UdpStats()
+        return stats
 
     def reject(self, listener: str, status: int) -> None:
         """Count a request the protocol refused before it became one to route (400, 414, 431...)."""
@@ -288,6 +347,8 @@ class Metrics:
             "upstreams": {name: stats.export() for name, stats in self.upstreams.items()},
             "tls_handshakes": [[listener, result, count] for (listener, result), count in self.tls_handshakes.items()],
             "rejected": [[listener, str(status), count] for (listener, status), count in self.rejected.items()],
+            "proxy_protocol": [row for name, stats in self.proxy_protocol.items() for row in stats.rows(name)],
+            "udp": {name: stats.export() for name, stats in self.udp.items()},
             "l4_connections": [[listener, result, count] for (listener, result), count in self.l4_connections.items()],
             "l4_bytes": [[listener, direction, count] for (listener, direction), count in self.l4_bytes.items()],
         }
@@ -317,9 +378,14 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
     upstreams: dict[str, dict[str, Any]] = {}
     handshakes: list[list[Any]] = []
     rejected: list[list[Any]] = []
+    proxy: list[list[Any]] = []
+    udp: dict[str, dict[str, Any]] = {}
     l4_connections: list[list[Any]] = []
     l4_bytes: list[list[Any]] = []
     for export in exports:
+        proxy = add_rows(proxy, export.get("proxy_protocol", ()))
+        for name, stats in export.get("udp", {}).items():
+            udp[name] = add_udp(udp.get(name), stats)
         handshakes = add_rows(handshakes, export.get("tls_handshakes", ()))
         rejected = add_rows(rejected, export.get("rejected", ()))
         l4_connections = add_rows(l4_connections, export.get("l4_connections", ()))
@@ -339,6 +405,20 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "upstreams": upstreams,
         "tls_handshakes": handshakes,
         "rejected": rejected,
+        "proxy_protocol": proxy,
+        "udp": udp,
         "l4_connections": l4_connections,
         "l4_bytes": l4_bytes,
     }
+
+
+def add_udp(into: dict[str, Any] | None, other: dict[str, Any]) -> dict[str, Any]:
+    """Two exported UdpStats added up (`into` None: a copy of `other`)."""
+    if into is None:
+        return {**other, "datagrams": list(other["datagrams"]), "bytes": list(other["bytes"])}
+    for key in ("datagrams", "bytes"):
+        into[key] = [a + b for a, b in zip(into[key], other[key], strict=True)]
+    into["sessions"] += other["sessions"]
+    into["sessions_active"] += other["sessions_active"]
+    into["dropped"] = add_rows(into["dropped"], other["dropped"])
+    return into
