@@ -212,6 +212,8 @@ class L4Connection(asyncio.Protocol):
             upstream_write_paused=protocol.write_paused,
         )
         self.pending = bytearray()
+        # An EOF read before the relay: uvloop reads it again when the relay resumes reading,
+        # asyncio's transports do not; say it here once (a second EOF changes nothing).
         if self.client_eof and not relay.ending:
             relay.side_eof(relay.client)
         if protocol.eof and not relay.ending:
