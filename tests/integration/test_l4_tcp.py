@@ -299,3 +299,64 @@ async def _metrics(gw: GatewayThread) -> str:
     from bastion.observability.exposition import render
 
     return render(merge_reports([process_report(gw.gateway)], 1)).decode()
+
+
+def test_a_target_that_greets_and_closes_at_once_is_relayed_whole(tcp_origin: Any, l4_gateway: Any) -> None:
+    def greet_and_go(origin: TcpOrigin, conn: socket.socket) -> None:
+        conn.sendall(b"busy, bye\n")
+
+    origin = tcp_origin(greet_and_go)
+    gw = l4_gateway([origin.address])
+    for _ in range(5):
+        with connect(gw.port) as sock:
+            assert recv_until_close(sock) == b"busy, bye\n"
+
+
+def test_clients_that_leave_at_once_give_every_place_back(tcp_origin: Any, l4_gateway: Any, tmp_path: Path) -> None:
+    origin = tcp_origin()
+    gw = l4_gateway([origin.address], listener={"limits": {"max_connections": 5}}, max_connections=5)
+    for _ in range(40):  # some leave before the target is connected, some after
+        sock = connect(gw.port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # a reset
+    target = gw.gateway.snapshot.upstreams["db"].targets[0]
+    wait_for(lambda: len(access_lines(tmp_path / "access.log")) == 40)
+    assert target.in_flight == 0 and gw.gateway.l4.open.get("db", 0) == 0
+    assert not gw.gateway.connections
+    with connect(gw.port) as sock:  # and the limits still admit new ones
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+
+
+def test_an_open_connection_outlives_a_reload_that_removes_its_target(
+    tcp_origin: Any, l4_gateway: Any, tmp_path: Path
+) -> None:
+    a, b = tcp_origin(greeting=b"a\n"), tcp_origin(greeting=b"b\n")
+    gw = l4_gateway([a.address])
+    with connect(gw.port) as old:
+        assert recv_exactly(old, 2) == b"a\n"
+        config = l4_config(gw.port, [b.address])
+        config["log"] = {"access_file": str(tmp_path / "access.log")}
+        write_config(gw.config_path, config)
+        assert gw.reload()
+        old.sendall(b"ping")
+        assert recv_exactly(old, 4) == b"ping"
+        with connect(gw.port) as new:
+            assert recv_exactly(new, 2) == b"b\n"
+    lines = log_lines(tmp_path, 2)
+    assert {line["target"] for line in lines} == {a.address, b.address}
+
+
+def test_a_listener_can_turn_from_tcp_to_passthrough_on_reload(tcp_origin: Any, l4_gateway: Any) -> None:
+    origin = tcp_origin(greeting=b"a\n")
+    gw = l4_gateway([origin.address])
+    config = l4_config(gw.port, [origin.address])
+    listener = config["listeners"][0]
+    del listener["upstream"]
+    listener.update(protocol="tls_passthrough", sni_routes=[{"hosts": ["*"], "upstream": "db"}])
+    write_config(gw.config_path, config)
+    assert gw.reload()
+    with connect(gw.port) as sock:
+        sock.sendall(b"not a hello\r\n\r\n")
+        assert closed_soon(sock)  # now it wants a ClientHello first
+    assert origin.accepted == 0
