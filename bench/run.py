@@ -51,6 +51,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import l4_bench
+
 ROOT = Path(__file__).resolve().parent.parent
 PROXIES = ("bastion", "nginx")
 MB = 1024 * 1024  # memory is reported in MiB, written "MB"
@@ -126,6 +128,9 @@ SCENARIOS: list[Scenario] = [
     Scenario("idle connections", connections=10_000, kind="idle", keepalive=600.0),
     # The length is --soak; the load is the plain-proxy row's.
     Scenario("soak", connections=PLAIN.connections, kind="soak"),
+    # Issue 11, against HAProxy in mode tcp (bench/l4_bench.py).
+    Scenario("tcp bulk", connections=1, kind="tcp_bulk"),
+    Scenario("tcp connect echo", connections=16, kind="tcp_connect"),
 ]
 
 
@@ -138,7 +143,7 @@ def find_tool(name: str) -> str | None:
 
 def ensure_tools() -> dict[str, str]:
     """nginx, wrk, taskset and openssl, installed with apt-get (non-interactive) when missing."""
-    packages = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux", "openssl": "openssl"}
+    packages = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux", "openssl": "openssl", "haproxy": "haproxy"}
     missing = [pkg for tool, pkg in packages.items() if find_tool(tool) is None]
     if missing:
         if shutil.which("apt-get") is None:
@@ -1020,6 +1025,20 @@ MEASURES: dict[str, Measure] = {
     "websocket": measure_rounds,
     "idle": measure_idle,
     "soak": measure_soak,
+    "tcp_bulk": lambda tools, stack, scenario, args: l4_bench.measure(
+        tools,
+        stack,
+        scenario,
+        args,
+        {"free_port": free_port, "wait_listening": wait_listening, "cpu_seconds": cpu_seconds},
+    ),
+    "tcp_connect": lambda tools, stack, scenario, args: l4_bench.measure(
+        tools,
+        stack,
+        scenario,
+        args,
+        {"free_port": free_port, "wait_listening": wait_listening, "cpu_seconds": cpu_seconds},
+    ),
 }
 
 
@@ -1201,6 +1220,8 @@ TARGETS = [
         lambda e: 100.0,
         connections=10_000,
     ),
+    Target("tcp bulk", "tcp bulk bytes/s >= 0.30x HAProxy", l4_bench.ratio, "x", lambda e: 0.30, at_least=True),
+    Target("tcp connect echo", "tcp connect echo conn/s >= 0.30x HAProxy", l4_bench.ratio, "x", lambda e: 0.30, True),
     Target(
         "soak",
         "soak: no RSS growth after warm-up (<= max(5 MB, 5%)), no errors",
@@ -1392,6 +1413,10 @@ def main(argv: list[str] | None = None) -> int:
             if "tls" in entry:
                 seen = ", ".join(f"{proxy} {negotiated}" for proxy, negotiated in entry["tls"].items())
                 print(f"{entry['scenario']['name']}: {seen}")
+    l4 = l4_bench.report(results, table)
+    if l4:
+        print()
+        print(l4)
     memory = report_memory(results)
     if memory:
         print()

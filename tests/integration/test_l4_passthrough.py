@@ -158,15 +158,39 @@ def test_garbage_and_malformed_hellos_are_closed(setup: Any, data: bytes) -> Non
 def test_a_hello_that_never_ends_is_closed_at_the_size_bound(setup: Any) -> None:
     s = setup()
     with connect(s.port) as sock:
-        sock.sendall(b"\x16\x03\x01\x40\x00\x01\x00\x3f\xff")  # a 16 KB hello in 16 KB records...
+        sock.sendall(b"\x16\x03\x01\x00\x04\x01\x00\x3f\xff")  # a 16 KB hello announced...
         try:
-            for _ in range(40):
-                sock.sendall(b"\x00" * 1024)  # ... that never completes: the bound stops it
+            for _ in range(8000):  # ... then sent in 1-byte records: more bytes than the bound
+                sock.sendall(b"\x16\x03\x01\x00\x01\x00" * 10)
         except (BrokenPipeError, ConnectionResetError):
             pass
         assert closed_soon(sock)
     [line] = wait_for(lambda: access_lines(s.log))
-    assert line["close_reason"] == "bad_hello"
+    assert line["close_reason"] == "bad_hello" and "no complete hello" in line["error"]
+
+
+def test_a_hello_arriving_in_pieces_is_parsed_about_once_per_record(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bastion.l4.passthrough as passthrough
+
+    calls: list[int] = []
+    real = passthrough.read_hello
+
+    def counted(data: bytes) -> Any:
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(passthrough, "read_hello", counted)
+    s = setup()
+    hello = client_hello("db.example.com")
+    with connect(s.port) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(hello), 25):
+            sock.sendall(hello[start : start + 25])
+            time.sleep(0.005)  # separate reads on the gateway's side
+        wait_for(lambda: s.origins["exact"].accepted == 1)
+    assert len(calls) <= 3, calls  # the record header says how many bytes to wait for
 
 
 def test_a_slow_hello_is_closed_at_the_header_timeout(setup: Any) -> None:

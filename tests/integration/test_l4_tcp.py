@@ -19,6 +19,7 @@ from l4_support import (
     l4_config,
     recv_exactly,
     recv_until_close,
+    sink,
     wait_for,
 )
 from support import GatewayThread, free_port, write_config
@@ -85,8 +86,6 @@ def test_bytes_are_relayed_both_ways_and_the_connection_is_logged(
 
 def test_a_client_half_close_reaches_the_target_and_the_answer_still_comes(tcp_origin: Any, l4_gateway: Any) -> None:
     counted: list[int] = []
-    from l4_support import sink
-
     origin = tcp_origin(sink(counted))
     gw = l4_gateway([origin.address])
     with connect(gw.port) as sock:
@@ -133,10 +132,9 @@ def test_every_target_refusing_closes_the_client(l4_gateway: Any, tmp_path: Path
     assert "error" in line
 
 
-def test_a_target_that_does_not_answer_the_connect_times_out_and_fails_over(
-    tcp_origin: Any, l4_gateway: Any, tmp_path: Path
-) -> None:
-    # A listener whose accept queue is full drops new SYNs: connects to it hang.
+@pytest.fixture
+def silent_target() -> Iterator[str]:
+    """A listener whose accept queue is full: it drops new SYNs, so connects to it hang."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(0)
@@ -148,19 +146,37 @@ def test_a_target_that_does_not_answer_the_connect_times_out_and_fails_over(
             filler.connect(silent.getsockname())
         fillers.append(filler)
     time.sleep(0.2)
+    yield f"127.0.0.1:{silent.getsockname()[1]}"
+    for filler in fillers:
+        filler.close()
+    silent.close()
+
+
+def test_a_target_that_does_not_answer_the_connect_times_out_and_fails_over(
+    tcp_origin: Any, l4_gateway: Any, tmp_path: Path, silent_target: str
+) -> None:
     origin = tcp_origin(greeting=b"b\n")
-    gw = l4_gateway([f"127.0.0.1:{silent.getsockname()[1]}", origin.address], timeouts={"connect": "300ms"})
-    try:
-        for _ in range(2):
-            with connect(gw.port) as sock:
-                assert recv_exactly(sock, 2) == b"b\n"
-    finally:
-        for filler in fillers:
-            filler.close()
-        silent.close()
+    gw = l4_gateway([silent_target, origin.address], timeouts={"connect": "300ms"})
+    for _ in range(2):
+        with connect(gw.port) as sock:
+            assert recv_exactly(sock, 2) == b"b\n"
     assert {line["target"] for line in log_lines(tmp_path, 2)} == {origin.address}
     stats = gw.gateway.snapshot.upstreams["db"].statistics()
     assert stats["targets"][0]["failures"] >= 1  # the timed-out connect counted against it
+
+
+def test_what_a_client_sends_and_its_half_close_while_connecting_reach_the_target(
+    tcp_origin: Any, l4_gateway: Any, silent_target: str
+) -> None:
+    counted: list[int] = []
+    origin = tcp_origin(sink(counted))
+    gw = l4_gateway([silent_target, origin.address], timeouts={"connect": "500ms"}, balance="random")
+    for _ in range(3):  # random: some of these wait on the silent target first
+        with connect(gw.port) as sock:
+            sock.sendall(b"early bytes")
+            sock.shutdown(socket.SHUT_WR)  # before any target is connected
+            assert recv_until_close(sock) == b"11\n"
+    assert counted == [11, 11, 11]
 
 
 def test_a_target_killed_mid_stream_closes_the_client(tcp_origin: Any, l4_gateway: Any, tmp_path: Path) -> None:
@@ -179,11 +195,14 @@ def test_a_target_killed_mid_stream_closes_the_client(tcp_origin: Any, l4_gatewa
 def test_consistent_hash_on_ip_keeps_a_client_on_one_target(tcp_origin: Any, l4_gateway: Any) -> None:
     origins = [tcp_origin(greeting=b"%d\n" % i) for i in range(4)]
     gw = l4_gateway([o.address for o in origins], balance="consistent_hash", hash_on="ip")
-    seen = set()
-    for _ in range(8):
-        with connect(gw.port) as sock:
-            seen.add(recv_exactly(sock, 2))
-    assert len(seen) == 1
+    homes: dict[str, set[bytes]] = {}
+    for last in range(2, 14):  # every 127.x.y.z is loopback: twelve client addresses
+        client = f"127.0.0.{last}"
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10, source_address=(client, 0)) as sock:
+                homes.setdefault(client, set()).add(recv_exactly(sock, 2))
+    assert all(len(seen) == 1 for seen in homes.values())  # each client stays on its target
+    assert len(set().union(*homes.values())) > 1  # and the clients spread over the targets
 
 
 def test_round_robin_spreads_connections(tcp_origin: Any, l4_gateway: Any) -> None:
@@ -280,3 +299,64 @@ async def _metrics(gw: GatewayThread) -> str:
     from bastion.observability.exposition import render
 
     return render(merge_reports([process_report(gw.gateway)], 1)).decode()
+
+
+def test_a_target_that_greets_and_closes_at_once_is_relayed_whole(tcp_origin: Any, l4_gateway: Any) -> None:
+    def greet_and_go(origin: TcpOrigin, conn: socket.socket) -> None:
+        conn.sendall(b"busy, bye\n")
+
+    origin = tcp_origin(greet_and_go)
+    gw = l4_gateway([origin.address])
+    for _ in range(5):
+        with connect(gw.port) as sock:
+            assert recv_until_close(sock) == b"busy, bye\n"
+
+
+def test_clients_that_leave_at_once_give_every_place_back(tcp_origin: Any, l4_gateway: Any, tmp_path: Path) -> None:
+    origin = tcp_origin()
+    gw = l4_gateway([origin.address], listener={"limits": {"max_connections": 5}}, max_connections=5)
+    for _ in range(40):  # some leave before the target is connected, some after
+        sock = connect(gw.port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # a reset
+    target = gw.gateway.snapshot.upstreams["db"].targets[0]
+    wait_for(lambda: len(access_lines(tmp_path / "access.log")) == 40)
+    assert target.in_flight == 0 and gw.gateway.l4.open.get("db", 0) == 0
+    assert not gw.gateway.connections
+    with connect(gw.port) as sock:  # and the limits still admit new ones
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+
+
+def test_an_open_connection_outlives_a_reload_that_removes_its_target(
+    tcp_origin: Any, l4_gateway: Any, tmp_path: Path
+) -> None:
+    a, b = tcp_origin(greeting=b"a\n"), tcp_origin(greeting=b"b\n")
+    gw = l4_gateway([a.address])
+    with connect(gw.port) as old:
+        assert recv_exactly(old, 2) == b"a\n"
+        config = l4_config(gw.port, [b.address])
+        config["log"] = {"access_file": str(tmp_path / "access.log")}
+        write_config(gw.config_path, config)
+        assert gw.reload()
+        old.sendall(b"ping")
+        assert recv_exactly(old, 4) == b"ping"
+        with connect(gw.port) as new:
+            assert recv_exactly(new, 2) == b"b\n"
+    lines = log_lines(tmp_path, 2)
+    assert {line["target"] for line in lines} == {a.address, b.address}
+
+
+def test_a_listener_can_turn_from_tcp_to_passthrough_on_reload(tcp_origin: Any, l4_gateway: Any) -> None:
+    origin = tcp_origin(greeting=b"a\n")
+    gw = l4_gateway([origin.address])
+    config = l4_config(gw.port, [origin.address])
+    listener = config["listeners"][0]
+    del listener["upstream"]
+    listener.update(protocol="tls_passthrough", sni_routes=[{"hosts": ["*"], "upstream": "db"}])
+    write_config(gw.config_path, config)
+    assert gw.reload()
+    with connect(gw.port) as sock:
+        sock.sendall(b"not a hello\r\n\r\n")
+        assert closed_soon(sock)  # now it wants a ClientHello first
+    assert origin.accepted == 0

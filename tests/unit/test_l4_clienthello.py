@@ -95,6 +95,16 @@ def test_the_byte_bound_holds_for_tiny_records() -> None:
         read_hello(data + b"\x16\x03\x01\x00\x01\x00" * 10)
 
 
+def test_the_byte_bound_holds_inside_a_partial_record() -> None:
+    data = b"\x16\x03\x01\x00\x04\x01\x00\x3f\xff"
+    while len(data) <= MAX_BYTES - 15:
+        data += b"\x16\x03\x01\x00\x01\x00"
+    data += b"\x16\x03\x01\x00\x10" + bytes(10)  # a record still arriving, past the bound
+    assert len(data) > MAX_BYTES
+    with pytest.raises(BadHello, match="no complete hello"):
+        read_hello(data)
+
+
 def body_with_name(name: bytes, extra: bytes = b"") -> bytes:
     entry = b"\x00" + len(name).to_bytes(2, "big") + name
     names = len(entry).to_bytes(2, "big") + entry + extra

@@ -18,9 +18,13 @@ from bastion.http.model import Headers, Request
 from bastion.upstream.runtime import UpstreamRuntime
 from bastion.upstream.targets import TargetState
 
+_ANY = Request("", "", "", Headers())  # balancers other than consistent_hash read nothing of it
 
-def pick_key(client_ip: str) -> Request:
+
+def pick_key(client_ip: str, upstream: UpstreamRuntime) -> Request:
     """What the balancer reads for an L4 connection: only the client address (hash_on ip)."""
+    if upstream.config.balance != "consistent_hash":
+        return _ANY
     return Request("", "", "", Headers(), client_ip=client_ip)
 
 
@@ -35,7 +39,7 @@ async def connect_target(
 
     Raises NoHealthyTarget (none available), Overloaded (all at their connection cap), or
     the last target's UpstreamConnectError / UpstreamConnectTimeout."""
-    key = pick_key(client_ip)
+    key = pick_key(client_ip, upstream)
     cap = upstream.config.max_connections
     timeout = upstream.config.timeouts.connect
     tried: list[TargetState] = []
@@ -43,7 +47,7 @@ async def connect_target(
     while True:
         full = [t for t in upstream.targets if t.in_flight >= cap and t not in tried]
         try:
-            target = upstream.pick(key, [*tried, *full])
+            target = upstream.pick(key, [*tried, *full] if full else tried)
         except NoHealthyTarget:
             if last is not None:
                 raise last from None
@@ -54,11 +58,20 @@ async def connect_target(
         target.in_flight += 1
         target.requests += 1
         started = loop.time()
+        # A timer that cancels this task: no extra task (wait_for) nor context frames (timeout).
+        expired: list[bool] = []
+        timer = loop.call_later(timeout, _expire, asyncio.current_task(), expired)
         try:
             address = target.address
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(factory, address.host, address.port), timeout
-            )
+            try:
+                transport, protocol = await loop.create_connection(factory, address.host, address.port)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not expired or task is None or task.uncancel() > 0:
+                    raise  # cancelled from outside (the client left, shutdown)
+                raise TimeoutError from None
+            finally:
+                timer.cancel()
         except (OSError, TimeoutError) as exc:
             target.in_flight -= 1
             if isinstance(exc, TimeoutError):
@@ -72,3 +85,9 @@ async def connect_target(
             raise
         upstream.report_success(target, loop.time() - started)
         return target, transport, protocol
+
+
+def _expire(task: asyncio.Task[object] | None, expired: list[bool]) -> None:
+    if task is not None and not task.done():
+        expired.append(True)
+        task.cancel()

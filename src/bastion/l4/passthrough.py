@@ -24,7 +24,7 @@ class PassthroughProxy(L4Connection):
 
     def data_received(self, data: bytes) -> None:
         if self.upstream_name is not None or self.done:
-            self.pending += data  # behind the hello, while connecting: relayed after it
+            super().data_received(data)  # behind the hello, while connecting: relayed after it
             return
         self.pending += data
         if len(self.pending) < self._need:

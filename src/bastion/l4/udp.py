@@ -208,7 +208,7 @@ class UdpListener(asyncio.DatagramProtocol):
         cap = upstream.config.max_connections
         full = [t for t in upstream.targets if t.in_flight >= cap and t not in exclude]
         try:
-            target = upstream.pick(pick_key(str(client[0])), [*exclude, *full])
+            target = upstream.pick(pick_key(str(client[0]), upstream), [*exclude, *full])
         except NoHealthyTarget:
             return None
         target.in_flight += 1

@@ -147,7 +147,7 @@ class ProxyReader(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         if not isinstance(self.peer, tuple):  # reset before the accept was handled: nothing to read
             self.done = True
-            transport.abort()
+            self.transport.abort()
             return
         if self.peer[0] not in self.trusted:
             self.counts.untrusted += 1
