@@ -275,6 +275,7 @@ class UdpListener(asyncio.DatagramProtocol):
         in the upstream (a reload) to another. Called about once a second."""
         upstream = self.host.snapshot.upstreams.get(self.upstream_name)
         keys = {target.key for target in upstream.targets} if upstream is not None else set()
+        health_now = upstream.clock() if upstream is not None else now  # the clock ejections use
         for client, session in list(self.sessions.items()):
             if now - session.last >= self.idle:
                 del self.sessions[client]
@@ -285,7 +286,7 @@ class UdpListener(asyncio.DatagramProtocol):
             target = session.target
             if target.key not in keys:
                 self._repick(session, [], upstream)
-            elif not target.available(now):
+            elif not target.available(health_now):
                 self._repick(session, [target], upstream)
             elif session.upstream is not upstream:
                 session.upstream = upstream  # same target in the new config: keep it

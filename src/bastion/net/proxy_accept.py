@@ -193,7 +193,7 @@ class ProxyReader(asyncio.Protocol):
             tls_transport = await loop.start_tls(
                 transport, early, self.tls, server_side=True, ssl_handshake_timeout=self.timeout
             )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
+        except Exception:  # refused, timed out, cut, or the transport closed meanwhile: count and drop
             transport.abort()
             return
         if tls_transport is None or early.lost:  # closed as the handshake finished
