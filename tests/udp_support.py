@@ -79,10 +79,10 @@ class DnsClient:
     """A client on one source address, connected to the gateway: the kernel delivers only
     datagrams that come from the gateway's listener address."""
 
-    def __init__(self, port: int, timeout: float = 2.0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.connect(("127.0.0.1", port))
+    def __init__(self, port: int, timeout: float = 2.0, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.connect((host, port))
         self.sock.settimeout(timeout)
         self.address = self.sock.getsockname()
 

@@ -317,3 +317,21 @@ def test_a_udp_upstream_refuses_tcp_checks_and_proxy_v1(tmp_path: Path) -> None:
     text = "\n".join(caught.value.problems)
     assert "upstreams.dns.health_check.active.type: a tcp check cannot probe a udp service" in text
     assert "upstreams.dns.send_proxy_protocol: udp upstreams take v2 only" in text
+
+
+def test_an_ipv6_listener_relays_to_an_ipv4_target_with_proxy_v2(start: Start, servers: Any) -> None:
+    server = servers("192.0.2.1", proxy_v2=True)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        probe.bind(("::1", 0))
+        port = int(probe.getsockname()[1])
+    config = udp_config(port, [server.address], send_proxy_protocol="v2")
+    config["listeners"][0]["bind"] = f"[::1]:{port}"
+    gw = start(config)
+    client = DnsClient(port, host="::1")
+    try:
+        assert client.resolve() == "192.0.2.1"
+    finally:
+        client.close()
+    [header] = server.headers
+    assert header.source == ("::1", client.address[1]) and header.destination == ("::1", port)
+    assert gw.gateway.udp[f"[::1]:{port}"].stats.sessions == 1

@@ -354,3 +354,19 @@ def test_a_flood_of_silent_trusted_connections_is_closed_at_the_header_timeout(
         for sock in socks:
             sock.close()
     assert echoed(exchange(gw.port, encode_v1(CLIENT, ("10.0.0.1", 80)) + GET))  # still serving
+
+
+def test_ipv6_listener_trusts_an_ipv6_balancer(start: Callable[..., GatewayThread], origin: OriginHandle) -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = int(probe.getsockname()[1])
+    cfg = config(port, origin, trusted=["::1/128"])
+    cfg["listeners"][0]["bind"] = f"[::1]:{port}"
+    gw = start(cfg)
+    with socket.create_connection(("::1", port), timeout=5) as sock:
+        sock.sendall(encode_v1(CLIENT, ("10.0.0.1", 80)) + GET)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert echoed(data)["headers"]["x-forwarded-for"] == "203.0.113.7"
+    assert gw.gateway.metrics.proxy_stats("web").accepted == 1
