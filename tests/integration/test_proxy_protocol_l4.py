@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bastion.net.proxy_protocol import encode_v1, encode_v2
-from l4_support import TcpOrigin, access_lines, connect, l4_config, recv_exactly, wait_for
+from l4_support import TcpOrigin, access_lines, connect, l4_config, recv_exactly, tls_echo, wait_for
 from support import GatewayThread, free_port, write_config
 from tls_support import Pki
 
@@ -101,3 +101,58 @@ def test_tcp_listener_with_tls_without_header_is_closed(
     ):
         pass
     assert origin.accepted == 0
+
+
+def test_tls_passthrough_reads_the_header_then_routes_the_hello_by_sni(tmp_path: Path) -> None:
+    """The ClientHello sent right behind the header (one write) still picks the route."""
+    pki = Pki(tmp_path)
+    cert, key = pki.issue("db", "db.example.com")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    origin = TcpOrigin(tls_echo(context))
+    port = free_port()
+    config = {
+        "version": 1,
+        "listeners": [
+            {
+                "name": "edge",
+                "bind": f"127.0.0.1:{port}",
+                "protocol": "tls_passthrough",
+                "sni_routes": [{"hosts": ["db.example.com"], "upstream": "db"}],
+                **PROXY,
+            }
+        ],
+        "upstreams": {"db": {"targets": [{"address": origin.address}]}},
+        "log": {"access_file": str(tmp_path / "access.log")},
+    }
+    gw = GatewayThread(write_config(tmp_path / "gw.yaml", config), port)
+    try:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = pki.client_context().wrap_bio(incoming, outgoing, server_hostname="db.example.com")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(encode_v2(CLIENT, ("10.0.0.1", 443)) + outgoing.read())
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    data = sock.recv(65536)
+                    assert data, "closed during the handshake"
+                    incoming.write(data)
+                    sock.sendall(outgoing.read())
+            sock.sendall(outgoing.read())
+            tls.write(b"hello")
+            sock.sendall(outgoing.read())
+            received = b""
+            while len(received) < 5:
+                incoming.write(sock.recv(65536))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    received += tls.read(65536)
+        assert received == b"hello"
+        [line] = wait_for(lambda: access_lines(tmp_path / "access.log"))
+        assert line["client"] == "203.0.113.7"
+    finally:
+        gw.stop()
+        origin.kill()
