@@ -97,6 +97,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.local: tuple[str, int] = ("0.0.0.0", 0)
         self.loop = asyncio.get_running_loop()
+        self._checked: UpstreamRuntime | None = None  # the upstream the last full sweep saw
         self.update(listener)
 
     def update(self, listener: Listener) -> None:
@@ -272,17 +273,26 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def sweep(self, now: float) -> None:
         """End idle sessions; move those whose target is no longer available or no longer
-        in the upstream (a reload) to another. Called about once a second."""
+        in the upstream (a reload) to another. Called about once a second.
+
+        The table is in order of last activity, so expiry stops at the first live session;
+        the other checks walk the table only after a reload or while a target is down."""
+        expired = []
+        for client, session in self.sessions.items():
+            if now - session.last < self.idle:
+                break
+            expired.append(client)
+        for client in expired:
+            self._close(self.sessions.pop(client))
         upstream = self.host.snapshot.upstreams.get(self.upstream_name)
-        keys = {target.key for target in upstream.targets} if upstream is not None else set()
-        health_now = upstream.clock() if upstream is not None else now  # the clock ejections use
-        for client, session in list(self.sessions.items()):
-            if now - session.last >= self.idle:
-                del self.sessions[client]
-                self._close(session)
-                continue
-            if upstream is None:
-                continue
+        if upstream is None:  # pragma: no cover - the config check makes sure it exists
+            return
+        health_now = upstream.clock()  # the clock ejections use
+        if upstream is self._checked and all(target.available(health_now) for target in upstream.targets):
+            return
+        self._checked = upstream
+        keys = {target.key for target in upstream.targets}
+        for session in list(self.sessions.values()):
             target = session.target
             if target.key not in keys:
                 self._repick(session, [], upstream)
