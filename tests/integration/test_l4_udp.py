@@ -335,3 +335,16 @@ def test_an_ipv6_listener_relays_to_an_ipv4_target_with_proxy_v2(start: Start, s
     [header] = server.headers
     assert header.source == ("::1", client.address[1]) and header.destination == ("::1", port)
     assert gw.gateway.udp[f"[::1]:{port}"].stats.sessions == 1
+
+
+def test_passive_health_ejects_a_refusing_target_for_new_sessions(start: Start, servers: Any, clients: Any) -> None:
+    live = servers("192.0.2.1")
+    dead = f"127.0.0.1:{free_udp_port()}"
+    passive = {"passive": {"max_failures": 1, "ejection": "30s"}}
+    gw = start(udp_config(free_udp_port(), [dead, live.address], health_check=passive))
+    dead_target = gw.gateway.registry.targets[f"dns/{dead}"]
+    for _ in range(4):  # round robin: one of the first two sessions meets the dead target
+        client = clients(gw.port)
+        client.sock.settimeout(0.5)
+        assert client.resolve(attempts=4) == "192.0.2.1"
+    assert dead_target.failures == 1 and dead_target.ejections == 1  # one refusal, then never picked
