@@ -370,3 +370,22 @@ def test_ipv6_listener_trusts_an_ipv6_balancer(start: Callable[..., GatewayThrea
             data += chunk
     assert echoed(data)["headers"]["x-forwarded-for"] == "203.0.113.7"
     assert gw.gateway.metrics.proxy_stats("web").accepted == 1
+
+
+def test_reload_turns_proxy_protocol_on_and_off_on_an_https_listener(
+    start: Callable[..., GatewayThread], origin: OriginHandle, tmp_path: Path
+) -> None:
+    pki = Pki(tmp_path)
+    with_proxy = https_config(free_port(), origin, pki)
+    without = json.loads(json.dumps(with_proxy))
+    del without["listeners"][0]["proxy_protocol"]
+    gw = start(without)
+    assert echoed(https_exchange(gw.port, b"", pki.client_context(), "a.example.com"))
+    write_config(gw.config_path, with_proxy)
+    assert gw.reload()  # the socket now listens in the clear: TLS starts after the header
+    header = encode_v1(CLIENT, ("10.0.0.1", 443))
+    body = echoed(https_exchange(gw.port, header, pki.client_context(), "a.example.com"))
+    assert body["headers"]["x-forwarded-for"] == "203.0.113.7"
+    write_config(gw.config_path, without)
+    assert gw.reload()
+    assert echoed(https_exchange(gw.port, b"", pki.client_context(), "b.example.com"))
