@@ -360,3 +360,44 @@ def test_a_listener_can_turn_from_tcp_to_passthrough_on_reload(tcp_origin: Any, 
         sock.sendall(b"not a hello\r\n\r\n")
         assert closed_soon(sock)  # now it wants a ClientHello first
     assert origin.accepted == 0
+
+
+def test_http_health_checks_work_for_l4_upstreams_too(tcp_origin: Any, l4_gateway: Any) -> None:
+    from support import CannedOrigin
+
+    live = CannedOrigin(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlive")
+    try:
+        check = {"active": {"type": "http", "path": "/healthz", "interval": "100ms", "unhealthy": 1}}
+        gw = l4_gateway([closed_port(), f"127.0.0.1:{live.port}"], health_check=check)
+        targets = gw.gateway.snapshot.upstreams["db"].targets
+        wait_for(lambda: not targets[0].healthy and live.received)
+        tries = targets[0].requests
+        for _ in range(3):
+            with connect(gw.port) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: db\r\n\r\n")
+                assert recv_exactly(sock, 42).endswith(b"live")
+        assert targets[0].requests == tries
+    finally:
+        live.stop()
+
+
+def test_a_target_drained_through_the_admin_api_gets_no_new_connections(tcp_origin: Any, tmp_path: Path) -> None:
+    from support import request
+
+    a, b = tcp_origin(greeting=b"a\n"), tcp_origin(greeting=b"b\n")
+    port, admin = free_port(), free_port()
+    config = l4_config(port, [a.address, b.address])
+    config["admin"] = {"bind": f"127.0.0.1:{admin}"}
+    gw = GatewayThread(write_config(tmp_path / "gw.yaml", config), port)
+    try:
+        with connect(port) as first:
+            home = recv_exactly(first, 2)
+            drained = a.address if home == b"a\n" else b.address
+            assert request(admin, "POST", f"/upstreams/db/targets/{drained}/drain").status == 200
+            for _ in range(4):
+                with connect(port) as sock:
+                    assert recv_exactly(sock, 2) != home
+            first.sendall(b"x")  # the drained target's open connection runs on
+            assert recv_exactly(first, 1) == b"x"
+    finally:
+        gw.stop()
