@@ -401,3 +401,14 @@ def test_a_target_drained_through_the_admin_api_gets_no_new_connections(tcp_orig
             assert recv_exactly(first, 1) == b"x"
     finally:
         gw.stop()
+
+
+def test_refused_connects_eject_a_target_passively(tcp_origin: Any, l4_gateway: Any) -> None:
+    origin = tcp_origin(greeting=b"b\n")
+    check = {"passive": {"max_failures": 2, "ejection": "1m"}}
+    gw = l4_gateway([closed_port(), origin.address], health_check=check)
+    dead = gw.gateway.snapshot.upstreams["db"].targets[0]
+    for _ in range(8):
+        with connect(gw.port) as sock:
+            assert recv_exactly(sock, 2) == b"b\n"
+    assert dead.requests == 2 and dead.ejections == 1  # tried twice, then left alone
