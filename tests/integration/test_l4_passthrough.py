@@ -172,16 +172,16 @@ def test_a_hello_that_never_ends_is_closed_at_the_size_bound(setup: Any) -> None
 def test_a_hello_arriving_in_pieces_is_parsed_about_once_per_record(
     setup: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bastion.l4.passthrough as passthrough
+    from bastion.l4.clienthello import HelloReader
 
     calls: list[int] = []
-    real = passthrough.read_hello
+    real = HelloReader.feed
 
-    def counted(data: bytes) -> Any:
+    def counted(self: HelloReader, data: bytes) -> Any:
         calls.append(len(data))
-        return real(data)
+        return real(self, data)
 
-    monkeypatch.setattr(passthrough, "read_hello", counted)
+    monkeypatch.setattr(HelloReader, "feed", counted)
     s = setup()
     hello = client_hello("db.example.com")
     with connect(s.port) as sock:
