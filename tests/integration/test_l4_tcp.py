@@ -412,3 +412,29 @@ def test_refused_connects_eject_a_target_passively(tcp_origin: Any, l4_gateway: 
         with connect(gw.port) as sock:
             assert recv_exactly(sock, 2) == b"b\n"
     assert dead.requests == 2 and dead.ejections == 1  # tried twice, then left alone
+
+
+def test_a_client_sending_megabytes_while_the_connect_is_pending_is_held_back_then_relayed(
+    tcp_origin: Any, l4_gateway: Any, silent_target: str
+) -> None:
+    import threading
+
+    from bastion.l4.conn import HOLD_LIMIT, L4Connection
+
+    counted: list[int] = []
+    origin = tcp_origin(sink(counted))
+    gw = l4_gateway([silent_target, origin.address], timeouts={"connect": "1s"})
+    payload = bytes(range(256)) * 32768  # 8 MB, more than the sockets' buffers take
+    with connect(gw.port) as sock:  # round robin starts on the silent target: a 1 s wait
+        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        held = 0
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:
+            waiting = [c for c in list(gw.gateway.connections) if isinstance(c, L4Connection) and c.relay is None]
+            held = max([held, *(len(c.pending) for c in waiting)])
+            time.sleep(0.01)
+        assert recv_until_close(sock) == b"%d\n" % len(payload)
+        sender.join(10)
+    assert counted == [len(payload)]
+    assert 0 < held <= HOLD_LIMIT + 256 * 1024  # one read past the limit at most
