@@ -20,6 +20,7 @@ import click
 
 from bastion import __version__
 from bastion.config.loader import LoadedConfig, load_config
+from bastion.config.schema import Listener
 from bastion.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
@@ -84,6 +85,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _relays_to(listener: Listener) -> str:
+    """Where an L4 listener sends its connections, for the summary ('' for HTTP ones)."""
+    if listener.sni_routes:
+        return "-> " + ", ".join(f"{host}: {route.upstream}" for route in listener.sni_routes for host in route.hosts)
+    return f"-> {listener.upstream}" if listener.upstream else ""
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="bastion", message="%(prog)s %(version)s")
 def cli() -> None:
@@ -141,9 +149,8 @@ def check(config: str) -> None:
     certificates = _built_or_exit(loaded)
     click.echo(f"{config}:")
     click.echo(f"  listeners ({len(cfg.listeners)}):")
-    for row in _table(["name", "protocol", "bind"], [[lst.name, lst.protocol, str(lst.bind)] for lst in cfg.listeners])[
-        1:
-    ]:
+    rows = [[lst.name, lst.protocol, str(lst.bind), _relays_to(lst)] for lst in cfg.listeners]
+    for row in _table(["name", "protocol", "bind", "to"], rows)[1:]:
         click.echo(f"    {row}")
     if certificates:
         click.echo("  certificates (SNI: exact names, then wildcards, then the first of each listener):")

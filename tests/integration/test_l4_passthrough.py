@@ -172,16 +172,16 @@ def test_a_hello_that_never_ends_is_closed_at_the_size_bound(setup: Any) -> None
 def test_a_hello_arriving_in_pieces_is_parsed_about_once_per_record(
     setup: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bastion.l4.passthrough as passthrough
+    from bastion.l4.clienthello import HelloReader
 
     calls: list[int] = []
-    real = passthrough.read_hello
+    real = HelloReader.feed
 
-    def counted(data: bytes) -> Any:
+    def counted(self: HelloReader, data: bytes) -> Any:
         calls.append(len(data))
-        return real(data)
+        return real(self, data)
 
-    monkeypatch.setattr(passthrough, "read_hello", counted)
+    monkeypatch.setattr(HelloReader, "feed", counted)
     s = setup()
     hello = client_hello("db.example.com")
     with connect(s.port) as sock:
@@ -243,3 +243,16 @@ def served_names_of(tls: ssl.SSLObject) -> list[str]:
             return tls.getpeercert(binary_form=True)
 
     return served_names(_Peer())
+
+
+def test_a_proxy_protocol_header_in_front_of_the_hello_names_the_client(setup: Any) -> None:
+    s = setup(proxy_protocol={"accept": True, "trusted": ["127.0.0.1/32"]})
+    with connect(s.port) as sock:
+        sock.sendall(b"PROXY TCP4 203.0.113.9 198.51.100.1 41000 443\r\n")
+        context = s.pki.client_context()
+        with context.wrap_socket(sock, server_hostname="db.example.com") as tls:
+            tls.sendall(b"hi")
+            assert recv_exactly(tls, 2) == b"hi"  # type: ignore[arg-type]
+            assert served_names(tls) == ["db.example.com"]
+    [line] = wait_for(lambda: access_lines(s.log))
+    assert line["client"] == "203.0.113.9" and line["sni"] == "db.example.com"

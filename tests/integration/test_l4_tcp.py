@@ -360,3 +360,81 @@ def test_a_listener_can_turn_from_tcp_to_passthrough_on_reload(tcp_origin: Any, 
         sock.sendall(b"not a hello\r\n\r\n")
         assert closed_soon(sock)  # now it wants a ClientHello first
     assert origin.accepted == 0
+
+
+def test_http_health_checks_work_for_l4_upstreams_too(tcp_origin: Any, l4_gateway: Any) -> None:
+    from support import CannedOrigin
+
+    live = CannedOrigin(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlive")
+    try:
+        check = {"active": {"type": "http", "path": "/healthz", "interval": "100ms", "unhealthy": 1}}
+        gw = l4_gateway([closed_port(), f"127.0.0.1:{live.port}"], health_check=check)
+        targets = gw.gateway.snapshot.upstreams["db"].targets
+        wait_for(lambda: not targets[0].healthy and live.received)
+        tries = targets[0].requests
+        for _ in range(3):
+            with connect(gw.port) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: db\r\n\r\n")
+                assert recv_exactly(sock, 42).endswith(b"live")
+        assert targets[0].requests == tries
+    finally:
+        live.stop()
+
+
+def test_a_target_drained_through_the_admin_api_gets_no_new_connections(tcp_origin: Any, tmp_path: Path) -> None:
+    from support import request
+
+    a, b = tcp_origin(greeting=b"a\n"), tcp_origin(greeting=b"b\n")
+    port, admin = free_port(), free_port()
+    config = l4_config(port, [a.address, b.address])
+    config["admin"] = {"bind": f"127.0.0.1:{admin}"}
+    gw = GatewayThread(write_config(tmp_path / "gw.yaml", config), port)
+    try:
+        with connect(port) as first:
+            home = recv_exactly(first, 2)
+            drained = a.address if home == b"a\n" else b.address
+            assert request(admin, "POST", f"/upstreams/db/targets/{drained}/drain").status == 200
+            for _ in range(4):
+                with connect(port) as sock:
+                    assert recv_exactly(sock, 2) != home
+            first.sendall(b"x")  # the drained target's open connection runs on
+            assert recv_exactly(first, 1) == b"x"
+    finally:
+        gw.stop()
+
+
+def test_refused_connects_eject_a_target_passively(tcp_origin: Any, l4_gateway: Any) -> None:
+    origin = tcp_origin(greeting=b"b\n")
+    check = {"passive": {"max_failures": 2, "ejection": "1m"}}
+    gw = l4_gateway([closed_port(), origin.address], health_check=check)
+    dead = gw.gateway.snapshot.upstreams["db"].targets[0]
+    for _ in range(8):
+        with connect(gw.port) as sock:
+            assert recv_exactly(sock, 2) == b"b\n"
+    assert dead.requests == 2 and dead.ejections == 1  # tried twice, then left alone
+
+
+def test_a_client_sending_megabytes_while_the_connect_is_pending_is_held_back_then_relayed(
+    tcp_origin: Any, l4_gateway: Any, silent_target: str
+) -> None:
+    import threading
+
+    from bastion.l4.conn import HOLD_LIMIT, L4Connection
+
+    counted: list[int] = []
+    origin = tcp_origin(sink(counted))
+    gw = l4_gateway([silent_target, origin.address], timeouts={"connect": "1s"})
+    payload = bytes(range(256)) * 32768  # 8 MB, more than the sockets' buffers take
+    with connect(gw.port) as sock:  # round robin starts on the silent target: a 1 s wait
+        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        held = 0
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:
+            waiting = [c for c in list(gw.gateway.connections) if isinstance(c, L4Connection) and c.relay is None]
+            held = max([held, *(len(c.pending) for c in waiting)])
+            time.sleep(0.01)
+        assert recv_until_close(sock) == b"%d\n" % len(payload)
+        sender.join(10)
+    assert counted == [len(payload)]
+    assert 0 < held <= HOLD_LIMIT + 256 * 1024  # one read past the limit at most

@@ -211,6 +211,16 @@ def test_tls_is_terminated_in_front_of_a_plain_tcp_target(tmp_path: Path, origin
             plain.sendall(b"not tls at all\r\n\r\n")
             assert closed_soon(plain)  # no handshake, no relay
         assert origin.accepted == 1
+
+        handshakes = gw.gateway.metrics.tls_handshakes
+        wait_for(lambda: gw.call(_collect()) is None and handshakes.get(("db", "failed")) == 1)
+        assert handshakes.get(("db", "completed")) == 1
     finally:
         gw.stop()
     assert isinstance(ssl.PROTOCOL_TLS_CLIENT, int)
+
+
+async def _collect() -> None:
+    import gc
+
+    gc.collect()  # a failed handshake is counted when its protocol object goes

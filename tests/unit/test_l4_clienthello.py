@@ -7,7 +7,7 @@ import ssl
 import pytest
 
 from bastion.config.schema import SniRoute
-from bastion.l4.clienthello import MAX_BYTES, BadHello, Hello, read_hello
+from bastion.l4.clienthello import MAX_BYTES, BadHello, Hello, HelloReader, read_hello
 from bastion.l4.sni import SniTable
 
 
@@ -56,6 +56,15 @@ def test_a_hello_spread_over_many_records() -> None:
     assert isinstance(found, Hello) and found.sni == "split.example.com" and found.size == len(split)
     for size in range(0, len(split), 13):
         assert isinstance(read_hello(split[:size]), int)
+
+
+def test_a_reader_never_walks_the_records_it_has_taken_again() -> None:
+    split = resplit(client_hello("tiny.example.com"), 1)  # one byte per record: 6 bytes each
+    reader = HelloReader()
+    assert reader.feed(split[:60]) == 65  # ten records taken; the next header is wanted
+    scribbled = b"\x00" * 60 + split[60:]  # were they read again, this would be refused
+    found = reader.feed(scribbled)
+    assert isinstance(found, Hello) and found.sni == "tiny.example.com"
 
 
 def test_bytes_behind_the_hello_do_not_change_it() -> None:

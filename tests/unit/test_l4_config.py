@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from bastion.config.loader import load_config_text
@@ -95,3 +97,22 @@ def test_sticky_on_an_upstream_only_l4_listeners_use_is_an_error() -> None:
     upstreams = UPSTREAMS.replace("db: {", "db: {sticky: {cookie: s}, ")
     [problem] = problems(config("protocol: tcp, upstream: db", upstreams))
     assert "upstreams.db.sticky: not used by an L4 upstream" in problem
+
+
+def test_check_says_where_each_l4_listener_sends_its_connections(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from bastion.cli import cli
+
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "version: 1\nlisteners:\n"
+        "  - {name: pg, bind: '127.0.0.1:15432', protocol: tcp, upstream: db}\n"
+        "  - {name: edge, bind: '127.0.0.1:9443', protocol: tls_passthrough,"
+        " sni_routes: [{hosts: [a.example.com], upstream: web}, {hosts: ['*'], upstream: db}]}\n" + UPSTREAMS
+    )
+    result = CliRunner().invoke(cli, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["pg", "tcp"] and line.endswith("-> db") for line in lines)
+    assert any(line.endswith("-> a.example.com: web, *: db") for line in lines)

@@ -8,10 +8,9 @@ record layer and the ClientHello fields in front of the extensions are walked; n
 decrypted and nothing is changed, the caller relays the very bytes it was fed.
 
 The handshake message may span several records (a post-quantum key share makes it larger
-than one) and each record may arrive over several reads, so the parser starts again from
-the first byte on every call: hellos are small and bounded by `MAX_BYTES`, and the caller
-feeds it again only once the bytes it asked for are in, so a hello sent byte by byte is
-parsed about once per record.
+than one) and each record may arrive over several reads. `HelloReader` keeps the records
+it has taken between calls, and the caller feeds it again only once the bytes it asked for
+are in, so each record is walked once, and the whole is bounded by `MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -49,39 +48,57 @@ class Hello:
         return f"Hello(sni={self.sni!r}, size={self.size})"
 
 
-def read_hello(data: bytes) -> Hello | int:
+def read_hello(data: bytes | bytearray) -> Hello | int:
     """The hello in `data` (what the client sent so far), or until it is complete the total
     number of bytes needed before calling again helps.
 
     Raises BadHello for anything else: not TLS, a record over the limits, a handshake
     message other than ClientHello, a hello larger than MAX_HELLO or malformed inside."""
-    message = bytearray()
-    offset = 0
-    need: int | None = None  # the handshake message's length, once its header is in
-    while True:
-        if len(data) - offset < 5:
-            if len(data) > MAX_BYTES:
-                raise BadHello(f"no complete hello in the first {MAX_BYTES} bytes")
-            return offset + 5
-        kind, major, length = data[offset], data[offset + 1], int.from_bytes(data[offset + 3 : offset + 5], "big")
-        if kind != _HANDSHAKE:
-            raise BadHello("not a TLS handshake record" if offset == 0 else "a non-handshake record inside the hello")
-        if major != 3:
-            raise BadHello("not a TLS record version")
-        if length == 0 or length > MAX_RECORD:
-            raise BadHello("a record length out of bounds")
-        end = offset + 5 + length
-        if len(data) < end:
-            if len(data) > MAX_BYTES:
-                raise BadHello(f"no complete hello in the first {MAX_BYTES} bytes")
-            # Check what the partial fragment already shows, so a bad header fails early.
-            _check_header(message + data[offset + 5 : offset + 9])
-            return end
-        message += data[offset + 5 : end]
-        offset = end
-        need = _check_header(message)
-        if need is not None and len(message) >= need + 4:
-            return Hello(server_name(bytes(message[4 : need + 4])), offset)
+    return HelloReader().feed(data)
+
+
+class HelloReader:
+    """`read_hello` for a stream that grows: each `feed` (with everything received so far)
+    starts at the first record it has not taken yet, so a hello sent as thousands of tiny
+    records costs time in proportion to its size, not to its square."""
+
+    __slots__ = ("offset", "message")
+
+    def __init__(self) -> None:
+        self.offset = 0  # bytes of complete records taken
+        self.message = bytearray()  # their fragments: the handshake message so far
+
+    def feed(self, data: bytes | bytearray) -> Hello | int:
+        """See `read_hello`; `data` must start with the bytes fed before."""
+        message = self.message
+        offset = self.offset
+        while True:
+            if len(data) - offset < 5:
+                if len(data) > MAX_BYTES:
+                    raise BadHello(f"no complete hello in the first {MAX_BYTES} bytes")
+                return offset + 5
+            kind, major = data[offset], data[offset + 1]
+            length = int.from_bytes(data[offset + 3 : offset + 5], "big")
+            if kind != _HANDSHAKE:
+                raise BadHello(
+                    "not a TLS handshake record" if offset == 0 else "a non-handshake record inside the hello"
+                )
+            if major != 3:
+                raise BadHello("not a TLS record version")
+            if length == 0 or length > MAX_RECORD:
+                raise BadHello("a record length out of bounds")
+            end = offset + 5 + length
+            if len(data) < end:
+                if len(data) > MAX_BYTES:
+                    raise BadHello(f"no complete hello in the first {MAX_BYTES} bytes")
+                # Check what the partial fragment already shows, so a bad header fails early.
+                _check_header(bytes(message[:4]) + bytes(data[offset + 5 : offset + 9]))
+                return end
+            message += data[offset + 5 : end]
+            offset = self.offset = end
+            need = _check_header(message)
+            if need is not None and len(message) >= need + 4:
+                return Hello(server_name(bytes(message[4 : need + 4])), offset)
 
 
 def _check_header(message: bytes | bytearray) -> int | None:

@@ -9,7 +9,7 @@ from bastion.config.schema import Listener
 from bastion.l4.conn import L4Connection, L4Host
 from bastion.l4.passthrough import PassthroughProxy
 from bastion.l4.sni import SniTable
-from bastion.l4.tcp import TcpProxy
+from bastion.l4.tcp import TcpProxy, TlsTcpProxy
 
 PROTOCOLS: dict[str, type[L4Connection]] = {"tcp": TcpProxy, "tls_passthrough": PassthroughProxy}
 
@@ -22,6 +22,8 @@ class L4Hub:
 
     def protocol(self, listener: Listener) -> asyncio.Protocol:
         """The protocol for a connection accepted on `listener` (an L4 protocol)."""
+        if listener.tls is not None:
+            return TlsTcpProxy(self, listener)
         return PROTOCOLS[listener.protocol](self, listener)
 
     def admit(self, conn: L4Connection) -> bool:

@@ -11,13 +11,14 @@ when there is none.
 
 from __future__ import annotations
 
-from bastion.l4.clienthello import BadHello, read_hello
+from bastion.l4.clienthello import BadHello, HelloReader
 from bastion.l4.conn import L4Connection
 
 
 class PassthroughProxy(L4Connection):
     kind = "tls_passthrough"
     _need = 5  # bytes needed before parsing again helps (a record header first)
+    _reader: HelloReader | None = None
 
     def begin(self) -> None:
         self.deadline = self.loop.time() + self.settings.timeouts.header
@@ -29,8 +30,11 @@ class PassthroughProxy(L4Connection):
         self.pending += data
         if len(self.pending) < self._need:
             return
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = HelloReader()
         try:
-            found = read_hello(bytes(self.pending))
+            found = reader.feed(self.pending)
         except BadHello as exc:
             self.refuse("bad_hello", str(exc))
             return
