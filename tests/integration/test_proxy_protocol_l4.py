@@ -4,6 +4,7 @@ connection's client in the access log; with tls on the listener the header comes
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ import pytest
 
 from bastion.net.proxy_protocol import encode_v1, encode_v2
 from l4_support import TcpOrigin, access_lines, connect, l4_config, recv_exactly, tls_echo, wait_for
-from support import GatewayThread, free_port, write_config
+from support import GatewayThread, free_port, split_responses, write_config
 from tls_support import Pki
 
 CLIENT = ("203.0.113.7", 40001)
@@ -156,3 +157,38 @@ def test_tls_passthrough_reads_the_header_then_routes_the_hello_by_sni(tmp_path:
     finally:
         gw.stop()
         origin.kill()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_tcp_listener_sending_proxy_to_an_http_listener_accepting_it(
+    tmp_path: Path, origins: Callable[..., Any], version: str
+) -> None:
+    """Both halves in one gateway: tcp :front (send_proxy_protocol) -> http :back (accept) ->
+    origin. The client connects from 127.0.0.3; the origin must see it, not 127.0.0.1."""
+    origin = origins("a")
+    front, back = free_port(), free_port()
+    config = {
+        "version": 1,
+        "listeners": [
+            {"name": "front", "bind": f"127.0.0.1:{front}", "protocol": "tcp", "upstream": "back"},
+            {"name": "back", "bind": f"127.0.0.1:{back}", **PROXY},
+        ],
+        "upstreams": {
+            "back": {"targets": [{"address": f"127.0.0.1:{back}"}], "send_proxy_protocol": version},
+            "app": {"targets": [{"address": origin.address}]},
+        },
+        "routes": [{"name": "all", "match": {"path": "/"}, "upstream": "app"}],
+        "log": {"access": False},
+    }
+    gw = GatewayThread(write_config(tmp_path / "gw.yaml", config), front)
+    try:
+        with socket.create_connection(("127.0.0.1", front), timeout=10, source_address=("127.0.0.3", 0)) as sock:
+            sock.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    finally:
+        gw.stop()
+    [(status, _, body)] = split_responses(data)
+    assert status == 200
+    assert json.loads(body)["headers"]["x-forwarded-for"] == "127.0.0.3"
