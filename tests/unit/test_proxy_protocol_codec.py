@@ -36,6 +36,12 @@ def test_v1_tcp4() -> None:
     assert header == ProxyHeader(1, ("192.0.2.7", 51000), ("10.0.0.1", 443), "stream", 41)
 
 
+def test_v1_addresses_come_out_canonical() -> None:
+    header = parse(b"PROXY TCP6 2001:DB8:0:0:0:0:0:7 ::FFFF:192.0.2.1 1 2\r\n")
+    assert header is not None
+    assert header.source == ("2001:db8::7", 1) and header.destination == ("::ffff:192.0.2.1", 2)
+
+
 def test_v1_tcp6_and_rest() -> None:
     parser = HeaderParser()
     header = parser.feed(b"PROXY TCP6 2001:db8::1 ::1 65535 0\r\nhello")
@@ -58,6 +64,9 @@ def test_v1_unknown_keeps_real_peer() -> None:
         b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443 9\r\n",  # extra field
         b"PROXY TCP4  192.0.2.7 10.0.0.1 51000 443\r\n",  # double space
         b"PROXY TCP4 192.0.2.300 10.0.0.1 1 2\r\n",  # bad octet
+        b"PROXY TCP4 192.0.2.07 10.0.0.1 1 2\r\n",  # leading zero (octal to some parsers)
+        b"PROXY TCP4 192.0.2 10.0.0.1 1 2\r\n",  # three parts
+        b"PROXY TCP6 1::2::3 ::1 1 2\r\n",
         b"PROXY TCP4 ::1 10.0.0.1 1 2\r\n",  # family mismatch
         b"PROXY TCP6 10.0.0.2 ::1 1 2\r\n",
         b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",  # scoped
@@ -219,9 +228,9 @@ def test_round_trips(seed: int) -> None:
 
 def test_encode_mixed_families_maps_ipv4() -> None:
     header = parse(encode_v1(("192.0.2.1", 5), ("::1", 6)))
-    assert header is not None and header.source == ("::ffff:c000:201", 5)
+    assert header is not None and header.source == ("::ffff:192.0.2.1", 5)
     header = parse(encode_v2(("::1", 5), ("192.0.2.1", 6)))
-    assert header is not None and header.destination == ("::ffff:c000:201", 6)
+    assert header is not None and header.destination == ("::ffff:192.0.2.1", 6)
 
 
 def test_encode_strips_scope() -> None:
