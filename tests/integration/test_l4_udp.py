@@ -348,3 +348,35 @@ def test_passive_health_ejects_a_refusing_target_for_new_sessions(start: Start, 
         client.sock.settimeout(0.5)
         assert client.resolve(attempts=4) == "192.0.2.1"
     assert dead_target.failures == 1 and dead_target.ejections == 1  # one refusal, then never picked
+
+
+def test_only_the_target_can_answer_a_session(start: Start, servers: Any, clients: Any) -> None:
+    """A datagram sent to a session's socket from anywhere but its target never reaches the
+    client: the socket is connected, the kernel drops it."""
+    server = servers("192.0.2.1")
+    gw = start(udp_config(free_udp_port(), [server.address]))
+    client = clients(gw.port)
+    assert client.resolve() == "192.0.2.1"
+    [session_socket] = set(server.sources)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as intruder:
+        intruder.bind(("127.0.0.1", 0))
+        for _ in range(5):
+            intruder.sendto(b"forged answer", session_socket)
+    client.sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        client.sock.recv(65535)
+    assert gw.udp().stats.datagrams[1] == 1
+
+
+def test_an_oversized_answer_from_the_target_is_dropped(start: Start, clients: Any) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as target:
+        target.bind(("127.0.0.1", 0))
+        target.settimeout(5)
+        gw = start(udp_config(free_udp_port(), [f"127.0.0.1:{target.getsockname()[1]}"], udp={"max_datagram": 512}))
+        client = clients(gw.port)
+        client.sock.send(b"question")
+        _, session = target.recvfrom(65535)
+        target.sendto(b"y" * 2000, session)  # an amplified answer: over max_datagram
+        target.sendto(b"small", session)
+        assert client.sock.recv(65535) == b"small"
+    assert gw.udp().stats.dropped == {"too_big": 1}

@@ -389,3 +389,26 @@ def test_reload_turns_proxy_protocol_on_and_off_on_an_https_listener(
     write_config(gw.config_path, without)
     assert gw.reload()
     assert echoed(https_exchange(gw.port, b"", pki.client_context(), "b.example.com"))
+
+
+def test_a_header_trickled_byte_by_byte_is_cut_at_the_header_timeout(
+    start: Callable[..., GatewayThread], origin: OriginHandle
+) -> None:
+    """Progress does not push the deadline back: a slowloris sending one byte every 100 ms is
+    closed when timeouts.header (1s) has passed since the connection opened."""
+    gw = start(config(free_port(), origin))
+    header = encode_v1(CLIENT, ("10.0.0.1", 80))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        began = time.monotonic()
+        closed = False
+        for byte in header[:-1]:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.1)
+        assert closed or sock.recv(1) == b""
+        assert time.monotonic() - began < 4  # 41 bytes at 100 ms would take over 4 s
+    assert gw.gateway.metrics.proxy_stats("web").timeout == 1
+    assert origin.origin.requests == 0
