@@ -116,3 +116,24 @@ def test_check_says_where_each_l4_listener_sends_its_connections(tmp_path: Any) 
     lines = result.stdout.splitlines()
     assert any(line.split()[:2] == ["pg", "tcp"] and line.endswith("-> db") for line in lines)
     assert any(line.endswith("-> a.example.com: web, *: db") for line in lines)
+
+
+def test_send_proxy_protocol_is_refused_on_an_upstream_that_routes_use() -> None:
+    text = (
+        "version: 1\nlisteners:\n  - {name: web, bind: '127.0.0.1:8080'}\n"
+        "upstreams:\n  app: {targets: [{address: '127.0.0.1:9000'}], send_proxy_protocol: v2}\n"
+        "routes:\n  - {name: all, match: {path: /}, upstream: app}\n"
+    )
+    assert any(
+        "upstreams.app.send_proxy_protocol: for upstreams of tcp, udp and tls_passthrough listeners" in problem
+        for problem in problems(text)
+    )
+
+
+def test_a_udp_listener_with_defaults_and_its_keys() -> None:
+    listener = load_config_text(config("protocol: udp, upstream: db")).config.listeners[0]
+    assert listener.udp is None  # defaults: session_idle 30s, max_sessions 10000, max_datagram 65535
+    text = config("protocol: udp, upstream: db, udp: {session_idle: 2s, max_sessions: 5, max_datagram: 4KB}")
+    udp = load_config_text(text).config.listeners[0].udp
+    assert udp is not None and (udp.session_idle, udp.max_sessions, udp.max_datagram) == (2.0, 5, 4096)
+    assert any("max_datagram" in p for p in problems(config("protocol: udp, upstream: db, udp: {max_datagram: 100}")))
