@@ -251,7 +251,7 @@ class Gateway:
         (their sessions go on: see l4/udp.py)."""
         for bind, udp in list(self.udp.items()):
             if bind not in wanted or wanted[bind].protocol != "udp":
-                udp.close()
+                udp.close("listener_closed")
                 del self.udp[bind]
                 log.info("listener %s closed", bind)
         for bind, listener in wanted.items():

@@ -4,6 +4,7 @@ PROXY v2 on datagrams."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -380,3 +381,28 @@ def test_an_oversized_answer_from_the_target_is_dropped(start: Start, clients: A
         target.sendto(b"small", session)
         assert client.sock.recv(65535) == b"small"
     assert gw.udp().stats.dropped == {"too_big": 1}
+
+
+def test_each_session_ends_with_an_access_log_line(start: Start, servers: Any, clients: Any, tmp_path: Path) -> None:
+    server = servers("192.0.2.1")
+    config = udp_config(free_udp_port(), [server.address], udp={"session_idle": "200ms", "max_sessions": 1})
+    config["log"] = {"access_file": str(tmp_path / "access.log")}
+    gw = start(config)
+    first, second = clients(gw.port), clients(gw.port)
+    assert first.resolve() and first.resolve()
+    assert second.resolve()  # evicts the first session
+
+    def lines() -> list[dict[str, Any]]:
+        path = tmp_path / "access.log"
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    wait_for(lambda: len(lines()) == 2)  # the second one went idle
+    evicted, idle = lines()
+    assert evicted["close_reason"] == "evicted" and idle["close_reason"] == "idle_timeout"
+    assert (evicted["client"], evicted["client_port"]) == first.address
+    assert evicted["protocol"] == "udp" and evicted["listener"] == "dns" and evicted["upstream"] == "dns"
+    assert evicted["target"] == server.address
+    assert (evicted["datagrams_in"], evicted["datagrams_out"]) == (2, 2)
+    assert evicted["bytes_in"] > 0 and evicted["bytes_out"] > evicted["bytes_in"] / 2
+    assert idle["datagrams_in"] == 1 and idle["duration_ms"] >= 200

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -61,7 +62,19 @@ class UdpHost(Protocol):
 class Session:
     """One client address and the target its datagrams go to."""
 
-    __slots__ = ("client", "upstream", "target", "transport", "pending", "last", "header", "closed", "task")
+    __slots__ = (
+        "client",
+        "upstream",
+        "target",
+        "transport",
+        "pending",
+        "last",
+        "header",
+        "closed",
+        "task",
+        "started",
+        "counts",
+    )
 
     def __init__(self, client: Address, upstream: UpstreamRuntime, target: TargetState, now: float) -> None:
         self.client = client
@@ -73,6 +86,8 @@ class Session:
         self.header = b""  # the PROXY v2 header that starts every datagram to the target, if any
         self.closed = False
         self.task: asyncio.Task[None] | None = None
+        self.started = now
+        self.counts = [0, 0, 0, 0]  # datagrams in, datagrams out, bytes in, bytes out (for its log line)
 
 
 class _TargetSide(asyncio.DatagramProtocol):
@@ -152,6 +167,9 @@ class UdpListener(asyncio.DatagramProtocol):
         stats = self.stats
         stats.datagrams[0] += 1
         stats.bytes[0] += len(data)
+        counts = session.counts
+        counts[0] += 1
+        counts[2] += len(data)
         transport.sendto(session.header + data if session.header else data)
 
     # --- the target's side -----------------------------------------------------------------
@@ -169,6 +187,9 @@ class UdpListener(asyncio.DatagramProtocol):
         stats = self.stats
         stats.datagrams[1] += 1
         stats.bytes[1] += len(data)
+        counts = session.counts
+        counts[1] += 1
+        counts[3] += len(data)
         self.transport.sendto(data, session.client)
 
     def target_error(self, session: Session, exc: Exception) -> None:
@@ -194,7 +215,7 @@ class UdpListener(asyncio.DatagramProtocol):
             return None
         if len(self.sessions) >= self.max_sessions:
             _, oldest = self.sessions.popitem(last=False)
-            self._close(oldest)
+            self._close(oldest, "evicted")
             self.stats.evicted += 1
         session = Session(client, upstream, target, now)
         self.sessions[client] = session
@@ -247,7 +268,7 @@ class UdpListener(asyncio.DatagramProtocol):
         upstream = upstream or session.upstream
         target = self._pick(upstream, session.client, exclude)
         if target is None:
-            self._close(session, released=True)
+            self._close(session, "no_target", released=True)
             if self.sessions.get(session.client) is session:
                 del self.sessions[session.client]
             return
@@ -262,7 +283,7 @@ class UdpListener(asyncio.DatagramProtocol):
             session.transport = None
         session.target.in_flight -= 1
 
-    def _close(self, session: Session, released: bool = False) -> None:
+    def _close(self, session: Session, reason: str, released: bool = False) -> None:
         if session.closed:
             return
         session.closed = True
@@ -270,6 +291,26 @@ class UdpListener(asyncio.DatagramProtocol):
             self._release(session)
         session.pending.clear()
         self.stats.sessions_active -= 1
+        access_log = self.host.snapshot.access_log
+        if access_log is not None:
+            counts = session.counts
+            access_log.write(
+                {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "listener": self.settings.name,
+                    "protocol": "udp",
+                    "client": str(session.client[0]),
+                    "client_port": int(session.client[1]),
+                    "upstream": session.upstream.name,
+                    "target": session.target.name,
+                    "datagrams_in": counts[0],
+                    "datagrams_out": counts[1],
+                    "bytes_in": counts[2],
+                    "bytes_out": counts[3],
+                    "duration_ms": round((self.loop.time() - session.started) * 1000, 3),
+                    "close_reason": reason,
+                }
+            )
 
     def sweep(self, now: float) -> None:
         """End idle sessions; move those whose target is no longer available or no longer
@@ -283,7 +324,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 break
             expired.append(client)
         for client in expired:
-            self._close(self.sessions.pop(client))
+            self._close(self.sessions.pop(client), "idle_timeout")
         upstream = self.host.snapshot.upstreams.get(self.upstream_name)
         if upstream is None:  # pragma: no cover - the config check makes sure it exists
             return
@@ -301,12 +342,12 @@ class UdpListener(asyncio.DatagramProtocol):
             elif session.upstream is not upstream:
                 session.upstream = upstream  # same target in the new config: keep it
 
-    def close(self) -> None:
+    def close(self, reason: str = "shutdown") -> None:
         """Stop receiving and end every session (drain, or the listener left the config)."""
         if self.transport is not None:
             self.transport.close()
         for session in self.sessions.values():
-            self._close(session)
+            self._close(session, reason)
         self.sessions.clear()
 
     def statistics(self) -> dict[str, Any]:
