@@ -15,8 +15,9 @@ connections" (RSS with 10,000 idle keep-alive clients, held by `idle_clients.py`
 certificate made for the run and served by both proxies: "https keep-alive" (wrk over
 HTTPS), "tls handshakes" (`openssl s_time -new`: a full handshake per request, no
 resumption) and "websocket echo" (`ws_load.py` ping-pong through each proxy to
-`ws_echo.py`, and straight to it). Those rows also report the CPU the proxy used. The run
-ends with the targets of issues 5 and 9, PASS/FAIL.
+`ws_echo.py`, and straight to it). Those rows also report the CPU the proxy used. The L4
+rows (issue 11: "tcp bulk", "tcp connect echo") put a tcp listener next to HAProxy in mode
+tcp (`l4_bench.py`). The run ends with the targets of issues 5, 9 and 11, PASS/FAIL.
 
     python bench/run.py                      # 3 rounds of 10 s per scenario and proxy
     python bench/run.py --rounds 5 --duration 20s --workers 1

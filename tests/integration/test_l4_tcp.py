@@ -438,3 +438,39 @@ def test_a_client_sending_megabytes_while_the_connect_is_pending_is_held_back_th
         sender.join(10)
     assert counted == [len(payload)]
     assert 0 < held <= HOLD_LIMIT + 256 * 1024  # one read past the limit at most
+
+
+def test_a_target_that_stops_reading_holds_the_client_back(tcp_origin: Any, l4_gateway: Any) -> None:
+    import threading
+
+    from bastion.l4.conn import L4Connection
+
+    release = threading.Event()
+
+    def never_reads(origin: TcpOrigin, conn: socket.socket) -> None:
+        release.wait(20)
+
+    origin = tcp_origin(never_reads)
+    gw = l4_gateway([origin.address])
+    sent = [0]
+
+    def send_all(sock: socket.socket) -> None:
+        block = bytes(1 << 20)
+        with contextlib.suppress(OSError):
+            for _ in range(64):  # 64 MB: far more than the sockets' buffers hold
+                sock.sendall(block)
+                sent[0] += len(block)
+
+    with connect(gw.port, timeout=30) as sock:
+        sender = threading.Thread(target=send_all, args=(sock,), daemon=True)
+        sender.start()
+        time.sleep(1.5)
+        relays = [c.relay for c in list(gw.gateway.connections) if isinstance(c, L4Connection) and c.relay]
+        assert len(relays) == 1
+        relay = relays[0]
+        assert relay.upstream.transport.get_write_buffer_size() <= 512 * 1024  # held, not buffered
+        assert sender.is_alive() and sent[0] < 48 << 20  # the client is blocked, not the gateway's memory
+        assert relay.statistics()["client_reading"] is False
+        release.set()
+        sock.close()
+        sender.join(10)
