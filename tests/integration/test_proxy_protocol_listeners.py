@@ -4,6 +4,7 @@ are closed before anything reaches the origin; https listeners read the header b
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from lb_support import wait_for
 
+import support
 from bastion.demo.origin import OriginHandle
 from bastion.net.proxy_protocol import V2_SIGNATURE, encode_v1, encode_v2, encode_v2_local
 from support import GatewayThread, free_port, split_responses, write_config
@@ -276,10 +278,22 @@ def test_proxy_then_tls_keeps_sni_and_counts_the_handshake(
     assert gw.gateway.metrics.tls_handshakes.get(("web", "completed")) == 1
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("request_with_finished", [False, True], ids=["request-after", "request-with-finished"])
 def test_proxy_header_and_client_hello_in_one_write(
-    start: Callable[..., GatewayThread], origin: OriginHandle, tmp_path: Path
+    start: Callable[..., GatewayThread],
+    origin: OriginHandle,
+    tmp_path: Path,
+    request_with_finished: bool,
+    loop: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The bytes behind the header are the handshake's first: they must reach TLS."""
+    """The bytes behind the header are the handshake's first: they must reach TLS. With
+    `request_with_finished` the request rides in the same write as the client's Finished, so
+    it arrives before start_tls has returned: it must be kept for the protocol ALPN picks.
+    Both event loops: their TLS protocols hand over the bytes at different moments."""
+    if loop == "asyncio":
+        monkeypatch.setattr(support, "new_event_loop", asyncio.new_event_loop)
     pki = Pki(tmp_path)
     gw = start(https_config(free_port(), origin, pki))
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -297,7 +311,8 @@ def test_proxy_header_and_client_hello_in_one_write(
                 data = sock.recv(65536)
                 assert data, "closed during the handshake"
                 incoming.write(data)
-        sock.sendall(outgoing.read())
+        if not request_with_finished:
+            sock.sendall(outgoing.read())
         tls.write(GET)
         sock.sendall(outgoing.read())
         received = b""
