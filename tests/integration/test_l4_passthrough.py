@@ -256,3 +256,22 @@ def test_a_proxy_protocol_header_in_front_of_the_hello_names_the_client(setup: A
             assert served_names(tls) == ["db.example.com"]
     [line] = wait_for(lambda: access_lines(s.log))
     assert line["client"] == "203.0.113.9" and line["sni"] == "db.example.com"
+
+
+def test_idle_hello_holders_are_capped_then_timed_out(setup: Any) -> None:
+    s = setup(limits={"max_connections": 2}, timeouts={"header": "500ms"})
+    holders = [connect(s.port), connect(s.port)]
+    try:
+        for sock in holders:
+            sock.sendall(b"\x16")  # one byte of a record header, then nothing
+        with connect(s.port) as third:
+            assert closed_soon(third, timeout=5)  # the listener is full
+        for sock in holders:
+            assert closed_soon(sock, timeout=10)  # hello_timeout frees the places
+        assert s.names("db.example.com") == ["db.example.com"]
+    finally:
+        for sock in holders:
+            sock.close()
+    reasons = [line["close_reason"] for line in wait_for(lambda: len(access_lines(s.log)) == 4 and access_lines(s.log))]
+    assert sorted(reasons[:3]) == ["hello_timeout", "hello_timeout", "over_limit"]
+    assert reasons[3] in ("client_closed", "upstream_closed")  # the full TLS exchange at the end

@@ -131,6 +131,9 @@ def record(body: bytes) -> bytes:
     ("body", "why"),
     [
         (body_with_name(b"bad name"), "not a host name"),
+        (body_with_name(b"a" * 60 + (b"." + b"b" * 60) * 4), "not a host name"),  # over 253 bytes
+        (body_with_name(b"a..b"), "not a host name"),
+        (body_with_name(b"caf\xc3\xa9.example"), "not a host name"),  # not ASCII (IDNs come as xn--)
         (body_with_name(b"a.b", extra=b"x"), "bytes after the server name list"),
         (body_with_name(b"a.b")[:-2], "runs past the end"),
         (b"\x03\x03" + bytes(32) + b"\x21" + bytes(33) + bytes(8), "session id longer"),
@@ -141,6 +144,27 @@ def record(body: bytes) -> bytes:
 def test_malformed_inside(body: bytes, why: str) -> None:
     with pytest.raises(BadHello, match=why):
         read_hello(record(body))
+
+
+def test_an_extension_twice_is_refused() -> None:
+    body = body_with_name(b"a.b")
+    extensions = body[41:]  # behind version, random, session id, suites, compression
+    size = int.from_bytes(extensions[:2], "big")
+    doubled = body[:41] + (2 * size).to_bytes(2, "big") + extensions[2:] * 2
+    with pytest.raises(BadHello, match="appears twice"):
+        read_hello(record(doubled))
+
+
+def test_a_name_of_another_type_is_skipped_and_a_trailing_dot_dropped() -> None:
+    other = b"\x01\x00\x03xyz"
+    found = read_hello(record(body_with_name(b"Host.Example.", extra=b"")))
+    assert isinstance(found, Hello) and found.sni == "host.example"
+    entry = other + b"\x00\x00\x03a.b"
+    names = len(entry).to_bytes(2, "big") + entry
+    extension = b"\x00\x00" + len(names).to_bytes(2, "big") + names
+    body = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    found = read_hello(record(body + len(extension).to_bytes(2, "big") + extension))
+    assert isinstance(found, Hello) and found.sni == "a.b"
 
 
 def test_a_hello_without_extensions_has_no_name() -> None:
