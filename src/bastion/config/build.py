@@ -59,6 +59,7 @@ class RouteRuntime:
         "websocket",
         "websocket_idle_timeout",
         "websocket_max_duration",
+        "grpc_web",
     )
 
     def __init__(
@@ -78,6 +79,8 @@ class RouteRuntime:
         self.websocket = route.websocket
         self.websocket_idle_timeout = route.websocket_idle_timeout or None  # None: off
         self.websocket_max_duration = route.websocket_max_duration or None
+        # gRPC-Web: 0 off, 1 on with the gateway's CORS answers, 2 on with the route's cors plugin
+        self.grpc_web = (2 if any(p.name == "cors" for p in plugins) else 1) if route.grpc_web else 0
 
 
 class Snapshot:

@@ -353,6 +353,11 @@ class Route(Model):
         description="Allow WebSocket upgrades on this route: the handshake goes through the route's plugins, "
         "then bytes are relayed both ways. Without it an Upgrade request is forwarded as a plain request.",
     )
+    grpc_web: bool = Field(
+        False,
+        description="Also accept gRPC-Web (application/grpc-web, -web-text) from browsers: translated to gRPC "
+        "toward the upstream, trailers returned in the body; CORS preflights answered unless a cors plugin is on.",
+    )
     websocket_idle_timeout: Duration = Field(
         300.0, description="A WebSocket with no byte in either direction for this long is closed; 0: never."
     )

@@ -1,0 +1,172 @@
+"""The gateway's own answers to gRPC requests are gRPC statuses, never JSON (the contract).
+
+These requests travel over HTTP/1.1 (as gRPC-Web would) so they need no HTTP/2: the answer
+is a head with grpc-status and an empty body. The same renderer serves HTTP/2 clients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from bastion.demo.origin import OriginHandle
+from support import GatewayThread, Reply, free_port, request
+
+Start = Callable[..., GatewayThread]
+
+GRPC = {"content-type": "application/grpc", "te": "trailers"}
+FRAME = b"\x00\x00\x00\x00\x02\x08\x01"  # one message of two bytes
+
+
+def call(gw: GatewayThread, path: str = "/pkg.Svc/Method", headers: dict[str, str] | None = None) -> Reply:
+    return request(gw.port, "POST", path, headers={**GRPC, **(headers or {})}, body=FRAME)
+
+
+def assert_status(reply: Reply, code: int, message: str | None = None) -> None:
+    assert reply.status == 200, (reply.status, reply.body)
+    assert reply.header("grpc-status") == str(code), reply.headers
+    assert reply.header("content-type") == "application/grpc"
+    assert reply.body == b""
+    assert reply.header("x-request-id")
+    if message is not None:
+        assert message in (reply.header("grpc-message") or "")
+
+
+def config(targets: list[int], plugins: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "listeners": [{"name": "web", "bind": "127.0.0.1:PORT"}],
+        "upstreams": {"app": {"targets": [{"address": f"127.0.0.1:{t}"} for t in targets]}},
+        "routes": [
+            {
+                "name": "svc",
+                "match": {"path": "/pkg.Svc/"},
+                "upstream": "app",
+                "strip_prefix": "/pkg.Svc",
+                "plugins": plugins or [],
+            }
+        ],
+        "log": {"access": False},
+        **extra,
+    }
+
+
+def test_no_route_is_unimplemented(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    gw = gateway(config([origin.port]))
+    reply = call(gw, "/other.Svc/Method")
+    assert_status(reply, 12, "No route")
+    # The same request without the gRPC content-type still gets the contract's JSON.
+    plain = request(gw.port, "POST", "/other.Svc/Method", body=b"{}")
+    assert plain.status == 404 and plain.json()["error"] == "no_route"
+
+
+def test_refused_upstream_is_unavailable(gateway: Start) -> None:
+    gw = gateway(config([free_port()]))
+    assert_status(call(gw), 14)
+
+
+def test_grpc_web_errors_keep_the_grpc_web_content_type(gateway: Start) -> None:
+    gw = gateway(config([free_port()]))
+    reply = request(gw.port, "POST", "/x.Y/Z", headers={"content-type": "application/grpc-web-text"}, body=b"")
+    assert reply.status == 200 and reply.header("grpc-status") == "12"
+    assert reply.header("content-type") == "application/grpc-web-text+proto"
+
+
+def test_upstream_http_status_becomes_a_grpc_status(
+    gateway: Start, scripted_origin: Callable[..., Any]
+) -> None:
+    from adversary import Write
+
+    def answer(status: int) -> bytes:
+        return b"HTTP/1.1 %d X\r\ncontent-type: text/html\r\ncontent-length: 5\r\n\r\nhello" % status
+
+    statuses = iter([503, 404, 401, 429])
+    origin = scripted_origin(reply=lambda req: [Write(answer(next(statuses)))])
+    gw = gateway(config([origin.port]))
+    for code in (14, 12, 16, 8):
+        assert_status(call(gw), code, "not gRPC")
+
+
+def test_upstream_grpc_answer_passes_untouched(gateway: Start, scripted_origin: Callable[..., Any]) -> None:
+    from adversary import Write
+
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 5\r\ngrpc-message: gone\r\n"
+    origin = scripted_origin(reply=[Write(head + b"content-length: 0\r\n\r\n")])
+    gw = gateway(config([origin.port]))
+    assert_status(call(gw), 5, "gone")
+    assert origin.requests[0].header("te") == "trailers"
+
+
+def test_grpc_timeout_expires_as_deadline_exceeded(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    gw = gateway(config([origin.port]))
+    started = time.monotonic()
+    reply = call(gw, "/pkg.Svc/delay/3000", headers={"grpc-timeout": "200m"})
+    assert_status(reply, 4)
+    assert time.monotonic() - started < 5  # the origin's answer takes far longer
+
+
+@pytest.mark.parametrize("value", ["1a", "123456789S", "S", ""])
+def test_malformed_grpc_timeout_is_ignored(gateway: Start, origins: Callable[..., OriginHandle], value: str) -> None:
+    origin = origins()
+    gw = gateway(config([origin.port]))
+    reply = call(gw, "/pkg.Svc/Method", headers={"grpc-timeout": value})
+    assert reply.status == 200 and reply.header("grpc-status") is None  # the origin's echo
+
+
+CONSUMERS = [
+    {"name": "alice", "groups": ["staff"], "credentials": {"key_auth": [{"key": "alice-key"}]}},
+    {"name": "bob", "groups": ["guests"], "credentials": {"key_auth": [{"key": "bob-key"}]}},
+]
+
+
+def test_key_auth_answers_unauthenticated(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    gw = gateway(config([origin.port], [{"key_auth": {}}], consumers=CONSUMERS))
+    reply = call(gw)
+    assert_status(reply, 16)
+    assert reply.header("www-authenticate")  # the plugin's challenge stays, as metadata
+    assert_status(call(gw, headers={"x-api-key": "wrong"}), 16)
+    ok = call(gw, headers={"x-api-key": "alice-key"})
+    assert ok.status == 200 and ok.header("grpc-status") is None
+    assert ok.json()["headers"]["x-consumer"] == "alice"
+
+
+def test_acl_answers_permission_denied(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    plugins = [{"key_auth": {}}, {"acl": {"allow_groups": ["staff"]}}]
+    gw = gateway(config([origin.port], plugins, consumers=CONSUMERS))
+    assert_status(call(gw, headers={"x-api-key": "bob-key"}), 7)
+    assert call(gw, headers={"x-api-key": "alice-key"}).header("grpc-status") is None
+
+
+def test_rate_limit_answers_resource_exhausted(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    gw = gateway(config([origin.port], [{"rate_limit": {"limit": 2, "per": "1m", "key": "ip"}}]))
+    assert call(gw).header("grpc-status") is None
+    assert call(gw).header("grpc-status") is None
+    reply = call(gw)
+    assert_status(reply, 8)
+    assert reply.header("retry-after")
+
+
+def test_jwt_answers_unauthenticated(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    import jwt
+
+    origin = origins()
+    secret = "s" * 32
+    gw = gateway(config([origin.port], [{"jwt": {"secret": secret, "algorithms": ["HS256"]}}]))
+    assert_status(call(gw), 16)
+    assert_status(call(gw, headers={"authorization": "Bearer not.a.jwt"}), 16)
+    token = jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+    assert call(gw, headers={"authorization": f"Bearer {token}"}).header("grpc-status") is None
+
+
+def test_body_limit_answers_resource_exhausted(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    gw = gateway(config([origin.port], [{"body_limit": {"max": "4B"}}]))
+    assert_status(call(gw), 8)
