@@ -22,7 +22,7 @@ from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route, Tra
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
-from bastion.net.tls import CertSet, ClientTls, FileReader, TlsProblems, client_tls
+from bastion.net.tls import ALPN_H2, ALPN_HTTP1, CertSet, ClientTls, FileReader, TlsProblems, client_tls
 from bastion.observability.logs import AccessLog
 from bastion.observability.metrics import Metrics, RouteStats
 from bastion.pipeline import BuildEnv, Plugin, PluginConfigError, PluginProblems
@@ -375,7 +375,8 @@ def build_tls(
     for index, listener in enumerate(loaded.config.listeners):
         if listener.tls is not None:
             try:
-                listeners[str(listener.bind)] = CertSet(listener.tls, reader)
+                alpn = ALPN_HTTP1 if listener.http2 is False else ALPN_H2
+                listeners[str(listener.bind)] = CertSet(listener.tls, reader, alpn)
             except TlsProblems as exc:
                 problems.extend((("listeners", index, "tls", *loc), text) for loc, text in exc.problems)
     for name, upstream in loaded.config.upstreams.items():

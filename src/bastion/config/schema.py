@@ -63,6 +63,37 @@ class ListenerLimits(Model):
         description="Slowest request-body upload accepted, in bytes per second averaged from the body's start, "
         "after a grace of timeouts.body; a slower client gets 400 and is closed. 0: no minimum.",
     )
+    h2_max_concurrent_streams: int = Field(
+        100, ge=1, le=10000, description="HTTP/2: streams one client connection may have open at once."
+    )
+    h2_initial_window_size: Size = Field(
+        65535,
+        ge=1024,
+        le=2**31 - 1,
+        description="HTTP/2: request body bytes a client may send on one stream before the gateway has "
+        "passed them on (the stream's flow-control window).",
+    )
+    h2_connection_window: Size = Field(
+        1024 * 1024,
+        ge=65535,
+        le=2**31 - 1,
+        description="HTTP/2: request body bytes in flight on one connection, all streams together.",
+    )
+    h2_max_frame_size: Size = Field(
+        16384, ge=16384, le=16777215, description="HTTP/2: largest frame payload the gateway accepts."
+    )
+    h2_max_resets: int = Field(
+        200,
+        ge=1,
+        description="HTTP/2: streams a client may cancel (RST_STREAM) per 10 seconds; above it the "
+        "connection ends with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).",
+    )
+    h2_max_control_frames: int = Field(
+        1000,
+        ge=10,
+        description="HTTP/2: PING, SETTINGS, PRIORITY and empty DATA frames a client may send per 10 "
+        "seconds; above it the connection ends with GOAWAY ENHANCE_YOUR_CALM.",
+    )
 
 
 def _tls_version(value: Any) -> Any:
@@ -101,10 +132,10 @@ class Listener(Model):
     bind: Address
     protocol: Literal["http", "https", "tcp", "udp"] = "http"
     tls: ListenerTls | None = Field(None, description="Certificates and TLS settings; required for https.")
-    http2: bool | None = Field(
+    http2: bool | Literal["prior_knowledge"] | None = Field(
         None,
-        description="Offer HTTP/2 in ALPN (https listeners; default true). HTTP/2 is not implemented yet: "
-        "only http/1.1 is offered for now.",
+        description="https: offer h2 in ALPN (default true). http: prior_knowledge serves cleartext HTTP/2 "
+        "to clients that start with its preface (HTTP/1.1 otherwise).",
     )
     redirect_https: int | None = Field(
         None,
@@ -137,8 +168,10 @@ class Listener(Model):
             raise ValueError(f"tls is for https listeners (this one is {self.protocol})")
         if self.redirect_https is not None and self.protocol != "http":
             raise ValueError("redirect_https is for http listeners")
-        if self.http2 and self.protocol != "https":
-            raise ValueError("http2 is negotiated with ALPN on https listeners (cleartext HTTP/2 is not supported yet)")
+        if self.http2 is True and self.protocol != "https":
+            raise ValueError("http2: true is for https listeners (ALPN); cleartext HTTP/2 is http2: prior_knowledge")
+        if self.http2 == "prior_knowledge" and self.protocol != "http":
+            raise ValueError("http2: prior_knowledge is for http listeners; https negotiates h2 with ALPN (true)")
         return self
 
 

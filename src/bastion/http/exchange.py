@@ -369,6 +369,9 @@ class Exchange:
                 if upstream.may_retry(request, attempt, sent=False, tried=tried, error=exc):
                     continue
                 raise
+            if self._client_gone:  # cancelled while waiting (HTTP/2 reset): the upstream sees nothing
+                target.pool.release(conn, True)
+                raise ClientClosed()
             reused = conn.served > 0
             self.target = target
             target.in_flight += 1

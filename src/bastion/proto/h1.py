@@ -197,6 +197,7 @@ class H1Server(asyncio.BufferedProtocol):
         "_relay",
         "scheme",
         "client_cert",
+        "proxied_peer",
     )
 
     def __init__(self, gateway: Host, settings: Listener) -> None:
@@ -244,13 +245,14 @@ class H1Server(asyncio.BufferedProtocol):
         self._relay: Callable[[], None] | None = None  # aborts the relay that took this connection
         self.scheme = "http"
         self.client_cert: bytes | None = None
+        self.proxied_peer: tuple[str, int] | None = None  # the client named by a PROXY header
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
-        peer = transport.get_extra_info("peername")
+        peer = self.proxied_peer or transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = peer[0], peer[1]
         ssl_object = transport.get_extra_info("ssl_object")
