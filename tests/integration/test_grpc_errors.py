@@ -76,9 +76,7 @@ def test_grpc_web_errors_keep_the_grpc_web_content_type(gateway: Start) -> None:
     assert reply.header("content-type") == "application/grpc-web-text+proto"
 
 
-def test_upstream_http_status_becomes_a_grpc_status(
-    gateway: Start, scripted_origin: Callable[..., Any]
-) -> None:
+def test_upstream_http_status_becomes_a_grpc_status(gateway: Start, scripted_origin: Callable[..., Any]) -> None:
     from adversary import Write
 
     def answer(status: int) -> bytes:
