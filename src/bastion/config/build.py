@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from bastion import __version__
 from bastion.config.loader import format_loc, model_problems, suggest
-from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route, Tracing
+from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route, Tracing, UpstreamTls
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
@@ -380,9 +380,12 @@ def build_tls(
             except TlsProblems as exc:
                 problems.extend((("listeners", index, "tls", *loc), text) for loc, text in exc.problems)
     for name, upstream in loaded.config.upstreams.items():
-        if upstream.tls is not None:
+        settings = upstream.tls
+        if settings is None and upstream.protocol == "h2":
+            settings = UpstreamTls()  # HTTP/2 over TLS: TLS with the defaults unless told otherwise
+        if settings is not None:
             try:
-                upstreams[name] = client_tls(upstream.tls, reader)
+                upstreams[name] = client_tls(settings, reader, ["h2"] if upstream.protocol == "h2" else None)
             except TlsProblems as exc:
                 problems.extend((("upstreams", name, "tls", *loc), text) for loc, text in exc.problems)
     return listeners, upstreams, reader.digests

@@ -185,7 +185,12 @@ class Target(Model):
 
 
 class ActiveHealthCheck(Model):
-    type: Literal["http", "tcp"] = Field("http", description="http: GET path, status checked; tcp: connect only.")
+    type: Literal["http", "tcp", "grpc"] = Field(
+        "http",
+        description="http: GET path, status checked; tcp: connect only; "
+        "grpc: grpc.health.v1 Check, SERVING is healthy (h2 and h2c upstreams only).",
+    )
+    service: str = Field("", description="Service name asked of grpc checks; empty: the server as a whole.")
     path: str = Field("/", description="Path of http probes.")
     host: str | None = Field(None, description="Host header for http checks; default: the target address.")
     statuses: list[int] = Field(
@@ -285,6 +290,20 @@ class Upstream(Model):
     queue: Queue = Queue()
     slow_start: Duration = Field(0.0, description="A target that joins or recovers ramps up over this window.")
     tls: UpstreamTls | None = Field(None, description="Connect to the targets over TLS.")
+    protocol: Literal["http1", "h2", "h2c"] = Field(
+        "http1",
+        description="HTTP version toward the targets: http1; h2 (HTTP/2 over TLS, ALPN h2; tls optional, "
+        "defaults apply); h2c (cleartext HTTP/2 with prior knowledge). Streams are multiplexed.",
+    )
+
+    @model_validator(mode="after")
+    def _protocol(self) -> Upstream:
+        if self.protocol == "h2c" and self.tls is not None:
+            raise ValueError("tls is for h2 or http1 upstreams (h2c is cleartext HTTP/2)")
+        active = self.health_check.active
+        if active is not None and active.type == "grpc" and self.protocol == "http1":
+            raise ValueError("health_check.active.type grpc needs protocol h2 or h2c (gRPC runs over HTTP/2)")
+        return self
 
     @field_validator("hash_on")
     @classmethod
@@ -692,6 +711,15 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         if route.upstream not in config.upstreams:
             known = ", ".join(sorted(config.upstreams)) or "none defined"
             problems.append((("routes", index, "upstream"), f"no upstream named {route.upstream!r} ({known})"))
+        upstream_config = config.upstreams.get(route.upstream)
+        if route.websocket and upstream_config is not None and upstream_config.protocol != "http1":
+            problems.append(
+                (
+                    ("routes", index, "websocket"),
+                    f"upstream {route.upstream!r} speaks {upstream_config.protocol}: WebSocket upgrades "
+                    "need an http1 upstream (HTTP/2 has no Upgrade)",
+                )
+            )
         if not route.websocket:
             for key in ("websocket_idle_timeout", "websocket_max_duration"):
                 if key in route.model_fields_set:

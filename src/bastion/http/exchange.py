@@ -53,6 +53,7 @@ from bastion.http.redirect import https_redirect
 from bastion.http.streams import BodyFilter, Downstream, Transcoder
 from bastion.net.relay import Relay
 from bastion.pipeline import Context
+from bastion.proto.h2_client import H2Stream
 from bastion.upstream.conn import UpstreamConnection
 from bastion.upstream.targets import TargetState
 
@@ -118,7 +119,7 @@ class Exchange:
         self.route: RouteRuntime | None = None
         self.ctx: Context | None = None
         self.target: TargetState | None = None
-        self.conn: UpstreamConnection | None = None
+        self.conn: UpstreamConnection | H2Stream | None = None
         self.status = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -419,7 +420,7 @@ class Exchange:
         self._pending = None
         self._upstream_done = False
 
-    def _send(self, route: RouteRuntime, target: TargetState, conn: UpstreamConnection) -> None:
+    def _send(self, route: RouteRuntime, target: TargetState, conn: UpstreamConnection | H2Stream) -> None:
         request = self.request
         path = request.path
         prefix = route.strip_prefix
@@ -542,7 +543,10 @@ class Exchange:
         target.requests += 1
         if conn is not None:
             self.conn = None
-            target.pool.release(conn, reusable and not conn.closed)
+            if isinstance(conn, H2Stream):
+                conn.release()  # HTTP/2: the stream ends, its connection serves on
+            else:
+                target.pool.release(conn, reusable and not conn.closed)
 
     # --- gRPC and body rewrites ------------------------------------------------------------------
 

@@ -291,11 +291,12 @@ class ClientTls:
         return self.sni or host
 
 
-def client_tls(settings: UpstreamTls, reader: FileReader) -> ClientTls:
-    """The context toward an upstream's targets. Raises TlsProblems (key paths below its `tls`)."""
+def client_tls(settings: UpstreamTls, reader: FileReader, alpn: list[str] | None = None) -> ClientTls:
+    """The context toward an upstream's targets (offering `alpn`, default http/1.1). Raises
+    TlsProblems (key paths below its `tls`)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(ALPN_HTTP1)
+    context.set_alpn_protocols(alpn or ALPN_HTTP1)
     problems: list[tuple[Loc, str]] = []
     if settings.ca is not None:
         try:
@@ -317,4 +318,4 @@ def client_tls(settings: UpstreamTls, reader: FileReader) -> ClientTls:
         context.verify_mode = ssl.CERT_NONE
     files = [name for name in (settings.ca, settings.cert, settings.key) if name is not None]
     digests = tuple(reader.digests.get(reader.path(name), "") for name in files)
-    return ClientTls(context, settings.sni, (settings, digests))
+    return ClientTls(context, settings.sni, (settings, digests, tuple(alpn or ALPN_HTTP1)))

@@ -1,0 +1,341 @@
+"""An HTTP/2 origin for tests (h2c, or h2 over TLS), written with the h2 library's server side.
+
+It runs its own asyncio loop in a thread and answers by path:
+
+- `/big?size=N`: N bytes of b"x", sent as fast as the gateway's windows allow;
+- `/echo-body`: the request body back, streamed as it arrives;
+- `/trailers`: a small body and trailers (`x-checksum: abc`, `x-count: 2`);
+- `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
+- `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
+- `/close-mid`: the head and some body, then the connection is closed;
+- `/hang`: never answers;
+- `/interim`: a 103 Early Hints, then the final response;
+- anything else: JSON of what arrived (method, path, scheme, authority, headers, body size
+  and sha256), after `delay` seconds (`?delay=S` overrides it for one request).
+
+Knobs: `max_streams` (SETTINGS_MAX_CONCURRENT_STREAMS), `goaway_after` (on the first
+connection, after that many request heads: GOAWAY with the last of them as last_stream_id;
+streams above it are ignored, the ones at or below it answered, then the connection closes),
+`refuse` (RST_STREAM REFUSED_STREAM for that many first streams). It records connections,
+every completed request (`done`), the most streams open at once on one connection, and
+the bytes each `/big` response has sent so far (`sent`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import ssl
+import threading
+import urllib.parse
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
+
+
+class _Stream:
+    def __init__(self, stream_id: int, headers: dict[bytes, bytes], all_headers: list[tuple[bytes, bytes]]) -> None:
+        self.stream_id = stream_id
+        self.headers = headers
+        self.all_headers = all_headers
+        self.body = bytearray()
+        self.ended = asyncio.Event()
+        self.data = asyncio.Queue[bytes | None]()
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, origin: H2Origin, index: int) -> None:
+        self.origin = origin
+        self.index = index
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, _Stream] = {}
+        self.window = asyncio.Event()
+        self.heads = 0
+        self.last_stream_id: int | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.answered: set[int] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        settings: dict[int, int] = {SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20}
+        if self.origin.max_streams is not None:
+            settings[SettingCodes.MAX_CONCURRENT_STREAMS] = self.origin.max_streams
+        self.h2.initiate_connection()
+        self.h2.update_settings(settings)
+        self.h2.increment_flow_control_window(8 << 20)
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            self.origin.errors.append(f"protocol error: {exc}")
+            self.flush()
+            assert self.transport is not None
+            self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, RequestReceived):
+                self._request(event.stream_id, event.headers or [])
+            elif isinstance(event, DataReceived):
+                stream = self.streams.get(event.stream_id)
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if stream is not None:
+                    stream.body += event.data or b""
+                    stream.data.put_nowait(event.data or b"")
+            elif isinstance(event, StreamEnded):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.ended.set()
+                    stream.data.put_nowait(None)
+            elif isinstance(event, StreamReset):
+                self.origin.resets.append(event.error_code)
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.ended.set()
+                    stream.data.put_nowait(None)
+            elif isinstance(event, WindowUpdated):
+                self.window.set()
+            elif isinstance(event, ConnectionTerminated):
+                pass
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.window.set()
+
+    def _request(self, stream_id: int, raw: list[tuple[bytes, bytes]]) -> None:
+        origin = self.origin
+        self.heads += 1
+        open_now = sum(1 for sid in self.streams if sid not in self.answered) + 1
+        origin.most_streams = max(origin.most_streams, open_now)
+        headers = {bytes(k): bytes(v) for k, v in raw}
+        stream = self.streams[stream_id] = _Stream(stream_id, headers, [(bytes(k), bytes(v)) for k, v in raw])
+        if self.last_stream_id is not None and stream_id > self.last_stream_id:
+            origin.ignored += 1
+            return  # after our GOAWAY: never processed
+        if origin.refuse > 0:
+            origin.refuse -= 1
+            origin.refused += 1
+            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.answered.add(stream_id)
+            return
+        if origin.goaway_after is not None and self.index == 0 and self.heads == origin.goaway_after:
+            self.last_stream_id = stream_id
+            self.h2.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=stream_id)
+            self.h2.state_machine.state = ConnectionState.SERVER_OPEN  # let streams <= last finish
+        task = asyncio.get_running_loop().create_task(self._answer(stream))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        """Send within the windows, waiting for WINDOW_UPDATE as needed."""
+        origin = self.origin
+        view = memoryview(data)
+        while view:
+            window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+            if window <= 0:
+                self.window.clear()
+                await self.window.wait()
+                continue
+            piece, view = view[:window], view[window:]
+            self.h2.send_data(stream_id, bytes(piece))
+            origin.sent[stream_id] = origin.sent.get(stream_id, 0) + len(piece)
+            self.flush()
+            await asyncio.sleep(0)
+        if end:
+            self.h2.end_stream(stream_id)
+            self.flush()
+
+    async def _answer(self, stream: _Stream) -> None:
+        h2 = self.h2
+        sid = stream.stream_id
+        path = stream.headers.get(b":path", b"/").decode()
+        url = urllib.parse.urlsplit(path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        route = url.path
+        try:
+            if route == "/hang":
+                await asyncio.Event().wait()
+            if route == "/reset-early":
+                h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+                self.flush()
+                return
+            if route == "/echo-body":
+                h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/octet-stream")])
+                self.flush()
+                while True:
+                    chunk = await stream.data.get()
+                    if chunk is None:
+                        break
+                    await self._send(sid, chunk)
+                h2.end_stream(sid)
+                self.flush()
+                self._finished(stream)
+                return
+            await stream.ended.wait()
+            delay = float(query.get("delay", self.origin.delay))
+            if delay:
+                await asyncio.sleep(delay)
+            if route == "/big":
+                size = int(query["size"])
+                h2.send_headers(sid, [(b":status", b"200"), (b"content-length", str(size).encode())])
+                self.flush()
+                chunk = b"x" * 65536
+                left = size
+                while left:
+                    piece = chunk[: min(left, len(chunk))]
+                    await self._send(sid, piece)
+                    left -= len(piece)
+                h2.end_stream(sid)
+                self.flush()
+            elif route == "/trailers":
+                h2.send_headers(sid, [(b":status", b"200"), (b"trailer", b"x-checksum")])
+                await self._send(sid, b"hello ")
+                await self._send(sid, b"world")
+                h2.send_headers(sid, [(b"x-checksum", b"abc"), (b"x-count", b"2")], end_stream=True)
+                self.flush()
+            elif route in ("/reset-mid", "/close-mid"):
+                h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"100000")])
+                await self._send(sid, b"y" * 1000)
+                await asyncio.sleep(0.1)
+                if route == "/reset-mid":
+                    h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+                    self.flush()
+                else:
+                    assert self.transport is not None
+                    self.transport.close()
+                return
+            elif route == "/interim":
+                h2.send_headers(sid, [(b":status", b"103"), (b"link", b"</a.css>; rel=preload")])
+                self.flush()
+                await asyncio.sleep(0.05)
+                await self._json(stream)
+            else:
+                await self._json(stream)
+            self._finished(stream)
+        except (ProtocolError, KeyError):
+            pass  # the stream was reset by the gateway
+
+    async def _json(self, stream: _Stream) -> None:
+        h = stream.headers
+        info = {
+            "method": h.get(b":method", b"").decode(),
+            "path": h.get(b":path", b"").decode(),
+            "scheme": h.get(b":scheme", b"").decode(),
+            "authority": h.get(b":authority", b"").decode(),
+            "headers": [[k.decode(), v.decode()] for k, v in stream.all_headers],
+            "body_size": len(stream.body),
+            "body_sha256": hashlib.sha256(stream.body).hexdigest(),
+            "connection": self.index,
+            "stream": stream.stream_id,
+        }
+        body = json.dumps(info).encode()
+        self.h2.send_headers(
+            stream.stream_id,
+            [
+                (b":status", b"200"),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        )
+        await self._send(stream.stream_id, body, end=True)
+
+    def _finished(self, stream: _Stream) -> None:
+        self.answered.add(stream.stream_id)
+        self.origin.done.append((self.index, stream.stream_id, bytes(stream.body)))
+        if self.last_stream_id is not None:
+            pending = [sid for sid in self.streams if sid <= self.last_stream_id and sid not in self.answered]
+            if not pending and self.transport is not None:
+                self.transport.close()
+
+
+class H2Origin:
+    """See the module docstring. `port` is set once it listens; `stop()` ends it."""
+
+    def __init__(
+        self,
+        tls: ssl.SSLContext | None = None,
+        max_streams: int | None = None,
+        delay: float = 0.0,
+        goaway_after: int | None = None,
+        refuse: int = 0,
+    ) -> None:
+        self.tls = tls
+        self.max_streams = max_streams
+        self.delay = delay
+        self.goaway_after = goaway_after
+        self.refuse = refuse
+        self.refused = 0
+        self.ignored = 0
+        self.connections = 0
+        self.most_streams = 0
+        self.done: list[tuple[int, int, bytes]] = []
+        self.sent: dict[int, int] = {}
+        self.resets: list[Any] = []
+        self.errors: list[str] = []
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self._conns: list[_Conn] = []
+        started = threading.Event()
+        self._server: asyncio.Server | None = None
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self._server = self.loop.run_until_complete(
+                self.loop.create_server(self._factory, "127.0.0.1", 0, ssl=self.tls)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="h2-origin", daemon=True)
+        self.thread.start()
+        started.wait(10)
+
+    def _factory(self) -> _Conn:
+        conn = _Conn(self, self.connections)
+        self.connections += 1
+        self._conns.append(conn)
+        return conn
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            assert self._server is not None
+            self._server.close()
+            for conn in self._conns:
+                if conn.transport is not None:
+                    conn.transport.abort()
+            await asyncio.sleep(0)
+
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def h2_server_context(cert: str, key: str, alpn: tuple[str, ...] = ("h2",)) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(list(alpn))
+    return context
