@@ -371,7 +371,10 @@ class Exchange:
                     continue
                 raise
             if self._client_gone:  # cancelled while waiting (HTTP/2 reset): the upstream sees nothing
-                target.pool.release(conn, True)
+                if isinstance(conn, H2Stream):
+                    conn.release()
+                else:
+                    target.pool.release(conn, True)
                 raise ClientClosed()
             reused = conn.served > 0
             self.target = target
