@@ -125,6 +125,7 @@ class GrpcOrigin:
     def __init__(self, kit: Compiled, workers: int = 8) -> None:
         self.kit = kit
         self.metadata: list[dict[str, str]] = []
+        self.remaining: list[float | None] = []  # each call's deadline as the server saw it
         self.cancelled = threading.Event()
         self.sent = 0  # messages a stream has handed to grpcio so far
         self.server = grpc.server(
@@ -146,6 +147,7 @@ class _Servicer:
 
     def _record(self, context: Any) -> None:
         self.origin.metadata.append({key: str(value) for key, value in context.invocation_metadata()})
+        self.origin.remaining.append(context.time_remaining())
 
     def GetBook(self, request: Any, context: Any) -> Any:
         self._record(context)
@@ -187,11 +189,16 @@ class _Servicer:
     def Stream(self, request: Any, context: Any) -> Iterator[Any]:
         self._record(context)
         payload = b"x" * request.size
+        finished = threading.Event()
+        # grpcio stops pulling a cancelled stream's generator: the callback is what notices.
+        context.add_callback(lambda: None if finished.is_set() else self.origin.cancelled.set())
         for index in range(request.count):
             if not context.is_active():
                 self.origin.cancelled.set()
                 return
             self.origin.sent = index + 1
+            if index == request.count - 1:
+                finished.set()
             yield self.pb2.Chunk(data=payload, index=index)
 
     def Upload(self, requests: Iterator[Any], context: Any) -> Any:
