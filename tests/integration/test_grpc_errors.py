@@ -6,6 +6,7 @@ is a head with grpc-status and an empty body. The same renderer serves HTTP/2 cl
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -168,3 +169,31 @@ def test_body_limit_answers_resource_exhausted(gateway: Start, origins: Callable
     origin = origins()
     gw = gateway(config([origin.port], [{"body_limit": {"max": "4B"}}]))
     assert_status(call(gw), 8)
+
+
+def test_deadline_mid_stream_ends_with_status_trailers(gateway: Start, scripted_origin: Callable[..., Any]) -> None:
+    """The response has started: the deadline still ends it, with grpc-status 4 in trailers."""
+    from adversary import Pause, Write
+
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n"
+    chunk = b"7\r\n" + FRAME + b"\r\n"
+    trickle: list[Any] = [Write(head + chunk)]
+    for _ in range(40):  # a message every 100 ms: the upstream is never idle for long
+        trickle += [Pause(0.1), Write(chunk)]
+    origin = scripted_origin(reply=[*trickle, Pause(10)])
+    gw = gateway(config([origin.port]))
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /pkg.Svc/M HTTP/1.1\r\nhost: x\r\ncontent-type: application/grpc\r\ngrpc-timeout: 300m\r\n"
+            b"content-length: 7\r\n\r\n" + FRAME
+        )
+        data = b""
+        while not data.endswith(b"\r\n\r\n") or b"\r\n0\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert time.monotonic() - started < 3  # the origin's stream lasts 4 s, then holds 10 s
+    assert FRAME in data  # the message that came before the deadline
+    assert b"\r\n0\r\ngrpc-status: 4\r\n" in data, data
