@@ -9,14 +9,16 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from h2.errors import ErrorCodes
 
 from adversary import RawClient
-from h2_support import H2Origin
+from h2_support import H2Origin, h2_server_context
 from support import GatewayThread, request, simple_config
+from tls_support import Pki
 
 
 @pytest.fixture
@@ -257,3 +259,56 @@ def test_a_slow_client_holds_the_target_to_its_stream_window(gateway: Any, h2_or
         received += len(chunk)
     sock.close()
     assert sum(origin.sent.values()) == size
+
+
+# --- h2: HTTP/2 over TLS ------------------------------------------------------------------------
+
+
+def _tls_origin(h2_origin: Any, tmp_path: Path, alpn: tuple[str, ...] = ("h2",)) -> tuple[H2Origin, Pki]:
+    pki = Pki(tmp_path)
+    cert, key = pki.issue("origin", "127.0.0.1")
+    return h2_origin(tls=h2_server_context(cert, key, alpn)), pki
+
+
+def _h2_gateway(gateway: Any, origin: H2Origin, tls: dict[str, Any] | None) -> GatewayThread:
+    config = simple_config(0, [origin.port])
+    config["listeners"][0]["bind"] = "127.0.0.1:PORT"
+    config["upstreams"]["app"]["protocol"] = "h2"
+    if tls is not None:
+        config["upstreams"]["app"]["tls"] = tls
+    return gateway(config)
+
+
+def test_h2_over_tls_verified_with_the_upstream_ca(gateway: Any, h2_origin: Any, tmp_path: Path) -> None:
+    origin, pki = _tls_origin(h2_origin, tmp_path)
+    gw = _h2_gateway(gateway, origin, {"ca": str(pki.ca_file)})
+    body = b"z" * 300_000
+    reply = request(gw.port, "POST", "/over-tls", body=body)
+    assert reply.status == 200
+    info = reply.json()
+    assert (info["scheme"], info["body_size"]) == ("https", len(body))
+    replies = _concurrently(20, lambda i: request(gw.port, "GET", f"/r{i}"))
+    assert [r.status for r in replies] == [200] * 20
+    assert origin.connections == 1
+
+
+def test_h2_without_a_tls_block_still_uses_tls_and_verifies(gateway: Any, h2_origin: Any, tmp_path: Path) -> None:
+    origin, _ = _tls_origin(h2_origin, tmp_path)
+    gw = _h2_gateway(gateway, origin, None)
+    reply = request(gw.port, "GET", "/")
+    assert reply.status == 502
+    assert reply.json()["error"] == "upstream_connect_failed"
+    assert "did not verify" in reply.json()["message"]  # the test CA is not a system CA
+
+
+@pytest.mark.parametrize("alpn", [("http/1.1",), ()], ids=["http1.1", "none"])
+def test_a_tls_target_not_selecting_h2_is_refused(
+    gateway: Any, h2_origin: Any, tmp_path: Path, alpn: tuple[str, ...]
+) -> None:
+    origin, pki = _tls_origin(h2_origin, tmp_path, alpn)
+    gw = _h2_gateway(gateway, origin, {"ca": str(pki.ca_file)})
+    reply = request(gw.port, "GET", "/")
+    assert reply.status == 502
+    assert reply.json()["error"] == "upstream_connect_failed"
+    assert "does not speak HTTP/2" in reply.json()["message"]
+    assert "not h2" in reply.json()["message"]
