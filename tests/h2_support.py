@@ -6,6 +6,7 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/echo-body`: the request body back, streamed as it arrives;
 - `/trailers`: a small body and trailers (`x-checksum: abc`, `x-count: 2`);
 - `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
+- `/close-early`: the connection is closed before any answer;
 - `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
 - `/close-mid`: the head and some body, then the connection is closed;
 - `/hang`: never answers;
@@ -13,9 +14,10 @@ It runs its own asyncio loop in a thread and answers by path:
 - anything else: JSON of what arrived (method, path, scheme, authority, headers, body size
   and sha256), after `delay` seconds (`?delay=S` overrides it for one request).
 
-Knobs: `max_streams` (SETTINGS_MAX_CONCURRENT_STREAMS), `goaway_after` (on the first
-connection, after that many request heads: GOAWAY with the last of them as last_stream_id;
-streams above it are ignored, the ones at or below it answered, then the connection closes),
+Knobs: `max_streams` (SETTINGS_MAX_CONCURRENT_STREAMS), `goaway_after=(heads, keep)` (on
+the first connection, once `heads` request heads arrived: GOAWAY whose last_stream_id is the
+`keep`-th stream's; streams above it are dropped unanswered, the ones at or below it are
+answered, then the connection closes),
 `refuse` (RST_STREAM REFUSED_STREAM for that many first streams). It records connections,
 every completed request (`done`), the most streams open at once on one connection, and
 the bytes each `/big` response has sent so far (`sent`).
@@ -40,6 +42,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    TrailersReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError
@@ -52,6 +55,8 @@ class _Stream:
         self.headers = headers
         self.all_headers = all_headers
         self.body = bytearray()
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.task: asyncio.Task[None] | None = None
         self.ended = asyncio.Event()
         self.data = asyncio.Queue[bytes | None]()
 
@@ -113,6 +118,10 @@ class _Conn(asyncio.Protocol):
                 if stream is not None:
                     stream.ended.set()
                     stream.data.put_nowait(None)
+            elif isinstance(event, TrailersReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.trailers = [(bytes(k), bytes(v)) for k, v in event.headers or []]
             elif isinstance(event, WindowUpdated):
                 self.window.set()
             elif isinstance(event, ConnectionTerminated):
@@ -140,11 +149,20 @@ class _Conn(asyncio.Protocol):
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             self.answered.add(stream_id)
             return
-        if origin.goaway_after is not None and self.index == 0 and self.heads == origin.goaway_after:
-            self.last_stream_id = stream_id
-            self.h2.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=stream_id)
+        if origin.goaway_after is not None and self.index == 0 and self.heads == origin.goaway_after[0]:
+            keep = origin.goaway_after[1]
+            last = self.last_stream_id = sorted(self.streams)[keep - 1] if keep else 0
+            self.h2.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=last)
             self.h2.state_machine.state = ConnectionState.SERVER_OPEN  # let streams <= last finish
-        task = asyncio.get_running_loop().create_task(self._answer(stream))
+            for sid, other in self.streams.items():
+                if sid > last:
+                    origin.ignored += 1
+                    if other.task is not None:
+                        other.task.cancel()
+            self.flush()
+            if stream_id > last:
+                return
+        task = stream.task = asyncio.get_running_loop().create_task(self._answer(stream))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -177,6 +195,10 @@ class _Conn(asyncio.Protocol):
         try:
             if route == "/hang":
                 await asyncio.Event().wait()
+            if route == "/close-early":
+                assert self.transport is not None
+                self.transport.close()
+                return
             if route == "/reset-early":
                 h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
                 self.flush()
@@ -238,6 +260,7 @@ class _Conn(asyncio.Protocol):
             pass  # the stream was reset by the gateway
 
     async def _json(self, stream: _Stream) -> None:
+        self.origin.done.append((self.index, stream.stream_id, bytes(stream.body)))  # before the client sees it
         h = stream.headers
         info = {
             "method": h.get(b":method", b"").decode(),
@@ -247,6 +270,7 @@ class _Conn(asyncio.Protocol):
             "headers": [[k.decode(), v.decode()] for k, v in stream.all_headers],
             "body_size": len(stream.body),
             "body_sha256": hashlib.sha256(stream.body).hexdigest(),
+            "trailers": [[k.decode(), v.decode()] for k, v in stream.trailers],
             "connection": self.index,
             "stream": stream.stream_id,
         }
@@ -263,7 +287,6 @@ class _Conn(asyncio.Protocol):
 
     def _finished(self, stream: _Stream) -> None:
         self.answered.add(stream.stream_id)
-        self.origin.done.append((self.index, stream.stream_id, bytes(stream.body)))
         if self.last_stream_id is not None:
             pending = [sid for sid in self.streams if sid <= self.last_stream_id and sid not in self.answered]
             if not pending and self.transport is not None:
@@ -278,7 +301,7 @@ class H2Origin:
         tls: ssl.SSLContext | None = None,
         max_streams: int | None = None,
         delay: float = 0.0,
-        goaway_after: int | None = None,
+        goaway_after: tuple[int, int] | None = None,
         refuse: int = 0,
     ) -> None:
         self.tls = tls
