@@ -15,7 +15,9 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from h2.connection import ConnectionInputs, ConnectionState
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -30,7 +32,9 @@ class RawH2:
         self.auto_ack = auto_ack
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.timeout = timeout
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False)
+        config = h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
         self.conn = h2.connection.H2Connection(config)
         if settings:
             self.conn.local_settings = h2.settings.Settings(client=True, initial_values=settings)  # type: ignore[arg-type]
@@ -142,6 +146,91 @@ class RawH2:
         self.sock.close()
 
     def __enter__(self) -> RawH2:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class FrameClient:
+    """HTTP/2 as raw frames (hyperframe), for what no client library would send. It encodes
+    header blocks with its own HPACK encoder and parses whatever the gateway sends back."""
+
+    def __init__(self, port: int, timeout: float = 5.0, settings: dict[int, int] | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.timeout = timeout
+        self.encoder = hpack.Encoder()
+        self.frames: list[Frame] = []
+        self.closed = False
+        self._buffer = b""
+        hello = SettingsFrame(0)
+        for key, value in (settings or {}).items():
+            hello.settings[key] = value
+        self.sock.sendall(PREFACE + hello.serialize())
+
+    def block(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        return bytes(self.encoder.encode(headers))
+
+    def send(self, *frames: Frame) -> None:
+        self.sock.sendall(b"".join(frame.serialize() for frame in frames))
+
+    def headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool = True) -> None:
+        flags = ["END_HEADERS", "END_STREAM"] if end_stream else ["END_HEADERS"]
+        self.send(HeadersFrame(stream_id, data=self.block(headers), flags=flags))
+
+    def read(self, wait: float = 0.2) -> bool:
+        if self.closed:
+            return False
+        self.sock.settimeout(wait)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return True
+        except OSError:
+            self.closed = True
+            return False
+        if not data:
+            self.closed = True
+            return False
+        self._buffer += data
+        while len(self._buffer) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(self._buffer[:9]))
+            if len(self._buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(self._buffer[9 : 9 + length]))
+            self._buffer = self._buffer[9 + length :]
+            self.frames.append(frame)
+            if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                with contextlib.suppress(OSError):
+                    self.send(SettingsFrame(0, flags=["ACK"]))
+        return True
+
+    def until(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline or (not self.read() and not predicate()):
+                raise AssertionError(f"condition not met; frames: {self.frames[-10:]!r}")
+
+    def of(self, kind: type, stream_id: int | None = None) -> list[Any]:
+        return [f for f in self.frames if isinstance(f, kind) and (stream_id is None or f.stream_id == stream_id)]
+
+    def goaway(self) -> GoAwayFrame | None:
+        found = self.of(GoAwayFrame)
+        return found[0] if found else None
+
+    def wait_closed(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while self.read(0.2):
+            if time.monotonic() > deadline:
+                raise AssertionError("the gateway did not close the connection")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> FrameClient:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
