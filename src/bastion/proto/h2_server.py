@@ -39,7 +39,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import Frame, GoAwayFrame
 
 from bastion.config.schema import Listener
 from bastion.errors import BadRequest, GatewayError, HeadersTooLarge, URITooLong
@@ -79,6 +80,25 @@ _VALID_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 _STATUS: dict[int, bytes] = {}
+
+
+class _BoundedFrameBuffer(FrameBuffer):
+    """h2's frame buffer, with the header block being assembled bounded by the header limit.
+
+    h2 keeps HEADERS and CONTINUATION frames until END_HEADERS (up to 64 frames, so 1 MB at the
+    default frame size) before decoding anything; the HPACK-encoded block is never larger than
+    the decoded list plus a few bytes per field, so over `limit` it can only be refused."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(server=True)
+        self.limit = limit
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        result = super()._update_header_buffer(f)
+        pending = self._headers_buffer
+        if pending and sum(len(frame.data) for frame in pending) > self.limit:
+            raise h2.exceptions.DenialOfServiceError("header block over the limit")
+        return result
 
 
 class _Malformed(Exception):
@@ -311,6 +331,7 @@ class H2Server(asyncio.Protocol):
         )
         conn.max_inbound_frame_size = limits.h2_max_frame_size
         conn.decoder.max_header_list_size = limits.max_header_bytes  # HPACK bomb: decoding stops there
+        conn.incoming_buffer = _BoundedFrameBuffer(limits.max_header_bytes)  # CONTINUATION flood
         self._ack_threshold = limits.h2_initial_window_size // 2
         self._conn_window = limits.h2_connection_window
         self._conn_unacked = 0
