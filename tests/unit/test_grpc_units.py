@@ -112,3 +112,19 @@ def test_trailer_frame() -> None:
     assert frame[0] == 0x80
     assert int.from_bytes(frame[1:5], "big") == len(frame) - 5
     assert frame[5:] == b"grpc-status: 0\r\nx-meta: v\r\n"
+
+
+def test_grpc_web_needs_an_http2_upstream() -> None:
+    from bastion.config.loader import load_config_text
+    from bastion.errors import ConfigError
+
+    text = """
+version: 1
+listeners: [{name: web, bind: "127.0.0.1:8080"}]
+upstreams: {a: {targets: [{address: "127.0.0.1:9"}]}}
+routes: [{name: r, upstream: a, grpc_web: true}]
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "c.yaml")
+    assert "c.yaml:5: routes[0].grpc_web:" in "\n".join(info.value.problems)
+    assert "h2 or h2c" in "\n".join(info.value.problems)

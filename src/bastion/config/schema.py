@@ -720,6 +720,14 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
                     "need an http1 upstream (HTTP/2 has no Upgrade)",
                 )
             )
+        if route.grpc_web and upstream_config is not None and upstream_config.protocol == "http1":
+            problems.append(
+                (
+                    ("routes", index, "grpc_web"),
+                    f"upstream {route.upstream!r} speaks http1: gRPC-Web is translated to gRPC, which needs "
+                    "protocol h2 or h2c",
+                )
+            )
         if not route.websocket:
             for key in ("websocket_idle_timeout", "websocket_max_duration"):
                 if key in route.model_fields_set:
