@@ -126,7 +126,11 @@ SCENARIOS: list[Scenario] = [
     Scenario("idle connections", connections=10_000, kind="idle", keepalive=600.0),
     # The length is --soak; the load is the plain-proxy row's.
     Scenario("soak", connections=PLAIN.connections, kind="soak"),
+    # Issue 10: unary gRPC calls (h2load, one framed message) through Bastion (h2c both ways)
+    # and straight to the grpcio origin; no nginx (bench/grpc_unary.py).
+    Scenario("grpc unary", connections=4, kind="grpc"),
 ]
+GRPC_STREAMS = 16  # calls in flight per connection on the grpc unary row
 
 
 # --- tools -----------------------------------------------------------------------------------
@@ -1012,8 +1016,31 @@ def measure_soak(tools: dict[str, str], stack: Stack, scenario: Scenario, args: 
     return {"scenario": asdict(scenario), "soak": result}
 
 
+def measure_grpc(tools: dict[str, str], stack: Stack, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+    """The grpc unary row: bench/grpc_unary.py's origin, gateway and h2load rounds."""
+    import grpc_unary  # beside this script
+
+    bastion: BastionCommand = args.bastion
+    result = grpc_unary.measure(
+        bastion.argv,
+        bastion.environ(),
+        args.proxy_cpus,
+        args.load_cpus,
+        args.rounds,
+        args.duration,
+        args.warmup,
+        scenario.connections,
+        GRPC_STREAMS,
+        stack.workdir,
+    )
+    if "skipped" in result:
+        return {"scenario": asdict(scenario), "skipped": result["skipped"]}
+    return {"scenario": asdict(scenario), "grpc": result}
+
+
 Measure = Callable[[dict[str, str], Stack, Scenario, argparse.Namespace], dict[str, Any]]
 MEASURES: dict[str, Measure] = {
+    "grpc": measure_grpc,
     "throughput": measure_rounds,
     "latency": measure_rounds,
     "handshakes": measure_rounds,
@@ -1392,6 +1419,12 @@ def main(argv: list[str] | None = None) -> int:
             if "tls" in entry:
                 seen = ", ".join(f"{proxy} {negotiated}" for proxy, negotiated in entry["tls"].items())
                 print(f"{entry['scenario']['name']}: {seen}")
+    for entry in results:
+        if "grpc" in entry:
+            import grpc_unary
+
+            print()
+            print(grpc_unary.report(entry["grpc"]))
     memory = report_memory(results)
     if memory:
         print()
