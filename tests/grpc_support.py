@@ -119,6 +119,23 @@ def compiled(directory: Path) -> Compiled:
     return result
 
 
+def descriptor_set(directory: Path, name: str, proto: str) -> Path:
+    """Only a descriptor set (with imports) for `proto`, written to `directory/name.pb`."""
+    import google.api
+    import grpc_tools
+    from grpc_tools import protoc
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.proto").write_text(proto)
+    googleapis = Path(google.api.__path__[0]).parent.parent
+    bundled = Path(grpc_tools.__file__).parent / "_proto"
+    out = directory / f"{name}.pb"
+    args = ["protoc", f"-I{directory}", f"-I{googleapis}", f"-I{bundled}", f"--descriptor_set_out={out}"]
+    if protoc.main([*args, "--include_imports", str(directory / f"{name}.proto")]) != 0:
+        raise RuntimeError("protoc failed")
+    return out
+
+
 class GrpcOrigin:
     """The Bookstore service on a grpcio server (h2c on 127.0.0.1)."""
 

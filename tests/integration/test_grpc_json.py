@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from bastion.cli import cli
-from grpc_support import Compiled, GrpcOrigin, compiled
+from grpc_support import Compiled, GrpcOrigin, compiled, descriptor_set
 from support import GatewayThread, request, write_config
 
 Start = Callable[..., GatewayThread]
@@ -153,3 +153,26 @@ def test_config_errors(kit: Compiled, tmp_path: Path) -> None:
     assert "not a FileDescriptorSet" in _problems(tmp_path, {"descriptor": "junk.pb"})
     unknown = _problems(tmp_path, {"descriptor": str(kit.descriptor), "services": ["bookstore.v1.Nope"]})
     assert "grpc_json.services" in unknown and "bookstore.v1.Bookstore" in unknown
+
+
+BAD_RULES = """
+syntax = "proto3";
+package bad.v1;
+import "google/api/annotations.proto";
+message Req { string name = 1; }
+message Res { string name = 1; }
+service Bad {
+  rpc Unclosed(Req) returns (Res) { option (google.api.http) = { get: "/v1/{name" }; }
+  rpc NoField(Req) returns (Res) { option (google.api.http) = { get: "/v1/{missing}" }; }
+  rpc BadBody(Req) returns (Res) { option (google.api.http) = { post: "/v1/x" body: "nope" }; }
+}
+"""
+
+
+def test_bad_rules_are_config_errors(tmp_path: Path) -> None:
+    path = descriptor_set(tmp_path / "bad", "bad", BAD_RULES)
+    output = _problems(tmp_path, {"descriptor": str(path)})
+    assert "grpc_json.descriptor" in output
+    assert "bad.v1.Bad.Unclosed" in output and "unclosed variable" in output
+    assert "bad.v1.Bad.NoField" in output and "no field 'missing'" in output
+    assert "bad.v1.Bad.BadBody" in output and "body:" in output
