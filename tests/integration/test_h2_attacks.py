@@ -19,7 +19,9 @@ from h2_support import FrameClient, RawH2
 from support import GatewayThread
 
 
-def h2c(targets: list[str], limits: dict[str, Any] | None = None, timeouts: dict[str, Any] | None = None) -> dict[str, Any]:
+def h2c(
+    targets: list[str], limits: dict[str, Any] | None = None, timeouts: dict[str, Any] | None = None
+) -> dict[str, Any]:
     listener: dict[str, Any] = {"name": "web", "bind": "127.0.0.1:PORT", "http2": "prior_knowledge"}
     if limits:
         listener["limits"] = limits
