@@ -174,9 +174,8 @@ class RawH2:
 
     def response(self, stream_id: int, timeout: float | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
         """Wait for the stream to end: (status, headers, body)."""
-        self.until(
-            lambda: self.of(h2.events.StreamEnded, stream_id) or self.of(h2.events.StreamReset, stream_id), timeout
-        )
+        ended = h2.events.StreamEnded, h2.events.StreamReset
+        self.until(lambda: any(self.of(kind, stream_id) for kind in ended), timeout)
         (head,) = self.of(h2.events.ResponseReceived, stream_id)
         headers = dict(head.headers)
         body = b"".join(e.data for e in self.of(h2.events.DataReceived, stream_id))

@@ -19,7 +19,9 @@ from h2_support import FrameClient, RawH2
 from support import GatewayThread
 
 
-def h2c(targets: list[str], limits: dict[str, Any] | None = None, timeouts: dict[str, Any] | None = None) -> dict[str, Any]:
+def h2c(
+    targets: list[str], limits: dict[str, Any] | None = None, timeouts: dict[str, Any] | None = None
+) -> dict[str, Any]:
     listener: dict[str, Any] = {"name": "web", "bind": "127.0.0.1:PORT", "http2": "prior_knowledge"}
     if limits:
         listener["limits"] = limits
@@ -70,6 +72,26 @@ def test_rapid_reset_ends_the_connection_and_the_upstream_sees_no_flood(gateway,
     time.sleep(0.3)
     # Cancelled in the read that opened them: never started (one may straddle two reads).
     assert len(origin.requests) <= 2
+
+
+def test_streams_reset_in_the_read_that_opened_them_never_reach_the_upstream(gateway, scripted_origin):
+    origin = scripted_origin(reply=[Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address], limits={"h2_max_resets": 1000}))
+    cancelled = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/cancelled"), GET[3]]
+    with FrameClient(gw.port) as raw:
+        burst = []
+        for i in range(50):
+            stream_id = 2 * i + 1
+            burst += [
+                HeadersFrame(stream_id, data=raw.block(cancelled), flags=["END_HEADERS", "END_STREAM"]),
+                RstStreamFrame(stream_id, error_code=ErrorCodes.CANCEL),
+            ]
+        raw.send(*burst)
+        raw.headers(101, [*GET[:2], (b":path", b"/last"), GET[3]])
+        raw.until(lambda: raw.of(HeadersFrame, 101))
+        assert raw.goaway() is None
+    assert [r.target for r in origin.requests if r.target != "/cancelled"] == ["/last"]
+    assert len([r for r in origin.requests if r.target == "/cancelled"]) <= 2  # one may straddle two reads
 
 
 def test_a_reset_stream_cancels_the_work_already_started(gateway, scripted_origin, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from adversary import Pause, ReadRequest, Request, ScriptedOrigin, Step, Write, http_response
+from adversary import Pause, ReadRequest, Request, Step, Write, http_response
 from bastion.demo.origin import OriginHandle
 from h2_support import PREFACE, RawH2
 from support import GatewayThread, free_port
@@ -291,15 +290,6 @@ def test_an_idle_connection_gets_goaway_after_the_keepalive_timeout(gateway, ori
         assert client.response(client.request("/a"))[0] == 200
         client.until(client.goaway, timeout=5)
         client.wait_closed()
-
-
-def test_tls_client_certificate_and_scheme_reach_the_exchange(gateway, origin, pki):
-    gw = gateway(tls_config(pki, [origin.address]))
-    context = pki.client_context()
-    context.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", gw.port)) as raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
-        assert tls.selected_alpn_protocol() == "h2"
-        assert isinstance(tls, ssl.SSLSocket)
 
 
 def test_a_stalled_upstream_closes_only_its_own_streams_window(gateway, origin, scripted_origin):
