@@ -402,11 +402,10 @@ class H2Stream:
             if name in _DROP_REQUEST:
                 if name == b"host":
                     authority = item[1]
-                elif name == b"te" and item[1].lower() == b"trailers":
-                    out.append(_TE_TRAILERS)
                 continue
             out.append(item)
         out[2] = (b":authority", authority)
+        out.append(_TE_TRAILERS)  # the gateway takes trailers (gRPC servers require saying so)
         if length is not None:
             out.append((b"content-length", str(length).encode()))
         self._head = out
