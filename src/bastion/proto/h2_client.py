@@ -123,6 +123,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.epoch = 0  # the pool's TLS settings it was made under (set by the pool)
         self.write_paused = False
         self.blocked: set[H2Stream] = set()  # streams with body waiting for window
+        self._first_bytes = b""
 
     # --- what the pool asks ---------------------------------------------------------------
 
@@ -211,6 +212,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if not self.ready.done() and not self._first_frame_ok(data):
+            return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
@@ -273,6 +276,16 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     # --- internals -------------------------------------------------------------------------
+
+    def _first_frame_ok(self, data: bytes) -> bool:
+        """A server's first frame is SETTINGS (RFC 9113 section 3.4). h2 would wait for the
+        whole "frame" an HTTP/1.1 answer seems to announce; tell at once that it is not one."""
+        head = self._first_bytes = self._first_bytes + data[: 9 - len(self._first_bytes)]
+        if len(head) < 4 or head[3] == 0x4:
+            return True
+        sample = head.split(b"\r", 1)[0].decode("latin-1", "replace")
+        self._broken(UpstreamConnectError(f"The upstream does not speak HTTP/2 (it began with {sample!r})."))
+        return False
 
     def _settings_changed(self) -> None:
         peer = self.h2.remote_settings.max_concurrent_streams
