@@ -23,7 +23,8 @@ Knobs: `max_streams` (SETTINGS_MAX_CONCURRENT_STREAMS), `goaway_after=(heads, ke
 the first connection, once `heads` request heads arrived: GOAWAY whose last_stream_id is the
 `keep`-th stream's; streams above it are dropped unanswered, the ones at or below it are
 answered, then the connection closes),
-`refuse` (RST_STREAM REFUSED_STREAM for that many first streams). It records connections,
+`refuse` (RST_STREAM REFUSED_STREAM for that many first streams), `settings_delay` (seconds
+before its SETTINGS: a connection that is slow to open). It records connections,
 every completed request (`done`), the most streams open at once on one connection, and
 the bytes each `/big` response has sent so far (`sent`).
 """
@@ -313,6 +314,12 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.origin.settings_delay:
+            asyncio.get_running_loop().call_later(self.origin.settings_delay, self._begin)
+        else:
+            self._begin()
+
+    def _begin(self) -> None:
         settings: dict[int, int] = {SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20}
         if self.origin.max_streams is not None:
             settings[SettingCodes.MAX_CONCURRENT_STREAMS] = self.origin.max_streams
@@ -366,6 +373,7 @@ class _Conn(asyncio.Protocol):
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.origin.closed += 1
         for task in self.tasks:
             task.cancel()
         self.window.set()
@@ -540,15 +548,18 @@ class H2Origin:
         delay: float = 0.0,
         goaway_after: tuple[int, int] | None = None,
         refuse: int = 0,
+        settings_delay: float = 0.0,
     ) -> None:
         self.tls = tls
         self.max_streams = max_streams
         self.delay = delay
         self.goaway_after = goaway_after
         self.refuse = refuse
+        self.settings_delay = settings_delay
         self.refused = 0
         self.ignored = 0
         self.connections = 0
+        self.closed = 0
         self.most_streams = 0
         self.done: list[tuple[int, int, bytes]] = []
         self.sent: dict[int, int] = {}

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from h2.errors import ErrorCodes
 
-from adversary import RawClient
+from adversary import RawClient, Write
 from h2_support import H2Origin, h2_server_context
 from support import GatewayThread, request, simple_config
 from tls_support import Pki
@@ -99,6 +99,14 @@ def test_concurrent_requests_share_one_connection(gateway: Any, h2_origin: Any) 
     assert [r.status for r in replies] == [200] * 50
     assert origin.connections == 1  # every first request waited for the one being opened
     assert origin.most_streams > 10  # and they ran side by side on it
+
+
+def test_first_requests_wait_for_the_connection_being_opened(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin(settings_delay=0.5)
+    gw = h2c_gateway(gateway, origin)
+    replies = _concurrently(20, lambda i: request(gw.port, "GET", f"/r{i}", timeout=20))
+    assert [r.status for r in replies] == [200] * 20
+    assert origin.connections == 1
 
 
 def test_a_target_allowing_two_streams_gets_more_connections(gateway: Any, h2_origin: Any) -> None:
@@ -312,3 +320,57 @@ def test_a_tls_target_not_selecting_h2_is_refused(
     assert reply.json()["error"] == "upstream_connect_failed"
     assert "does not speak HTTP/2" in reply.json()["message"]
     assert "not h2" in reply.json()["message"]
+
+
+# --- connections' lifetime and targets that are not HTTP/2 ---------------------------------------
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never met"
+        time.sleep(0.05)
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin, timeouts={"idle": "200ms"})
+    assert request(gw.port, "GET", "/").status == 200
+    _wait(lambda: origin.closed == 1)  # by the gateway's sweep
+    assert request(gw.port, "GET", "/").status == 200
+    assert origin.connections == 2
+
+
+def test_a_reload_keeps_the_connection(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    assert request(gw.port, "GET", "/").status == 200
+    assert gw.reload()
+    assert request(gw.port, "GET", "/").status == 200
+    assert origin.connections == 1
+
+
+def test_a_silent_target_is_a_connect_timeout(gateway: Any, scripted_origin: Any) -> None:
+    origin = scripted_origin(connections=[[]])  # accepts, never sends SETTINGS
+    config = simple_config(0, [origin.port])
+    config["listeners"][0]["bind"] = "127.0.0.1:PORT"
+    config["upstreams"]["app"].update({"protocol": "h2c", "timeouts": {"connect": "300ms"}})
+    gw = gateway(config)
+    reply = request(gw.port, "GET", "/")
+    assert reply.status == 504
+    assert reply.json()["error"] == "upstream_connect_timeout"
+
+
+def test_an_http1_target_behind_h2c_is_a_502(gateway: Any, scripted_origin: Any) -> None:
+    origin = scripted_origin(
+        connections=[[Write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")]]
+    )
+    config = simple_config(0, [origin.port])
+    config["listeners"][0]["bind"] = "127.0.0.1:PORT"
+    config["upstreams"]["app"]["protocol"] = "h2c"
+    config["upstreams"]["app"]["retries"] = {"attempts": 0}
+    gw = gateway(config)
+    reply = request(gw.port, "GET", "/")
+    assert reply.status == 502
+    assert reply.json()["error"] == "upstream_connect_failed"
+    assert "does not speak HTTP/2" in reply.json()["message"]

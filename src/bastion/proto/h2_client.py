@@ -41,7 +41,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
+from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
@@ -123,6 +123,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.epoch = 0  # the pool's TLS settings it was made under (set by the pool)
         self.write_paused = False
         self.blocked: set[H2Stream] = set()  # streams with body waiting for window
+        self._first_bytes = b""
 
     # --- what the pool asks ---------------------------------------------------------------
 
@@ -173,9 +174,11 @@ class H2ClientConnection(asyncio.Protocol):
 
     def release_slot(self, stream: H2Stream) -> None:
         """A stream is done with this connection: its slot is free (a reservation or a stream)."""
+        if not stream.has_slot:
+            return
+        stream.has_slot = False
         if stream.stream_id:
-            if self.streams.pop(stream.stream_id, None) is None:
-                return
+            self.streams.pop(stream.stream_id, None)
         else:
             self.reserved -= 1
         self.blocked.discard(stream)
@@ -211,6 +214,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if not self.ready.done() and not self._first_frame_ok(data):
+            return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
@@ -274,6 +279,16 @@ class H2ClientConnection(asyncio.Protocol):
 
     # --- internals -------------------------------------------------------------------------
 
+    def _first_frame_ok(self, data: bytes) -> bool:
+        """A server's first frame is SETTINGS (RFC 9113 section 3.4). h2 would wait for the
+        whole "frame" an HTTP/1.1 answer seems to announce; tell at once that it is not one."""
+        head = self._first_bytes = self._first_bytes + data[: 9 - len(self._first_bytes)]
+        if len(head) < 4 or head[3] == 0x4:
+            return True
+        sample = head.split(b"\r", 1)[0].decode("latin-1", "replace")
+        self._broken(UpstreamConnectError(f"The upstream does not speak HTTP/2 (it began with {sample!r})."))
+        return False
+
     def _settings_changed(self) -> None:
         peer = self.h2.remote_settings.max_concurrent_streams
         self.max_streams = max(0, min(OWN_MAX_STREAMS, peer))
@@ -326,6 +341,7 @@ class H2Stream:
         "conn",
         "reconnect",
         "stream_id",
+        "has_slot",
         "listener",
         "closed",
         "served",
@@ -347,6 +363,7 @@ class H2Stream:
         "_timer",
         "_deadline",
         "_timeout",
+        "_task",
     )
 
     def __init__(
@@ -355,6 +372,7 @@ class H2Stream:
         self.conn = conn  # a slot on it is reserved for this stream
         self.reconnect = reconnect  # another connection (slot reserved) for a refused stream
         self.stream_id = 0
+        self.has_slot = True  # holds one of `conn`'s stream slots (reserved, then its stream)
         self.listener: UpstreamListener | None = None
         self.closed = False
         self.served = conn.served  # > 0: the connection had served before (stale-connection retries)
@@ -376,6 +394,7 @@ class H2Stream:
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._timeout = 0.0
+        self._task: asyncio.Task[None] | None = None  # a refused stream being sent again
 
     # --- UpstreamStream ----------------------------------------------------------------------
 
@@ -402,11 +421,10 @@ class H2Stream:
             if name in _DROP_REQUEST:
                 if name == b"host":
                     authority = item[1]
-                elif name == b"te" and item[1].lower() == b"trailers":
-                    out.append(_TE_TRAILERS)
                 continue
             out.append(item)
         out[2] = (b":authority", authority)
+        out.append(_TE_TRAILERS)  # the gateway takes trailers (gRPC servers require saying so)
         if length is not None:
             out.append((b"content-length", str(length).encode()))
         self._head = out
@@ -484,8 +502,14 @@ class H2Stream:
     def _start(self) -> None:
         conn = self.conn
         end_now = self._end_pending and not self._pending and self._trailers_out is None
+        if conn.closed or conn.goaway:
+            self.on_refused()  # lost between the pool's answer and now: nothing was sent
+            return
         try:
             conn.open_stream(self, self._head, end_now)
+        except TooManyStreamsError:
+            self.on_refused()  # the target lowered its limit after our reservation
+            return
         except ProtocolError as exc:
             self.fail(UpstreamError(f"The HTTP/2 connection to the upstream cannot take a request ({exc})."))
             return
@@ -612,6 +636,7 @@ class H2Stream:
     def on_refused(self) -> None:
         """The target did not process this stream (GOAWAY above its id, REFUSED_STREAM)."""
         self.conn.release_slot(self)
+        self.stream_id = 0  # body arriving meanwhile is only queued (and kept for the replay)
         if self.listener is None:
             self._done()
             return
@@ -619,7 +644,7 @@ class H2Stream:
         if self._replay is None or self.reconnect is None or self._attempts > MAX_REPLAYS:
             self.fail(UpstreamError("The upstream refused the stream (HTTP/2 GOAWAY or REFUSED_STREAM)."))
             return
-        self._loop.create_task(self._send_again(self.reconnect))
+        self._task = self._loop.create_task(self._send_again(self.reconnect))
 
     def on_connection_lost(self) -> None:
         if self._complete or self.closed:
@@ -642,19 +667,20 @@ class H2Stream:
         try:
             conn = await reconnect()
         except GatewayError as exc:
-            self.closed = True
-            listener, self.listener = self.listener, None
-            if listener is not None:
-                listener.upstream_failed(exc)
+            self.fail(exc)
             return
-        if self.listener is None:  # the exchange gave up meanwhile
-            conn.reserved -= 1
-            conn.on_capacity(conn)
-            return
+        finally:
+            self._task = None
         self.conn = conn
-        self.stream_id = 0
+        self.has_slot = True
+        if self.listener is None or self.closed:  # the exchange gave up meanwhile
+            conn.release_slot(self)
+            return
+        if self._replay is None:  # the body grew past what is kept while we waited
+            self.fail(UpstreamError("The upstream refused the stream (HTTP/2 GOAWAY or REFUSED_STREAM)."))
+            return
         self.served = conn.served
-        self._pending = deque(self._replay or ())
+        self._pending = deque(self._replay)
         self._end_pending = self._end_pending or self._ended
         self._ended = False
         self._start()

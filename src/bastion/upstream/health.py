@@ -7,7 +7,8 @@ for new targets and stops those of targets that left. So a reload never doubles 
 checkers, and a target's health survives it.
 
 A probe is an HTTP GET (the status must be in `statuses`; over TLS, verified as requests
-are, when the upstream has `tls`) or a bare TCP connect, each bounded by `timeout`. Results
+are, when the upstream has `tls`), a bare TCP connect, or a gRPC Health/Check call over
+HTTP/2 (upstream/grpc_health.py), each bounded by `timeout`. Results
 move `TargetState.healthy` after `healthy`/`unhealthy` consecutive results; every change is
 logged.
 
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bastion.config.schema import ActiveHealthCheck
+from bastion.upstream.grpc_health import probe_grpc
 from bastion.upstream.targets import TargetState
 
 if TYPE_CHECKING:
@@ -76,7 +78,7 @@ async def probe_tcp(target: TargetState, check: ActiveHealthCheck) -> tuple[bool
     return True, "connected"
 
 
-PROBES = {"http": probe_http, "tcp": probe_tcp}
+PROBES = {"http": probe_http, "tcp": probe_tcp, "grpc": probe_grpc}
 
 
 async def probe(target: TargetState, check: ActiveHealthCheck) -> tuple[bool, str]:
