@@ -108,6 +108,16 @@ def test_bad_requests_are_400(gw: GatewayThread) -> None:
     assert request(gw.port, "GET", "/v1/shelves/a/books/notanumber").status == 400
 
 
+def test_hostile_bodies(gw: GatewayThread) -> None:
+    """Deep nesting, a huge number, a string where a message goes: 400, and the gateway lives."""
+    for body in (b"[" * 200_000, b'{"text": {"a": ' * 5000 + b"1" + b"}" * 5000 + b"}", b'{"sleepMs": 1e400}'):
+        reply = request(gw.port, "POST", "/v1/echo", body=body)
+        assert reply.status == 400, reply.body
+    deep_query = "&".join(f"{'a.' * 50}b={i}" for i in range(20))
+    assert request(gw.port, "GET", f"/v1/shelves/a/books/1?{deep_query}").status == 400
+    assert request(gw.port, "GET", "/v1/shelves/a/books/1").status == 200
+
+
 def test_server_streaming_is_a_json_array(gw: GatewayThread) -> None:
     reply = request(gw.port, "GET", "/v1/stream?count=3&size=2")
     assert reply.status == 200, reply.body

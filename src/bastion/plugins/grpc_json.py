@@ -221,6 +221,8 @@ class JsonBody:
                 value = json.loads(raw)
             except ValueError as exc:
                 raise BadRequest(f"The request body is not JSON: {exc}.") from None
+            except RecursionError:  # [[[[... : json nests by recursion
+                raise BadRequest("The request body nests too deeply.") from None
             if binding.body == "*":
                 if not isinstance(value, dict):
                     raise BadRequest("The request body must be a JSON object.")
