@@ -6,6 +6,7 @@ is a head with grpc-status and an empty body. The same renderer serves HTTP/2 cl
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from adversary import wait_until
 from bastion.demo.origin import OriginHandle
 from support import GatewayThread, Reply, free_port, request
 
@@ -197,3 +199,20 @@ def test_deadline_mid_stream_ends_with_status_trailers(gateway: Start, scripted_
     assert time.monotonic() - started < 3  # the origin's stream lasts 4 s, then holds 10 s
     assert FRAME in data  # the message that came before the deadline
     assert b"\r\n0\r\ngrpc-status: 4\r\n" in data, data
+
+
+def test_access_log_has_the_grpc_status(gateway: Start, scripted_origin: Callable[..., Any], tmp_path: Any) -> None:
+    from adversary import Write
+
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n"
+    trailers = b"0\r\ngrpc-status: 9\r\ngrpc-message: later\r\n\r\n"
+    origin = scripted_origin(reply=[Write(head + b"7\r\n" + FRAME + b"\r\n" + trailers)])
+    access = tmp_path / "access.log"
+    gw = gateway(config([origin.port], log={"access": True, "access_file": str(access)}))
+    assert call(gw).status == 200
+    assert_status(call(gw, "/other/x"), 12)
+    plain = request(gw.port, "GET", "/pkg.Svc/x")
+    assert plain.status == 200
+    wait_until(lambda: len(access.read_text().splitlines()) == 3, what="three access lines")
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert [line.get("grpc_status", "absent") for line in lines] == [9, 12, "absent"]

@@ -107,6 +107,7 @@ class Exchange:
         "body_filter",
         "_grpc_timeout",
         "_deadline_timer",
+        "grpc_status",
     )
 
     def __init__(self, downstream: Downstream, request: Request, snapshot: Snapshot, expect_continue: bool) -> None:
@@ -148,6 +149,7 @@ class Exchange:
         self.body_filter: BodyFilter | None = None  # a transcoder's rewrite of the request body
         self._grpc_timeout: float | None = None  # the call's grpc-timeout, in seconds
         self._deadline_timer: asyncio.TimerHandle | None = None
+        self.grpc_status: bytes | None = None  # the call's grpc-status as the client got it (logged)
 
     # --- DownstreamListener: the request body from the client ---------------------------------
 
@@ -493,6 +495,8 @@ class Exchange:
                 raise self._error
             await self._next_event()
         if not finished or self._resp_trailers is not None:
+            if self.grpc and self._resp_trailers is not None:
+                self.grpc_status = self._resp_trailers.get_raw(b"grpc-status")
             self.downstream.send_end(self._resp_trailers)
         self._detach(target, self._upstream_reusable and self.body_complete)
 
@@ -610,6 +614,8 @@ class Exchange:
 
     def _send_head(self, response: Response, length: int | None, body: Sequence[bytes], end_stream: bool) -> None:
         self.status = response.status
+        if self.grpc:  # a trailers-only answer carries it in the head
+            self.grpc_status = response.headers.get_raw(b"grpc-status")
         response.headers.items.extend(gateway_response_headers(self.request.request_id))
         self._head_sent = True
         self.downstream.send_head(response, length, body, end_stream, self.close)
@@ -633,7 +639,9 @@ class Exchange:
                 # A gRPC response can still end cleanly: its status goes in the trailers.
                 if self.conn is not None and self.target is not None:
                     self._detach(self.target, reusable=False)
-                self.downstream.send_end(trailers_for(error))
+                trailers = trailers_for(error)
+                self.grpc_status = trailers.get_raw(b"grpc-status")
+                self.downstream.send_end(trailers)
                 return
             self.close = True
             self.downstream.reset(error)
@@ -704,4 +712,7 @@ class Exchange:
         relay = self.relay
         if relay is not None:  # a relayed connection (WebSocket): why it ended
             record["close_reason"] = relay.reason
+        if self.grpc:  # the HTTP status of a gRPC call is 200 whatever happened
+            status = self.grpc_status
+            record["grpc_status"] = int(status) if status is not None and status.isdigit() else None
         return record
