@@ -177,3 +177,24 @@ def test_a_cors_plugin_decides(kit: Compiled, origin: GrpcOrigin, gateway: Start
     response.read()
     assert response.getheader("access-control-allow-origin") == "https://good.example"
     assert response.getheader("access-control-expose-headers") == "x-trailer, grpc-status, grpc-message"
+
+
+def test_grpc_web_over_http2(kit: Compiled, origin: GrpcOrigin, gateway: Start) -> None:
+    """A browser on HTTP/2 speaks the same gRPC-Web: trailers still come in the body."""
+    import httpx
+
+    config = web_config(origin.port)
+    config["listeners"][0]["http2"] = "prior_knowledge"
+    gw = gateway(config)
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+        text = base64.b64encode(frame(kit.pb2.StreamRequest(count=5, size=10)))
+        reply = client.post(
+            f"http://127.0.0.1:{gw.port}{SERVICE}/Stream",
+            content=text,
+            headers={"content-type": "application/grpc-web-text"},
+        )
+    assert reply.http_version == "HTTP/2"
+    assert reply.headers["content-type"] == "application/grpc-web-text+proto"
+    messages, trailers = parse_frames(decode_text(reply.content))
+    assert [kit.pb2.Chunk.FromString(m).index for m in messages] == list(range(5))
+    assert trailers["grpc-status"] == "0"
