@@ -198,3 +198,29 @@ def test_grpc_web_over_http2(kit: Compiled, origin: GrpcOrigin, gateway: Start) 
     messages, trailers = parse_frames(decode_text(reply.content))
     assert [kit.pb2.Chunk.FromString(m).index for m in messages] == list(range(5))
     assert trailers["grpc-status"] == "0"
+
+
+def test_the_upstream_gets_plain_grpc(gateway: Start) -> None:
+    """What crosses toward the server: application/grpc (codec kept), te: trailers, the
+    decoded body. An HTTP/2 origin that echoes what it got as JSON shows it."""
+    import json
+
+    from h2_support import H2Origin
+
+    h2_origin = H2Origin()
+    try:
+        gw = gateway(web_config(h2_origin.port))
+        data = b"\x00\x00\x00\x00\x03abc"
+        response = post(
+            gw.port,
+            SERVICE + "/Echo",
+            base64.b64encode(data),
+            {"content-type": "application/grpc-web-text+proto", "x-grpc-web": "1"},
+        )
+        seen = json.loads(response.read())
+    finally:
+        h2_origin.stop()
+    headers = dict((name, value) for name, value in seen["headers"])
+    assert headers["content-type"] == "application/grpc+proto"
+    assert headers["te"] == "trailers"
+    assert seen["body_size"] == len(data)

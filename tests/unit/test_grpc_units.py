@@ -93,9 +93,10 @@ def test_base64_decoder_takes_any_split() -> None:
 def test_base64_decoder_takes_padded_chunks() -> None:
     parts = [b"a", b"bc", b"def", b"ghij"]
     text = b"".join(base64.b64encode(p) for p in parts)  # each chunk padded on its own
-    decoder = Base64Decoder()
-    out = b"".join(decoder.feed(text[i : i + 3]) for i in range(0, len(text), 3))
-    assert out + decoder.end() == b"".join(parts)
+    for step in (3, len(text)):  # small reads, and everything in one read
+        decoder = Base64Decoder()
+        out = b"".join(decoder.feed(text[i : i + step]) for i in range(0, len(text), step))
+        assert out + decoder.end() == b"".join(parts)
 
 
 def test_base64_decoder_refuses() -> None:
