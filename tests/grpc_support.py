@@ -58,7 +58,7 @@ service Bookstore {
   rpc ListBooks(ListBooksRequest) returns (ListBooksResponse) {
     option (google.api.http) = {
       get: "/v1/{shelf=shelves/*}/books"
-      additional_bindings { get: "/v1/books" }
+      additional_bindings { get: "/v1/books" response_body: "books" }
     };
   }
   rpc Echo(EchoRequest) returns (EchoResponse) {
