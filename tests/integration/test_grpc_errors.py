@@ -216,3 +216,17 @@ def test_access_log_has_the_grpc_status(gateway: Start, scripted_origin: Callabl
     wait_until(lambda: len(access.read_text().splitlines()) == 3, what="three access lines")
     lines = [json.loads(line) for line in access.read_text().splitlines()]
     assert [line.get("grpc_status", "absent") for line in lines] == [9, 12, "absent"]
+    # The status logged for the gateway's own gRPC answer is the one it stands for (the client got 200).
+    assert [line["status"] for line in lines] == [200, 404, 200]
+
+
+def test_grpc_refusals_count_in_the_metrics(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    admin = free_port()
+    plugins = [{"rate_limit": {"limit": 1, "per": "1m", "key": "ip"}}]
+    gw = gateway(config([origin.port], plugins, admin={"bind": f"127.0.0.1:{admin}"}))
+    assert call(gw).header("grpc-status") is None
+    assert_status(call(gw), 8)
+    metrics = request(admin, "GET", "/metrics").body.decode()
+    assert 'bastion_rate_limited_total{route="svc"} 1.0' in metrics
+    assert 'bastion_http_requests_total{code="429",method="POST",route="svc"} 1.0' in metrics

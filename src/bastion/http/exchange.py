@@ -315,11 +315,13 @@ class Exchange:
                 replied = await request_phase(route, ctx)
                 if replied is not None:
                     response, body = await reply_response(route, ctx, *replied)
-                    if grpc and response.status >= 400:
+                    refused = response.status
+                    if grpc and refused >= 400:
                         response, body = grpc_reply(response, body, grpc)
-                    if response.status >= 400 and not self.body_complete:
+                    if refused >= 400 and not self.body_complete:
                         self.close = True
                     self._send_whole(response, body)
+                    self.status = refused  # counted and logged as what it stands for (429...)
                     return
                 self._limit = ctx.max_body
                 if self._limit is not None and self.bytes_in > self._limit:
@@ -652,8 +654,10 @@ class Exchange:
             self.close = True
         if self.grpc:
             response, body = render_grpc(error, self.grpc)
-        else:
-            response, body = self.downstream.render_error(error, self.request.request_id)
+            self._send_whole(response, body)
+            self.status = error.status  # the client got 200 + grpc-status; metrics count the error
+            return
+        response, body = self.downstream.render_error(error, self.request.request_id)
         self._send_whole(response, body)
 
     def _finish(self, snapshot: Snapshot) -> None:
