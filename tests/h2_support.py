@@ -10,6 +10,7 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
 - `/close-mid`: the head and some body, then the connection is closed;
 - `/hang`: never answers;
+- `/no-read...`: never gives window back for the request body (an upload the target stalls);
 - `/interim`: a 103 Early Hints, then the final response;
 - anything else: JSON of what arrived (method, path, scheme, authority, headers, body size
   and sha256), after `delay` seconds (`?delay=S` overrides it for one request).
@@ -110,7 +111,8 @@ class _Conn(asyncio.Protocol):
                 self._request(event.stream_id, event.headers or [])
             elif isinstance(event, DataReceived):
                 stream = self.streams.get(event.stream_id)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if stream is None or not stream.headers.get(b":path", b"").startswith(b"/no-read"):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if stream is not None:
                     stream.body += event.data or b""
                     stream.data.put_nowait(event.data or b"")
@@ -229,8 +231,12 @@ class _Conn(asyncio.Protocol):
                 await asyncio.sleep(delay)
             if route == "/big":
                 size = int(query["size"])
-                h2.send_headers(sid, [(b":status", b"200"), (b"content-length", str(size).encode())])
+                head = stream.headers.get(b":method") == b"HEAD"
+                h2.send_headers(sid, [(b":status", b"200"), (b"content-length", str(size).encode())], end_stream=head)
                 self.flush()
+                if head:
+                    self._finished(stream)
+                    return
                 chunk = b"x" * 65536
                 left = size
                 while left:

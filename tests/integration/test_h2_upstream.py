@@ -374,3 +374,38 @@ def test_an_http1_target_behind_h2c_is_a_502(gateway: Any, scripted_origin: Any)
     assert reply.status == 502
     assert reply.json()["error"] == "upstream_connect_failed"
     assert "does not speak HTTP/2" in reply.json()["message"]
+
+
+def test_an_upload_the_target_stalls_stops_reading_the_client(gateway: Any, h2_origin: Any) -> None:
+    """The target's stream window closes: the gateway stops reading the client instead of
+    queueing the body."""
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin, timeouts={"response": "30s"})
+    size = 64 * 1024 * 1024
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    sock.sendall(f"POST /no-read HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    sock.settimeout(1.0)
+    chunk = b"u" * 65536
+    sent = 0
+    try:
+        while sent < size:
+            sent += sock.send(chunk)
+    except TimeoutError:
+        pass
+    sock.close()
+    assert sent < 16 * 1024 * 1024
+
+
+def test_head_gets_the_length_without_a_body(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("HEAD", "/big?size=5000")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("content-length") == "5000"
+    assert response.read() == b""
+    conn.request("GET", "/again")  # the client connection is still in step
+    assert conn.getresponse().status == 200
+    conn.close()

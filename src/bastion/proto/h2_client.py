@@ -709,6 +709,13 @@ class H2Stream:
             return
         self.closed = True
         self._deadline = 0.0
+        owed = self._owed
+        if owed and self.stream_id and not self.conn.closed:
+            # Credit held back for a paused client: the stream is over, but the connection
+            # window must get it back or it shrinks for good.
+            self._owed = 0
+            self.conn.h2.acknowledge_received_data(owed, self.stream_id)
+            self.conn.flush()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
