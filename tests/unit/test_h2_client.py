@@ -221,7 +221,7 @@ async def test_a_goaway_fails_streams_above_it_without_a_pool_and_keeps_the_rest
     first.send_head(one, "POST", "/", GET, 1, (b"x",), True, 10.0)
     second.send_head(two, "POST", "/", GET, 1, (b"y",), True, 10.0)
     pair.pump()
-    sid1, sid2 = pair.requests()
+    sid1, _ = pair.requests()
     pair.server.close_connection(last_stream_id=sid1)
     pair.pump()
     assert two.events == [("failed", "The upstream refused the stream (HTTP/2 GOAWAY or REFUSED_STREAM).")]

@@ -43,6 +43,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
+from hpack.struct import NeverIndexedHeaderTuple
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from bastion.http.header_policy import DROP_RESPONSE
@@ -79,6 +80,10 @@ _DROP_REQUEST = frozenset(
 )
 _TE_TRAILERS = (b"te", b"trailers")
 
+# Values new on (nearly) every request: kept out of the HPACK dynamic table, which they would
+# only churn (the encoder searches that table linearly for every field).
+_UNIQUE = frozenset((b"x-request-id", b"traceparent", b"tracestate"))
+
 
 class _ClientH2(H2Connection):
     """h2 treats a received GOAWAY as the end of the connection, but RFC 9113 section 6.8 lets
@@ -93,7 +98,12 @@ class _ClientH2(H2Connection):
 
 
 def _config() -> H2Configuration:
-    return H2Configuration(client_side=True, header_encoding=None)
+    # Outbound fields come from the gateway's parsers (lower-case, trimmed, checked), so h2's
+    # per-field checks and normalisation of them are skipped: they cost more than the
+    # encoding. Inbound fields are checked: a target must not smuggle CR/LF to HTTP/1.1 clients.
+    return H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
 
 
 class H2ClientConnection(asyncio.Protocol):
@@ -415,13 +425,15 @@ class H2Stream:
         authority = b""
         out: HeaderList = [(b":method", method.encode()), (b":scheme", self.conn.scheme), (b":authority", b"")]
         if method != "CONNECT":
-            out.append((b":path", target.encode("latin-1")))
+            out.append(NeverIndexedHeaderTuple(b":path", target.encode("latin-1")))
         for item in headers:
             name = item[0]
             if name in _DROP_REQUEST:
                 if name == b"host":
                     authority = item[1]
                 continue
+            if name in _UNIQUE:
+                item = NeverIndexedHeaderTuple(*item)
             out.append(item)
         out[2] = (b":authority", authority)
         out.append(_TE_TRAILERS)  # the gateway takes trailers (gRPC servers require saying so)
