@@ -10,6 +10,7 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
 - `/close-mid`: the head and some body, then the connection is closed;
 - `/hang`: never answers;
+- `/refuse-late`: RST_STREAM REFUSED_STREAM once 100000 bytes of body arrived;
 - `/no-read...`: never gives window back for the request body (an upload the target stalls);
 - `/interim`: a 103 Early Hints, then the final response;
 - anything else: JSON of what arrived (method, path, scheme, authority, headers, body size
@@ -20,7 +21,8 @@ the first connection, once `heads` request heads arrived: GOAWAY whose last_stre
 `keep`-th stream's; streams above it are dropped unanswered, the ones at or below it are
 answered, then the connection closes),
 `refuse` (RST_STREAM REFUSED_STREAM for that many first streams), `settings_delay` (seconds
-before its SETTINGS: a connection that is slow to open). It records connections,
+before its SETTINGS: a connection that is slow to open), `goaway_error` (at the second
+request head: GOAWAY INTERNAL_ERROR with that stream as the last, answering nothing more). It records connections,
 every completed request (`done`), the most streams open at once on one connection, and
 the bytes each `/big` response has sent so far (`sent`).
 """
@@ -116,6 +118,8 @@ class _Conn(asyncio.Protocol):
                 if stream is not None:
                     stream.body += event.data or b""
                     stream.data.put_nowait(event.data or b"")
+                    if stream.headers.get(b":path") == b"/refuse-late" and len(stream.body) >= 100_000:
+                        self._refuse_late(stream)
             elif isinstance(event, StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -136,6 +140,15 @@ class _Conn(asyncio.Protocol):
             elif isinstance(event, ConnectionTerminated):
                 pass
         self.flush()
+
+    def _refuse_late(self, stream: _Stream) -> None:
+        if stream.stream_id in self.answered:
+            return
+        self.answered.add(stream.stream_id)
+        self.origin.refused += 1
+        if stream.task is not None:
+            stream.task.cancel()
+        self.h2.reset_stream(stream.stream_id, ErrorCodes.REFUSED_STREAM)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.origin.closed += 1
@@ -158,6 +171,10 @@ class _Conn(asyncio.Protocol):
             origin.refused += 1
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             self.answered.add(stream_id)
+            return
+        if origin.goaway_error and self.heads == 2:
+            self.h2.close_connection(error_code=ErrorCodes.INTERNAL_ERROR, last_stream_id=stream_id)
+            self.flush()
             return
         if origin.goaway_after is not None and self.index == 0 and self.heads == origin.goaway_after[0]:
             keep = origin.goaway_after[1]
@@ -318,6 +335,7 @@ class H2Origin:
         goaway_after: tuple[int, int] | None = None,
         refuse: int = 0,
         settings_delay: float = 0.0,
+        goaway_error: bool = False,
     ) -> None:
         self.tls = tls
         self.max_streams = max_streams
@@ -325,6 +343,7 @@ class H2Origin:
         self.goaway_after = goaway_after
         self.refuse = refuse
         self.settings_delay = settings_delay
+        self.goaway_error = goaway_error
         self.refused = 0
         self.ignored = 0
         self.connections = 0

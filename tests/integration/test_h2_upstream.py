@@ -409,3 +409,27 @@ def test_head_gets_the_length_without_a_body(gateway: Any, h2_origin: Any) -> No
     conn.request("GET", "/again")  # the client connection is still in step
     assert conn.getresponse().status == 200
     conn.close()
+
+
+def test_a_refused_stream_with_more_body_than_is_kept_is_a_502(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    reply = request(gw.port, "POST", "/refuse-late", body=b"b" * 300_000)
+    assert reply.status == 502
+    assert "refused the stream" in reply.json()["message"]
+    assert origin.refused == 1
+    assert origin.done == []  # never sent again with a truncated body
+
+
+def test_a_goaway_with_an_error_fails_the_streams_in_flight(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin(goaway_error=True)
+    gw = h2c_gateway(gateway, origin)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(request, gw.port, "POST", "/hang", None, b"1")
+        _wait(lambda: origin.most_streams == 1)
+        second = request(gw.port, "POST", "/second", body=b"2")
+        for reply in (first.result(10), second):
+            assert reply.status == 502
+            assert "closed the HTTP/2 connection (INTERNAL_ERROR)" in reply.json()["message"]
+    assert request(gw.port, "GET", "/third").status == 200  # on a new connection
+    assert origin.connections == 2
