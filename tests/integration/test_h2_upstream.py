@@ -433,3 +433,12 @@ def test_a_goaway_with_an_error_fails_the_streams_in_flight(gateway: Any, h2_ori
             assert "closed the HTTP/2 connection (INTERNAL_ERROR)" in reply.json()["message"]
     assert request(gw.port, "GET", "/third").status == 200  # on a new connection
     assert origin.connections == 2
+
+
+def test_without_idle_connections_kept_each_burst_gets_a_new_one(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin, max_idle_connections=0)
+    assert request(gw.port, "GET", "/one").status == 200
+    _wait(lambda: origin.closed == 1)
+    assert request(gw.port, "GET", "/two").status == 200
+    assert origin.connections == 2
