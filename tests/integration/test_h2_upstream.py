@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from h2.errors import ErrorCodes
 
 from adversary import RawClient, Write
@@ -442,3 +443,16 @@ def test_without_idle_connections_kept_each_burst_gets_a_new_one(gateway: Any, h
     _wait(lambda: origin.closed == 1)
     assert request(gw.port, "GET", "/two").status == 200
     assert origin.connections == 2
+
+
+def test_new_tls_settings_on_reload_make_new_connections(gateway: Any, h2_origin: Any, tmp_path: Path) -> None:
+    origin, pki = _tls_origin(h2_origin, tmp_path)
+    gw = _h2_gateway(gateway, origin, {"ca": str(pki.ca_file)})
+    assert request(gw.port, "GET", "/").status == 200
+    config = yaml.safe_load(gw.config_path.read_text())
+    config["upstreams"]["app"]["tls"]["verify"] = False
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert gw.reload()
+    assert request(gw.port, "GET", "/").status == 200
+    assert origin.connections == 2
+    _wait(lambda: origin.closed == 1)  # the connection made under the old settings
