@@ -7,6 +7,7 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/trailers`: a small body and trailers (`x-checksum: abc`, `x-count: 2`);
 - `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
 - `/close-early`: the connection is closed before any answer;
+- `/evil-header`: a response field whose value holds CR LF and another field;
 - `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
 - `/close-mid`: the head and some body, then the connection is closed;
 - `/hang`: never answers;
@@ -69,7 +70,8 @@ class _Conn(asyncio.Protocol):
     def __init__(self, origin: H2Origin, index: int) -> None:
         self.origin = origin
         self.index = index
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        config = H2Configuration(client_side=False, header_encoding=None, validate_outbound_headers=False)
+        self.h2 = H2Connection(config)  # unchecked: it may send what a broken server would
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.window = asyncio.Event()
@@ -225,6 +227,10 @@ class _Conn(asyncio.Protocol):
             if route == "/close-early":
                 assert self.transport is not None
                 self.transport.close()
+                return
+            if route == "/evil-header":
+                h2.send_headers(sid, [(b":status", b"200"), (b"x-a", b"1\r\nx-injected: yes")], end_stream=True)
+                self.flush()
                 return
             if route == "/reset-early":
                 h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)

@@ -18,7 +18,7 @@ from h2.errors import ErrorCodes
 
 from adversary import RawClient, Write
 from h2_support import H2Origin, h2_server_context
-from support import GatewayThread, request, simple_config
+from support import GatewayThread, raw_exchange, request, simple_config
 from tls_support import Pki
 
 
@@ -456,3 +456,12 @@ def test_new_tls_settings_on_reload_make_new_connections(gateway: Any, h2_origin
     assert request(gw.port, "GET", "/").status == 200
     assert origin.connections == 2
     _wait(lambda: origin.closed == 1)  # the connection made under the old settings
+
+
+def test_a_response_field_with_cr_lf_never_reaches_an_http1_client(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    raw = raw_exchange(gw.port, b"GET /evil-header HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert b"injected" not in head and b"injected" not in body

@@ -23,6 +23,7 @@ for any method.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
@@ -49,6 +50,8 @@ from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, Up
 from bastion.http.header_policy import DROP_RESPONSE
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
+
+log = logging.getLogger("bastion.upstream")
 
 STREAM_WINDOW = 256 * 1024
 """Our SETTINGS_INITIAL_WINDOW_SIZE: how far a target may run ahead of a slow client, per stream."""
@@ -134,6 +137,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.blocked: set[H2Stream] = set()  # streams with body waiting for window
         self._first_bytes = b""
+        self.peer: Any = None
 
     # --- what the pool asks ---------------------------------------------------------------
 
@@ -204,6 +208,7 @@ class H2ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.peer = transport.get_extra_info("peername")
         if self.alpn_required:
             ssl_object = transport.get_extra_info("ssl_object")
             chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
@@ -229,7 +234,9 @@ class H2ClientConnection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
-            self._broken(UpstreamError(f"The upstream broke the HTTP/2 protocol ({exc})."))
+            # The class only: h2's text quotes what the target sent, which is not for clients.
+            log.info("upstream %s broke HTTP/2: %s", self.peer, exc)
+            self._broken(UpstreamError(f"The upstream broke the HTTP/2 protocol ({type(exc).__name__})."))
             return
         streams = self.streams
         for event in events:
@@ -523,7 +530,8 @@ class H2Stream:
             self.on_refused()  # the target lowered its limit after our reservation
             return
         except ProtocolError as exc:
-            self.fail(UpstreamError(f"The HTTP/2 connection to the upstream cannot take a request ({exc})."))
+            what = type(exc).__name__
+            self.fail(UpstreamError(f"The HTTP/2 connection to the upstream cannot take a request ({what})."))
             return
         if end_now:
             self._end_pending = False
