@@ -12,9 +12,12 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/trailers`: a small body and trailers (`x-checksum: abc`, `x-count: 2`);
 - `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
 - `/close-early`: the connection is closed before any answer;
+- `/evil-header`: a response field whose value holds CR LF and another field;
 - `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
 - `/close-mid`: the head and some body, then the connection is closed;
 - `/hang`: never answers;
+- `/refuse-late`: RST_STREAM REFUSED_STREAM once 100000 bytes of body arrived;
+- `/no-read...`: never gives window back for the request body (an upload the target stalls);
 - `/interim`: a 103 Early Hints, then the final response;
 - anything else: JSON of what arrived (method, path, scheme, authority, headers, body size
   and sha256), after `delay` seconds (`?delay=S` overrides it for one request).
@@ -24,7 +27,8 @@ the first connection, once `heads` request heads arrived: GOAWAY whose last_stre
 `keep`-th stream's; streams above it are dropped unanswered, the ones at or below it are
 answered, then the connection closes),
 `refuse` (RST_STREAM REFUSED_STREAM for that many first streams), `settings_delay` (seconds
-before its SETTINGS: a connection that is slow to open). It records connections,
+before its SETTINGS: a connection that is slow to open), `goaway_error` (at the second
+request head: GOAWAY INTERNAL_ERROR with that stream as the last, answering nothing more). It records connections,
 every completed request (`done`), the most streams open at once on one connection, and
 the bytes each `/big` response has sent so far (`sent`).
 """
@@ -303,7 +307,8 @@ class _Conn(asyncio.Protocol):
     def __init__(self, origin: H2Origin, index: int) -> None:
         self.origin = origin
         self.index = index
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        config = H2Configuration(client_side=False, header_encoding=None, validate_outbound_headers=False)
+        self.h2 = H2Connection(config)  # unchecked: it may send what a broken server would
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.window = asyncio.Event()
@@ -347,10 +352,13 @@ class _Conn(asyncio.Protocol):
                 self._request(event.stream_id, event.headers or [])
             elif isinstance(event, DataReceived):
                 stream = self.streams.get(event.stream_id)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if stream is None or not stream.headers.get(b":path", b"").startswith(b"/no-read"):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if stream is not None:
                     stream.body += event.data or b""
                     stream.data.put_nowait(event.data or b"")
+                    if stream.headers.get(b":path") == b"/refuse-late" and len(stream.body) >= 100_000:
+                        self._refuse_late(stream)
             elif isinstance(event, StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -371,6 +379,15 @@ class _Conn(asyncio.Protocol):
             elif isinstance(event, ConnectionTerminated):
                 pass
         self.flush()
+
+    def _refuse_late(self, stream: _Stream) -> None:
+        if stream.stream_id in self.answered:
+            return
+        self.answered.add(stream.stream_id)
+        self.origin.refused += 1
+        if stream.task is not None:
+            stream.task.cancel()
+        self.h2.reset_stream(stream.stream_id, ErrorCodes.REFUSED_STREAM)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.origin.closed += 1
@@ -393,6 +410,10 @@ class _Conn(asyncio.Protocol):
             origin.refused += 1
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             self.answered.add(stream_id)
+            return
+        if origin.goaway_error and self.heads == 2:
+            self.h2.close_connection(error_code=ErrorCodes.INTERNAL_ERROR, last_stream_id=stream_id)
+            self.flush()
             return
         if origin.goaway_after is not None and self.index == 0 and self.heads == origin.goaway_after[0]:
             keep = origin.goaway_after[1]
@@ -444,6 +465,10 @@ class _Conn(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
                 return
+            if route == "/evil-header":
+                h2.send_headers(sid, [(b":status", b"200"), (b"x-a", b"1\r\nx-injected: yes")], end_stream=True)
+                self.flush()
+                return
             if route == "/reset-early":
                 h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
                 self.flush()
@@ -466,8 +491,12 @@ class _Conn(asyncio.Protocol):
                 await asyncio.sleep(delay)
             if route == "/big":
                 size = int(query["size"])
-                h2.send_headers(sid, [(b":status", b"200"), (b"content-length", str(size).encode())])
+                head = stream.headers.get(b":method") == b"HEAD"
+                h2.send_headers(sid, [(b":status", b"200"), (b"content-length", str(size).encode())], end_stream=head)
                 self.flush()
+                if head:
+                    self._finished(stream)
+                    return
                 chunk = b"x" * 65536
                 left = size
                 while left:
@@ -549,6 +578,7 @@ class H2Origin:
         goaway_after: tuple[int, int] | None = None,
         refuse: int = 0,
         settings_delay: float = 0.0,
+        goaway_error: bool = False,
     ) -> None:
         self.tls = tls
         self.max_streams = max_streams
@@ -556,6 +586,7 @@ class H2Origin:
         self.goaway_after = goaway_after
         self.refuse = refuse
         self.settings_delay = settings_delay
+        self.goaway_error = goaway_error
         self.refused = 0
         self.ignored = 0
         self.connections = 0

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from h2.errors import ErrorCodes
 
 from adversary import RawClient, Write
 from h2_support import H2Origin, h2_server_context
-from support import GatewayThread, request, simple_config
+from support import GatewayThread, raw_exchange, request, simple_config
 from tls_support import Pki
 
 
@@ -374,3 +375,93 @@ def test_an_http1_target_behind_h2c_is_a_502(gateway: Any, scripted_origin: Any)
     assert reply.status == 502
     assert reply.json()["error"] == "upstream_connect_failed"
     assert "does not speak HTTP/2" in reply.json()["message"]
+
+
+def test_an_upload_the_target_stalls_stops_reading_the_client(gateway: Any, h2_origin: Any) -> None:
+    """The target's stream window closes: the gateway stops reading the client instead of
+    queueing the body."""
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin, timeouts={"response": "30s"})
+    size = 64 * 1024 * 1024
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    sock.sendall(f"POST /no-read HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    sock.settimeout(1.0)
+    chunk = b"u" * 65536
+    sent = 0
+    try:
+        while sent < size:
+            sent += sock.send(chunk)
+    except TimeoutError:
+        pass
+    sock.close()
+    assert sent < 16 * 1024 * 1024
+
+
+def test_head_gets_the_length_without_a_body(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("HEAD", "/big?size=5000")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("content-length") == "5000"
+    assert response.read() == b""
+    conn.request("GET", "/again")  # the client connection is still in step
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_a_refused_stream_with_more_body_than_is_kept_is_a_502(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    reply = request(gw.port, "POST", "/refuse-late", body=b"b" * 300_000)
+    assert reply.status == 502
+    assert "refused the stream" in reply.json()["message"]
+    assert origin.refused == 1
+    assert origin.done == []  # never sent again with a truncated body
+
+
+def test_a_goaway_with_an_error_fails_the_streams_in_flight(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin(goaway_error=True)
+    gw = h2c_gateway(gateway, origin)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(request, gw.port, "POST", "/hang", None, b"1")
+        _wait(lambda: origin.most_streams == 1)
+        second = request(gw.port, "POST", "/second", body=b"2")
+        for reply in (first.result(10), second):
+            assert reply.status == 502
+            assert "closed the HTTP/2 connection (INTERNAL_ERROR)" in reply.json()["message"]
+    assert request(gw.port, "GET", "/third").status == 200  # on a new connection
+    assert origin.connections == 2
+
+
+def test_without_idle_connections_kept_each_burst_gets_a_new_one(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin, max_idle_connections=0)
+    assert request(gw.port, "GET", "/one").status == 200
+    _wait(lambda: origin.closed == 1)
+    assert request(gw.port, "GET", "/two").status == 200
+    assert origin.connections == 2
+
+
+def test_new_tls_settings_on_reload_make_new_connections(gateway: Any, h2_origin: Any, tmp_path: Path) -> None:
+    origin, pki = _tls_origin(h2_origin, tmp_path)
+    gw = _h2_gateway(gateway, origin, {"ca": str(pki.ca_file)})
+    assert request(gw.port, "GET", "/").status == 200
+    config = yaml.safe_load(gw.config_path.read_text())
+    config["upstreams"]["app"]["tls"]["verify"] = False
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert gw.reload()
+    assert request(gw.port, "GET", "/").status == 200
+    assert origin.connections == 2
+    _wait(lambda: origin.closed == 1)  # the connection made under the old settings
+
+
+def test_a_response_field_with_cr_lf_never_reaches_an_http1_client(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    raw = raw_exchange(gw.port, b"GET /evil-header HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert b"injected" not in head and b"injected" not in body

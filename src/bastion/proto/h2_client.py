@@ -23,6 +23,7 @@ for any method.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
@@ -43,11 +44,14 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
+from hpack.struct import NeverIndexedHeaderTuple
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from bastion.http.header_policy import DROP_RESPONSE
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
+
+log = logging.getLogger("bastion.upstream")
 
 STREAM_WINDOW = 256 * 1024
 """Our SETTINGS_INITIAL_WINDOW_SIZE: how far a target may run ahead of a slow client, per stream."""
@@ -79,6 +83,10 @@ _DROP_REQUEST = frozenset(
 )
 _TE_TRAILERS = (b"te", b"trailers")
 
+# Values new on (nearly) every request: kept out of the HPACK dynamic table, which they would
+# only churn (the encoder searches that table linearly for every field).
+_UNIQUE = frozenset((b"x-request-id", b"traceparent", b"tracestate"))
+
 
 class _ClientH2(H2Connection):
     """h2 treats a received GOAWAY as the end of the connection, but RFC 9113 section 6.8 lets
@@ -93,7 +101,12 @@ class _ClientH2(H2Connection):
 
 
 def _config() -> H2Configuration:
-    return H2Configuration(client_side=True, header_encoding=None)
+    # Outbound fields come from the gateway's parsers (lower-case, trimmed, checked), so h2's
+    # per-field checks and normalisation of them are skipped: they cost more than the
+    # encoding. Inbound fields are checked: a target must not smuggle CR/LF to HTTP/1.1 clients.
+    return H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
 
 
 class H2ClientConnection(asyncio.Protocol):
@@ -124,6 +137,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.blocked: set[H2Stream] = set()  # streams with body waiting for window
         self._first_bytes = b""
+        self.peer: Any = None
 
     # --- what the pool asks ---------------------------------------------------------------
 
@@ -194,6 +208,7 @@ class H2ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.peer = transport.get_extra_info("peername")
         if self.alpn_required:
             ssl_object = transport.get_extra_info("ssl_object")
             chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
@@ -219,7 +234,9 @@ class H2ClientConnection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
-            self._broken(UpstreamError(f"The upstream broke the HTTP/2 protocol ({exc})."))
+            # The class only: h2's text quotes what the target sent, which is not for clients.
+            log.info("upstream %s broke HTTP/2: %s", self.peer, exc)
+            self._broken(UpstreamError(f"The upstream broke the HTTP/2 protocol ({type(exc).__name__})."))
             return
         streams = self.streams
         for event in events:
@@ -415,13 +432,15 @@ class H2Stream:
         authority = b""
         out: HeaderList = [(b":method", method.encode()), (b":scheme", self.conn.scheme), (b":authority", b"")]
         if method != "CONNECT":
-            out.append((b":path", target.encode("latin-1")))
+            out.append(NeverIndexedHeaderTuple(b":path", target.encode("latin-1")))
         for item in headers:
             name = item[0]
             if name in _DROP_REQUEST:
                 if name == b"host":
                     authority = item[1]
                 continue
+            if name in _UNIQUE:
+                item = NeverIndexedHeaderTuple(*item)
             out.append(item)
         out[2] = (b":authority", authority)
         out.append(_TE_TRAILERS)  # the gateway takes trailers (gRPC servers require saying so)
@@ -511,7 +530,8 @@ class H2Stream:
             self.on_refused()  # the target lowered its limit after our reservation
             return
         except ProtocolError as exc:
-            self.fail(UpstreamError(f"The HTTP/2 connection to the upstream cannot take a request ({exc})."))
+            what = type(exc).__name__
+            self.fail(UpstreamError(f"The HTTP/2 connection to the upstream cannot take a request ({what})."))
             return
         if end_now:
             self._end_pending = False
@@ -709,6 +729,13 @@ class H2Stream:
             return
         self.closed = True
         self._deadline = 0.0
+        owed = self._owed
+        if owed and self.stream_id and not self.conn.closed:
+            # Credit held back for a paused client: the stream is over, but the connection
+            # window must get it back or it shrinks for good.
+            self._owed = 0
+            self.conn.h2.acknowledge_received_data(owed, self.stream_id)
+            self.conn.flush()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -187,7 +187,8 @@ class H2Pool:
             if not waiter.done():
                 conn.reserved += 1
                 waiter.set_result(conn)
-        if not conn.in_use() and (self._closing or conn.epoch != self.epoch or self._too_many_idle()):
+        # Idle after serving (not a new connection whose first requests are still on their way).
+        if conn.served and not conn.in_use() and (self._closing or conn.epoch != self.epoch or self._too_many_idle()):
             conn.close()
 
     def _too_many_idle(self) -> bool:
