@@ -78,7 +78,8 @@ _CONNECTION_SPECIFIC = frozenset((b"connection", b"proxy-connection", b"keep-ali
 _RESPONSE_DROP = _CONNECTION_SPECIFIC | frozenset((b"te", b"content-length"))
 _TRAILER_DROP = _RESPONSE_DROP | frozenset((b"trailer",))
 _VALID_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_GOOD_NAMES: set[bytes] = set()  # names already checked (a client repeats the same few)
+_WS = b" \t"
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 _STATUS: dict[int, bytes] = {}
 
@@ -612,8 +613,13 @@ class H2Server(asyncio.Protocol):
                     raise _Malformed()  # repeated or unknown (:protocol: extended CONNECT is not offered)
                 continue
             regular = True
-            if not _VALID_NAME.fullmatch(name) or _BAD_VALUE.search(value):
-                raise _Malformed()  # upper case, or a byte no field may hold
+            if name not in _GOOD_NAMES:
+                if not _VALID_NAME.fullmatch(name):
+                    raise _Malformed()  # upper case, or a byte no field name may hold
+                if len(_GOOD_NAMES) < 2048:
+                    _GOOD_NAMES.add(name)
+            if value and (b"\r" in value or b"\n" in value or b"\0" in value or value[0] in _WS or value[-1] in _WS):
+                raise _Malformed()  # RFC 9113 section 8.2.1
             if name in _CONNECTION_SPECIFIC:
                 raise _Malformed()
             if name == b"te":
