@@ -252,6 +252,9 @@ MALFORMED = {
     "te-gzip": [*GET, (b"te", b"gzip")],
     "extended-connect": [(b":method", b"CONNECT"), (b":protocol", b"websocket"), *GET[1:]],
     "newline-in-value": [*GET, (b"x-a", b"a\r\nx-b: 1")],
+    "nul-in-value": [*GET, (b"x-a", b"a\x00b")],
+    "space-around-value": [*GET, (b"x-a", b" padded")],
+    "space-in-name": [*GET, (b"x a", b"1")],
     "path-not-origin-form": [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"a/b"), (b":authority", b"a")],
 }
 

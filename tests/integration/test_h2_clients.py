@@ -4,13 +4,16 @@ h2) and over cleartext with prior knowledge, in front of HTTP/1.1 origins."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import h2.events as h2_events
 import httpx
 import pytest
 
@@ -204,7 +207,7 @@ def test_trailers_from_an_origin_reach_an_http2_client(gateway, scripted_origin)
     with RawH2(gw.port) as client:
         stream = client.request("/svc/Method", "POST", [(b"te", b"trailers"), (b"content-type", b"application/grpc")])
         status, headers, body = client.response(stream)
-        (trailers,) = client.of(__import__("h2.events").events.TrailersReceived, stream)
+        (trailers,) = client.of(h2_events.TrailersReceived, stream)
     assert (status, body) == (200, b"hello")
     assert dict(trailers.headers) == {b"grpc-status": b"0", b"grpc-message": b"ok"}
     assert b"transfer-encoding" not in headers and b"trailer" not in headers
@@ -332,4 +335,99 @@ def test_a_stalled_upstream_closes_only_its_own_streams_window(gateway, origin, 
         assert status == 200 and json.loads(reply)["body_bytes"] == len(body)
         # Kernel buffers and one window at most: far less than 3 s of loopback speed.
         assert sent < 24 * 1024 * 1024, sent
-        assert not client.of(__import__("h2.events").events.StreamEnded, stalled)
+        assert not client.of(h2_events.StreamEnded, stalled)
+
+
+# --- streaming: nothing waits for a whole body (gRPC streams) -------------------------------
+
+
+def test_response_chunks_are_relayed_as_they_come(gateway, scripted_origin):
+    origin = scripted_origin(
+        reply=[
+            Write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"),
+            Pause(5.0),
+            Write(b"6\r\nsecond\r\n0\r\n\r\n"),
+        ]
+    )
+    gw = gateway(h2c_config([origin.address]))
+    with RawH2(gw.port, timeout=10) as client:
+        stream = client.request("/stream")
+        client.until(lambda: client.of(h2_events.DataReceived, stream))
+        assert b"".join(e.data for e in client.of(h2_events.DataReceived, stream)) == b"first"
+        assert not client.of(h2_events.StreamEnded, stream)  # the origin has not sent the rest yet
+        assert client.response(stream)[2] == b"firstsecond"
+
+
+def test_request_chunks_reach_the_origin_before_the_body_ends(gateway):
+    """A tiny origin that answers as soon as the first piece of the body arrives: the client
+    gets that answer while its own request is still open."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    seen = bytearray()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            while b"first" not in seen:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                seen.extend(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ngot")
+            with contextlib.suppress(OSError):
+                while conn.recv(65536):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        gw = gateway(h2c_config([f"127.0.0.1:{listener.getsockname()[1]}"]))
+        with RawH2(gw.port, timeout=10) as client:
+            stream = client.request("/upload", "POST", extra=[(b"te", b"trailers")], end=False)
+            client.conn.send_data(stream, b"first")
+            client.flush()
+            status, _, body = client.response(stream)
+            assert (status, body) == (200, b"got")
+        assert b"transfer-encoding: chunked" in bytes(seen).lower()
+    finally:
+        listener.close()
+
+
+def test_an_interim_response_reaches_the_client_before_the_final_one(gateway, scripted_origin):
+    origin = scripted_origin(
+        reply=[Write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" + http_response(200, b"ok"))]
+    )
+    gw = gateway(h2c_config([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request("/hints")
+        status, _, body = client.response(stream)
+        (hint,) = client.of(h2_events.InformationalResponseReceived, stream)
+    assert dict(hint.headers)[b":status"] == b"103" and (status, body) == (200, b"ok")
+
+
+def test_a_client_that_does_not_read_its_socket_holds_bounded_memory_then_is_cut(gateway, origin):
+    config = h2c_config([origin.address])
+    config["listeners"][0]["timeouts"] = {"send": "1s"}
+    gw = gateway(config)
+    with RawH2(gw.port, settings={4: 2**31 - 1}) as client:  # windows wide open, then no reading at all
+        client.conn.increment_flow_control_window(2**30)
+        streams = [client.request(f"/bytes/{20 * 1024 * 1024}") for _ in range(4)]
+        client.flush()
+        time.sleep(0.5)
+        held = gw.call(_h2_statistics(gw))
+        assert held, "no HTTP/2 connection"
+        # Each stream holds at most its 64 KB plus one upstream read; the socket buffer 64 KB
+        # plus one flush (what the kernel took is not counted here).
+        assert held[0]["buffered_bytes"] <= 4 * (64 + 256) * 1024
+        assert held[0]["unsent_bytes"] <= 512 * 1024
+        deadline = time.monotonic() + 8
+        while gw.call(_h2_statistics(gw)) and time.monotonic() < deadline:  # still not reading
+            time.sleep(0.1)
+        assert not gw.call(_h2_statistics(gw)), "the send timeout did not cut the connection"
+        assert len(streams) == 4
+
+
+async def _h2_statistics(gw: GatewayThread) -> list[dict[str, Any]]:
+    return [conn.statistics() for conn in gw.gateway.connections if hasattr(conn, "streams")]

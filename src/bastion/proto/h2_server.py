@@ -50,6 +50,7 @@ from bastion.http.header_policy import is_dropped
 from bastion.http.model import HeaderList, Headers, Request, Response
 from bastion.http.paths import parse_authority, parse_target, request_host
 from bastion.proto.h1 import WRITE_HIGH, WRITE_LOW, Host, new_request_id
+from bastion.proto.hpack_out import StatelessEncoder
 
 if TYPE_CHECKING:
     from bastion.config.build import Snapshot
@@ -77,7 +78,8 @@ _CONNECTION_SPECIFIC = frozenset((b"connection", b"proxy-connection", b"keep-ali
 _RESPONSE_DROP = _CONNECTION_SPECIFIC | frozenset((b"te", b"content-length"))
 _TRAILER_DROP = _RESPONSE_DROP | frozenset((b"trailer",))
 _VALID_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_GOOD_NAMES: set[bytes] = set()  # names already checked (a client repeats the same few)
+_WS = b" \t"
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 _STATUS: dict[int, bytes] = {}
 
@@ -331,6 +333,7 @@ class H2Server(asyncio.Protocol):
         )
         conn.max_inbound_frame_size = limits.h2_max_frame_size
         conn.decoder.max_header_list_size = limits.max_header_bytes  # HPACK bomb: decoding stops there
+        conn.encoder = StatelessEncoder()  # type: ignore[assignment]
         conn.incoming_buffer = _BoundedFrameBuffer(limits.max_header_bytes)  # CONTINUATION flood
         self._ack_threshold = limits.h2_initial_window_size // 2
         self._conn_window = limits.h2_connection_window
@@ -345,6 +348,8 @@ class H2Server(asyncio.Protocol):
         self.requests = 0
         self.write_paused = False
         self._in_receive = False
+        self._flush_pending = False
+        self._queued = 0  # DATA bytes h2 holds since the last flush
         self._closed = False
         self._goaway: int | None = None  # last stream id announced in our GOAWAY
         self._deadline = 0.0
@@ -371,7 +376,7 @@ class H2Server(asyncio.Protocol):
         if self._conn_window > 65535:
             conn.increment_flow_control_window(self._conn_window - 65535)
         self._deadline = self.loop.time() + self.settings.timeouts.header
-        self.write_out()
+        self.flush()
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -401,7 +406,7 @@ class H2Server(asyncio.Protocol):
                 exchange = stream.exchange
                 if exchange is not None and not stream.closed:
                     self.loop.create_task(exchange.run())
-        self.write_out()
+        self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -608,8 +613,13 @@ class H2Server(asyncio.Protocol):
                     raise _Malformed()  # repeated or unknown (:protocol: extended CONNECT is not offered)
                 continue
             regular = True
-            if not _VALID_NAME.fullmatch(name) or _BAD_VALUE.search(value):
-                raise _Malformed()  # upper case, or a byte no field may hold
+            if name not in _GOOD_NAMES:
+                if not _VALID_NAME.fullmatch(name):
+                    raise _Malformed()  # upper case, or a byte no field name may hold
+                if len(_GOOD_NAMES) < 2048:
+                    _GOOD_NAMES.add(name)
+            if value and (b"\r" in value or b"\n" in value or b"\0" in value or value[0] in _WS or value[-1] in _WS):
+                raise _Malformed()  # RFC 9113 section 8.2.1
             if name in _CONNECTION_SPECIFIC:
                 raise _Malformed()
             if name == b"te":
@@ -686,13 +696,20 @@ class H2Server(asyncio.Protocol):
     # --- sending ----------------------------------------------------------------------------
 
     def write_out(self) -> None:
-        """Write what h2 has queued (once per read while events are processed)."""
-        if self._in_receive:
+        """Write what h2 has queued, once per loop turn: the responses of many streams, finished
+        in the same turn, leave in one write (one system call instead of two per response)."""
+        if self._in_receive or self._flush_pending or self._closed:
             return
+        self._flush_pending = True
+        self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        self._queued = 0
         data = self.conn.data_to_send()
         transport = self.transport
         if data and transport is not None and not self._closed:
-            transport.write(data)
+            transport.write(data)  # may call pause_writing at once
             if self.write_paused and transport.get_write_buffer_size() > MAX_UNSENT:
                 log.info("HTTP/2 client %s does not read: connection cut", self.client_ip)
                 self.abort()
@@ -721,8 +738,9 @@ class H2Server(asyncio.Protocol):
                 conn.send_data(stream_id, chunk, end_stream=last)
                 if last:
                     stream.ended = True
-                if not self._in_receive:
-                    self.write_out()
+                self._queued += len(chunk)
+                if self._queued >= WRITE_HIGH:
+                    self.flush()  # now, so that a full socket buffer stops this loop (pause_writing)
             if not out and stream.end_pending and not stream.ended:
                 if stream.end_trailers is not None:
                     conn.send_headers(stream_id, stream.end_trailers, end_stream=True)
@@ -837,8 +855,8 @@ class H2Server(asyncio.Protocol):
             return
         self._goaway = last = self.conn.highest_inbound_stream_id
         frame = GoAwayFrame(0, last_stream_id=last, error_code=0)
-        self.write_out()
-        if self.transport is not None:
+        self.flush()
+        if self.transport is not None and not self._closed:
             self.transport.write(frame.serialize())
         if not self.streams:
             self._close()
@@ -850,6 +868,7 @@ class H2Server(asyncio.Protocol):
 
     def _close(self) -> None:
         if not self._closed and self.transport is not None:
+            self.flush()  # what the last stream queued leaves first
             self._closed = True
             self.transport.close()
 
