@@ -58,6 +58,8 @@ def test_get_with_path_variables_and_query(gw: GatewayThread, origin: GrpcOrigin
     assert reply.status == 200, reply.body
     assert reply.header("content-type") == "application/json"
     assert reply.json() == {"id": "42", "title": "fiction:42", "hardcover": True}
+    decoded = request(gw.port, "GET", "/v1/shelves/sci%20fi%C3%A9/books/5")  # variables are percent-decoded
+    assert decoded.json()["title"] == "sci fié:5"
 
 
 def test_multi_segment_variable_repeated_query_and_additional_binding(gw: GatewayThread) -> None:

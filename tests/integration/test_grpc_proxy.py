@@ -152,3 +152,22 @@ def test_a_slow_reader_holds_the_server_back(kit: Compiled, origin: GrpcOrigin, 
     received = 1 + sum(1 for _ in call)  # reading again lets the stream finish
     assert received == count
     wait_until(lambda: origin.sent == count, what="the whole stream")
+
+
+def test_gateway_timeout_is_deadline_exceeded_and_cancels_the_upstream(
+    kit: Compiled, origin: GrpcOrigin, gateway: Start
+) -> None:
+    """The upstream's response timeout, shorter than the client's deadline: the gateway ends
+    the call with 4 itself, and the server sees the cancellation."""
+    config = grpc_config(origin.port)
+    config["upstreams"]["books"]["timeouts"] = {"response": "300ms"}
+    gw = gateway(config)
+    with grpc.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+        stub = kit.pb2_grpc.BookstoreStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Echo(kit.pb2.EchoRequest(sleep_ms=5000), timeout=30)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 4
+        assert "did not answer in time" in (info.value.details() or "")
+    assert origin.cancelled.wait(5), "the upstream call was not cancelled"
