@@ -148,6 +148,10 @@ def test_print_options_and_limits(kit: Compiled, origin: GrpcOrigin, gateway: St
     assert too_big.status == 413
     big_answer = request(gw.port, "GET", "/v1/stream?count=5&size=400")
     assert big_answer.status == 502 and big_answer.json()["error"] == "response_too_large"
+    # A stream that would go on for a long time is stopped at the limit, the upstream cancelled.
+    endless = request(gw.port, "GET", "/v1/stream?count=10000000&size=400", timeout=10)
+    assert endless.status == 502 and endless.json()["error"] == "response_too_large"
+    assert origin.cancelled.wait(5), "the upstream stream was not cancelled"
 
 
 def _problems(tmp_path: Path, transcoder: dict[str, Any]) -> str:

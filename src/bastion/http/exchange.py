@@ -596,7 +596,7 @@ class Exchange:
     def _transcode(self, transcoder: Transcoder) -> None:
         """Route the response through the transcoder, and the request body through its filter
         (what arrived so far included)."""
-        self.downstream = transcoder.wrap(self.downstream)
+        self.downstream = transcoder.wrap(self.downstream, self)
         body_filter = transcoder.request_filter()
         if body_filter is None:
             return

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from bastion.errors import BadRequest
 from bastion.http.grpc import GRPC, GRPC_WEB_TEXT, grpc_kind
 from bastion.http.model import HeaderList, Headers, Request, Response
-from bastion.http.streams import BodyFilter, Downstream
+from bastion.http.streams import BodyFilter, Downstream, DownstreamListener
 from bastion.http.wrap import DownstreamWrapper
 
 # routes[].grpc_web as the exchange reads it (RouteRuntime.grpc_web).
@@ -135,7 +135,7 @@ class GrpcWeb:
     def request_filter(self) -> BodyFilter | None:
         return Base64Decoder() if self.text else None
 
-    def wrap(self, downstream: Downstream) -> Downstream:
+    def wrap(self, downstream: Downstream, listener: DownstreamListener) -> Downstream:
         return GrpcWebDownstream(downstream, self.text, self.cors if self.origin else OFF)
 
 

@@ -29,13 +29,17 @@ from bastion.config.types import Size
 from bastion.errors import BadRequest, GatewayError, PayloadTooLarge
 from bastion.http.grpc import OK, STATUS_WORDS, decode_message, http_from_status
 from bastion.http.model import Headers, Response
-from bastion.http.streams import BodyFilter, Downstream
+from bastion.http.streams import BodyFilter, Downstream, DownstreamListener
 from bastion.http.wrap import DownstreamWrapper
 from bastion.pipeline import BuildEnv, Context, Plugin, PluginConfig, PluginProblems, Reply
 from bastion.plugins import register
 from bastion.plugins.grpc_http_rules import Binding, RuleError, compile_bindings, load_descriptor_set, resolve_field
 
 _GRPC_HEADERS = frozenset((b"content-type", b"content-length", b"grpc-status", b"grpc-message", b"trailer"))
+
+
+class ResponseTooLarge(GatewayError):
+    status, word, message = 502, "response_too_large", "The upstream's response is over max_response_body_size."
 
 
 class PrintOptions(PluginConfig):
@@ -254,16 +258,17 @@ class JsonTranscoder:
     def request_filter(self) -> BodyFilter | None:
         return JsonBody(self.binding, self.fields, self.plugin.config.max_request_body_size)
 
-    def wrap(self, downstream: Downstream) -> Downstream:
-        return JsonDownstream(downstream, self)
+    def wrap(self, downstream: Downstream, listener: DownstreamListener) -> Downstream:
+        return JsonDownstream(downstream, self, listener)
 
 
 class JsonDownstream(DownstreamWrapper):
     """The client's Downstream, receiving JSON: a gRPC response is collected, then converted."""
 
-    def __init__(self, inner: Downstream, call: JsonTranscoder) -> None:
+    def __init__(self, inner: Downstream, call: JsonTranscoder, listener: DownstreamListener) -> None:
         super().__init__(inner)
         self.call = call
+        self.listener = listener
         self.head: Response | None = None  # a gRPC response being collected
         self.parts: list[bytes] = []
         self.size = 0
@@ -288,12 +293,16 @@ class JsonDownstream(DownstreamWrapper):
         if self.head is None:
             self.inner.send_data(data)
             return
+        if self.over:
+            return
         self.size += len(data)
         if self.size > self.call.plugin.config.max_response_body_size:
+            # Stop the call: the upstream may stream for ever. Not from inside its data callback.
             self.over = True
             self.parts = []
-        elif not self.over:
-            self.parts.append(data)
+            self.loop.call_soon(self.listener.on_client_error, ResponseTooLarge())
+            return
+        self.parts.append(data)
 
     def send_end(self, trailers: Headers | None) -> None:
         head = self.head
@@ -310,7 +319,7 @@ class JsonDownstream(DownstreamWrapper):
         elif code != OK:
             self._error(http_from_status(code), STATUS_WORDS.get(code, "unknown"), message or "gRPC error", head)
         elif self.over:
-            self._error(502, "response_too_large", "The upstream's response is over max_response_body_size.", head)
+            self._error(502, ResponseTooLarge.word, ResponseTooLarge.message, head)
         else:
             try:
                 body = self._json(b"".join(self.parts))
