@@ -224,3 +224,18 @@ def test_the_upstream_gets_plain_grpc(gateway: Start) -> None:
     assert headers["content-type"] == "application/grpc+proto"
     assert headers["te"] == "trailers"
     assert seen["body_size"] == len(data)
+
+
+def test_bad_base64_after_the_call_started(kit: Compiled, origin: GrpcOrigin, gw: GatewayThread) -> None:
+    """Valid text first (the call reaches the server), then garbage: the call ends with an
+    error status and the gateway goes on serving."""
+    start = base64.b64encode(b"\x00\x00\x00\x10\x00")  # a frame header announcing 4096 bytes
+    pieces = [start, b"AAAA" * 10, b"!!!!"]
+    response = post(gw.port, SERVICE + "/Upload", pieces, {"content-type": "application/grpc-web-text"})
+    body = response.read()
+    status = response.getheader("grpc-status") or parse_frames(decode_text(body))[1].get("grpc-status")
+    assert status is not None and status != "0"
+    ok = post(
+        gw.port, SERVICE + "/Echo", frame(kit.pb2.EchoRequest(text="still")), {"content-type": "application/grpc-web"}
+    )
+    assert parse_frames(ok.read())[1]["grpc-status"] == "0"
