@@ -171,3 +171,21 @@ def test_gateway_timeout_is_deadline_exceeded_and_cancels_the_upstream(
         assert time.monotonic() - started < 4
         assert "did not answer in time" in (info.value.details() or "")
     assert origin.cancelled.wait(5), "the upstream call was not cancelled"
+
+
+def test_grpc_statuses_are_counted(kit: Compiled, origin: GrpcOrigin, gateway: Start) -> None:
+    from support import free_port, request
+
+    admin = free_port()
+    config = grpc_config(origin.port)
+    config["admin"] = {"bind": f"127.0.0.1:{admin}"}
+    gw = gateway(config)
+    with grpc.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+        stub = kit.pb2_grpc.BookstoreStub(channel)
+        stub.Echo(kit.pb2.EchoRequest(text="ok"), timeout=10)
+        stub.Echo(kit.pb2.EchoRequest(text="ok"), timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub.Echo(kit.pb2.EchoRequest(fail_code=5, fail_message="x"), timeout=10)
+    metrics = request(admin, "GET", "/metrics").body.decode()
+    assert 'bastion_grpc_responses_total{grpc_status="0",route="books"} 2.0' in metrics
+    assert 'bastion_grpc_responses_total{grpc_status="5",route="books"} 1.0' in metrics
