@@ -129,3 +129,22 @@ routes: [{name: r, upstream: a, grpc_web: true}]
         load_config_text(text, "c.yaml")
     assert "c.yaml:5: routes[0].grpc_web:" in "\n".join(info.value.problems)
     assert "h2 or h2c" in "\n".join(info.value.problems)
+
+
+def test_grpc_json_needs_an_http2_upstream() -> None:
+    from bastion.config.loader import load_config_text
+    from bastion.errors import ConfigError
+
+    text = """
+version: 1
+listeners: [{name: web, bind: "127.0.0.1:8080"}]
+upstreams: {a: {targets: [{address: "127.0.0.1:9"}]}}
+routes:
+  - name: r
+    upstream: a
+    plugins:
+      - grpc_json: {descriptor: api.pb}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "c.yaml")
+    assert "c.yaml:9: routes[0].plugins[0].grpc_json: upstream 'a' speaks http1" in "\n".join(info.value.problems)

@@ -720,6 +720,16 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
                     "need an http1 upstream (HTTP/2 has no Upgrade)",
                 )
             )
+        if upstream_config is not None and upstream_config.protocol == "http1":
+            for position, entry in enumerate(route.plugins):
+                if isinstance(entry, dict) and "grpc_json" in entry:
+                    problems.append(
+                        (
+                            ("routes", index, "plugins", position, "grpc_json"),
+                            f"upstream {route.upstream!r} speaks http1: grpc_json calls gRPC, which needs "
+                            "protocol h2 or h2c",
+                        )
+                    )
         if route.grpc_web and upstream_config is not None and upstream_config.protocol == "http1":
             problems.append(
                 (
