@@ -176,6 +176,7 @@ class _Conn(asyncio.Protocol):
             return
         if origin.goaway_error and self.heads == 2:
             self.h2.close_connection(error_code=ErrorCodes.INTERNAL_ERROR, last_stream_id=stream_id)
+            self.h2.state_machine.state = ConnectionState.SERVER_OPEN  # still read the gateway's frames
             self.flush()
             return
         if origin.goaway_after is not None and self.index == 0 and self.heads == origin.goaway_after[0]:
