@@ -12,6 +12,7 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/trailers`: a small body and trailers (`x-checksum: abc`, `x-count: 2`);
 - `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
 - `/close-early`: the connection is closed before any answer;
+- `/huge-head`: a response head of 70 kB (HEADERS and CONTINUATION frames);
 - `/evil-header`: a response field whose value holds CR LF and another field;
 - `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
 - `/close-mid`: the head and some body, then the connection is closed;
@@ -413,6 +414,7 @@ class _Conn(asyncio.Protocol):
             return
         if origin.goaway_error and self.heads == 2:
             self.h2.close_connection(error_code=ErrorCodes.INTERNAL_ERROR, last_stream_id=stream_id)
+            self.h2.state_machine.state = ConnectionState.SERVER_OPEN  # still read the gateway's frames
             self.flush()
             return
         if origin.goaway_after is not None and self.index == 0 and self.heads == origin.goaway_after[0]:
@@ -464,6 +466,10 @@ class _Conn(asyncio.Protocol):
             if route == "/close-early":
                 assert self.transport is not None
                 self.transport.close()
+                return
+            if route == "/huge-head":
+                h2.send_headers(sid, [(b":status", b"200"), (b"x-big", b"h" * 70_000)], end_stream=True)
+                self.flush()
                 return
             if route == "/evil-header":
                 h2.send_headers(sid, [(b":status", b"200"), (b"x-a", b"1\r\nx-injected: yes")], end_stream=True)

@@ -465,3 +465,12 @@ def test_a_response_field_with_cr_lf_never_reaches_an_http1_client(gateway: Any,
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 502 ")
     assert b"injected" not in head and b"injected" not in body
+
+
+def test_a_huge_response_head_is_a_502(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    reply = request(gw.port, "GET", "/huge-head")
+    assert reply.status == 502
+    assert "broke the HTTP/2 protocol" in reply.json()["message"]
+    assert request(gw.port, "GET", "/after").status == 200  # on a new connection

@@ -83,6 +83,7 @@ class Pair:
     def pump(self) -> None:
         """Move bytes both ways until both sides are quiet."""
         for _ in range(50):
+            self.client.write_now()  # what the client would write at the end of the loop turn
             to_server, to_client = bytes(self.wire.out), self.server.data_to_send()
             self.wire.out.clear()
             if not to_server and not to_client:

@@ -138,6 +138,8 @@ class H2ClientConnection(asyncio.Protocol):
         self.blocked: set[H2Stream] = set()  # streams with body waiting for window
         self._first_bytes = b""
         self.peer: Any = None
+        self._flush_pending = False
+        self._loop = asyncio.get_running_loop()
 
     # --- what the pool asks ---------------------------------------------------------------
 
@@ -159,7 +161,7 @@ class H2ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             try:
                 self.h2.close_connection()
-                self.flush()
+                self.write_now()
             except ProtocolError:
                 pass
             self.transport.close()
@@ -174,8 +176,16 @@ class H2ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def flush(self) -> None:
+        """Write what h2 has queued at the end of this loop turn: the frames of every stream
+        that moved in the meantime go out in one write."""
+        if not self._flush_pending and self.transport is not None:
+            self._flush_pending = True
+            self._loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        self._flush_pending = False
         data = self.h2.data_to_send()
-        if data and self.transport is not None:
+        if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def open_stream(self, stream: H2Stream, headers: HeaderList, end_stream: bool) -> None:
