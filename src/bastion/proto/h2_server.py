@@ -50,6 +50,7 @@ from bastion.http.header_policy import is_dropped
 from bastion.http.model import HeaderList, Headers, Request, Response
 from bastion.http.paths import parse_authority, parse_target, request_host
 from bastion.proto.h1 import WRITE_HIGH, WRITE_LOW, Host, new_request_id
+from bastion.proto.hpack_in import FastDecoder
 from bastion.proto.hpack_out import StatelessEncoder
 
 if TYPE_CHECKING:
@@ -332,7 +333,7 @@ class H2Server(asyncio.Protocol):
             },
         )
         conn.max_inbound_frame_size = limits.h2_max_frame_size
-        conn.decoder.max_header_list_size = limits.max_header_bytes  # HPACK bomb: decoding stops there
+        conn.decoder = FastDecoder(limits.max_header_bytes)  # type: ignore[assignment]  # HPACK bomb: stops there
         conn.encoder = StatelessEncoder()  # type: ignore[assignment]
         conn.incoming_buffer = _BoundedFrameBuffer(limits.max_header_bytes)  # CONTINUATION flood
         self._ack_threshold = limits.h2_initial_window_size // 2
