@@ -440,3 +440,14 @@ def test_a_response_head_larger_than_a_frame_is_split_into_continuation_frames(g
     with RawH2(gw.port) as client:
         status, headers, body = client.response(client.request("/big"))
     assert (status, body, headers[b"x-big"]) == (200, b"ok", big.encode())
+
+
+def test_http1_keeps_working_on_a_prior_knowledge_listener(gateway, origin):
+    gw = gateway(h2c_config([origin.address]))
+    with httpx.Client(base_url=f"http://127.0.0.1:{gw.port}", timeout=10) as client:
+        first = client.get("/one")
+        posted = client.post("/two", content=b"b" * 500_000)  # many reads after the hand-over
+        third = client.get("/three")
+    assert [r.http_version for r in (first, posted, third)] == ["HTTP/1.1"] * 3
+    assert [r.status_code for r in (first, posted, third)] == [200] * 3
+    assert posted.json()["body_bytes"] == 500_000
