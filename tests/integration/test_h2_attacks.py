@@ -307,3 +307,17 @@ def test_a_content_length_the_data_does_not_match_is_refused(gateway, scripted_o
         client.wait_closed()
     time.sleep(0.3)
     assert not [r for r in origin.requests if r.body == b"12345"]  # never a complete request upstream
+
+
+def test_streams_over_the_concurrency_limit_end_the_connection(gateway, scripted_origin):
+    origin = scripted_origin(reply=[Pause(3.0), Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address], limits={"h2_max_concurrent_streams": 5}))
+    with FrameClient(gw.port) as client:
+        client.until(lambda: client.of(SettingsFrame))
+        for stream_id in (1, 3, 5, 7, 9):
+            client.headers(stream_id, GET)
+        client.until(lambda: len(origin.requests) == 5)
+        assert client.goaway() is None
+        client.headers(11, GET)  # the sixth at once
+        goaway = client.until(client.goaway)
+        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR

@@ -431,3 +431,23 @@ def test_a_client_that_does_not_read_its_socket_holds_bounded_memory_then_is_cut
 
 async def _h2_statistics(gw: GatewayThread) -> list[dict[str, Any]]:
     return [conn.statistics() for conn in gw.gateway.connections if hasattr(conn, "streams")]
+
+
+def test_a_response_head_larger_than_a_frame_is_split_into_continuation_frames(gateway, scripted_origin):
+    big = "v" * 40_000
+    origin = scripted_origin(reply=[Write(http_response(200, b"ok", ("X-Big", big)))])
+    gw = gateway(h2c_config([origin.address]))
+    with RawH2(gw.port) as client:
+        status, headers, body = client.response(client.request("/big"))
+    assert (status, body, headers[b"x-big"]) == (200, b"ok", big.encode())
+
+
+def test_http1_keeps_working_on_a_prior_knowledge_listener(gateway, origin):
+    gw = gateway(h2c_config([origin.address]))
+    with httpx.Client(base_url=f"http://127.0.0.1:{gw.port}", timeout=10) as client:
+        first = client.get("/one")
+        posted = client.post("/two", content=b"b" * 500_000)  # many reads after the hand-over
+        third = client.get("/three")
+    assert [r.http_version for r in (first, posted, third)] == ["HTTP/1.1"] * 3
+    assert [r.status_code for r in (first, posted, third)] == [200] * 3
+    assert posted.json()["body_bytes"] == 500_000

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -38,6 +39,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import Frame, GoAwayFrame
@@ -50,6 +52,7 @@ from bastion.http.header_policy import is_dropped
 from bastion.http.model import HeaderList, Headers, Request, Response
 from bastion.http.paths import parse_authority, parse_target, request_host
 from bastion.proto.h1 import WRITE_HIGH, WRITE_LOW, Host, new_request_id
+from bastion.proto.hpack_in import FastDecoder
 from bastion.proto.hpack_out import StatelessEncoder
 
 if TYPE_CHECKING:
@@ -101,6 +104,66 @@ class _BoundedFrameBuffer(FrameBuffer):
         if pending and sum(len(frame.data) for frame in pending) > self.limit:
             raise h2.exceptions.DenialOfServiceError("header block over the limit")
         return result
+
+
+_FRAME_HEAD = struct.Struct(">HBBBL")  # 24-bit length (as 16 + 8), type, flags, stream id
+_HEADERS, _DATA = 0x1, 0x0
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+_SEND_HEADERS = h2.stream.StreamInputs.SEND_HEADERS
+_SEND_DATA = h2.stream.StreamInputs.SEND_DATA
+_SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
+
+
+class _Connection(h2.connection.H2Connection):
+    """h2's connection with two shortcuts on the per-request path.
+
+    - Sending a response's HEADERS (one frame) and DATA: h2's `send_headers` and `send_data`
+      normalise, validate and re-encode each field, build frame objects and serialize them;
+      here the stream's state machine gets the same inputs, the windows the same debits, and
+      the frame bytes are appended to h2's output buffer directly. Anything else (trailers,
+      interim responses, a head that needs CONTINUATION frames) goes through h2.
+    - Counting open streams: h2 walks every stream on each new one; while the streams it
+      holds (open or not yet swept) are fewer than the limit, that count is answer enough.
+    """
+
+    @property
+    def open_inbound_streams(self) -> int:
+        held = len(self.streams)
+        if held < self.local_settings.max_concurrent_streams:
+            return held
+        return super().open_inbound_streams  # exact (and sweeps closed streams)
+
+    def fast_headers(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
+        block = cast(StatelessEncoder, self.encoder).encode(headers)
+        size = len(block)
+        stream = self.streams.get(stream_id)
+        if stream is None or size > self.max_outbound_frame_size:
+            self.send_headers(stream_id, headers, end_stream=end_stream)
+            return
+        machine = stream.state_machine
+        machine.process_input(_SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            machine.process_input(_SEND_END_STREAM)
+            flags |= _END_STREAM
+        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
+
+    def fast_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        """DATA within the windows (the caller checked them), as h2's `send_data` would."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            self.send_data(stream_id, data, end_stream=end_stream)
+            return
+        machine = stream.state_machine
+        machine.process_input(_SEND_DATA)
+        flags = 0
+        if end_stream:
+            machine.process_input(_SEND_END_STREAM)
+            flags = _END_STREAM
+        size = len(data)
+        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id) + data
+        self.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
 
 
 class _Malformed(Exception):
@@ -208,7 +271,7 @@ class H2Stream:
             end_stream = True
         data = [chunk for chunk in body if chunk] if body else None
         server = self.server
-        server.conn.send_headers(self.stream_id, headers, end_stream=end_stream and not data)
+        server.conn.fast_headers(self.stream_id, headers, end_stream and not data)
         if end_stream and not data:
             self.ended = True
         if data:
@@ -319,7 +382,7 @@ class H2Server(asyncio.Protocol):
             normalize_outbound_headers=False,
             split_outbound_cookies=False,
         )
-        conn = self.conn = h2.connection.H2Connection(config)
+        conn = self.conn = _Connection(config)
         codes = h2.settings.SettingCodes
         conn.local_settings = h2.settings.Settings(
             client=False,
@@ -332,7 +395,7 @@ class H2Server(asyncio.Protocol):
             },
         )
         conn.max_inbound_frame_size = limits.h2_max_frame_size
-        conn.decoder.max_header_list_size = limits.max_header_bytes  # HPACK bomb: decoding stops there
+        conn.decoder = FastDecoder(limits.max_header_bytes)  # type: ignore[assignment]  # HPACK bomb: stops there
         conn.encoder = StatelessEncoder()  # type: ignore[assignment]
         conn.incoming_buffer = _BoundedFrameBuffer(limits.max_header_bytes)  # CONTINUATION flood
         self._ack_threshold = limits.h2_initial_window_size // 2
@@ -735,7 +798,7 @@ class H2Server(asyncio.Protocol):
                     chunk = chunk[:size]
                 stream.out_size -= len(chunk)
                 last = not out and stream.end_pending and stream.end_trailers is None
-                conn.send_data(stream_id, chunk, end_stream=last)
+                conn.fast_data(stream_id, chunk, last)
                 if last:
                     stream.ended = True
                 self._queued += len(chunk)
@@ -745,7 +808,7 @@ class H2Server(asyncio.Protocol):
                 if stream.end_trailers is not None:
                     conn.send_headers(stream_id, stream.end_trailers, end_stream=True)
                 else:
-                    conn.end_stream(stream_id)
+                    conn.fast_data(stream_id, b"", True)
                 stream.ended = True
         except h2.exceptions.H2Error:
             self.reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
