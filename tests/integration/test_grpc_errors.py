@@ -111,6 +111,14 @@ def test_grpc_timeout_expires_as_deadline_exceeded(gateway: Start, origins: Call
     assert time.monotonic() - started < 5  # the origin's answer takes far longer
 
 
+def test_the_upstream_gets_what_is_left_of_the_deadline(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    gw = gateway(config([origin.port]))
+    forwarded = call(gw, headers={"grpc-timeout": "10S"}).json()["headers"]["grpc-timeout"]
+    assert forwarded != "10S" and forwarded.endswith("m")
+    assert 9000 <= int(forwarded[:-1]) <= 10000
+
+
 @pytest.mark.parametrize("value", ["1a", "123456789S", "S", ""])
 def test_malformed_grpc_timeout_is_ignored(gateway: Start, origins: Callable[..., OriginHandle], value: str) -> None:
     origin = origins()

@@ -39,6 +39,7 @@ from bastion.http.access_record import access_record
 from bastion.http.grpc import (
     GRPC_WEB,
     NOT_GRPC,
+    format_timeout,
     grpc_kind,
     grpc_reply,
     parse_timeout,
@@ -587,6 +588,7 @@ class Exchange:
             return
         left = max(self.started + seconds - time.monotonic(), 0.0)
         self._grpc_timeout = left
+        headers.set(b"grpc-timeout", format_timeout(left))  # what is left of it, for the server
         self._deadline_timer = self.downstream.loop.call_later(left, self._deadline_passed)
 
     def _deadline_passed(self) -> None:
