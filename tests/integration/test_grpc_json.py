@@ -193,3 +193,18 @@ def test_bad_rules_are_config_errors(tmp_path: Path) -> None:
     assert "bad.v1.Bad.Unclosed" in output and "unclosed variable" in output
     assert "bad.v1.Bad.NoField" in output and "no field 'missing'" in output
     assert "bad.v1.Bad.BadBody" in output and "body:" in output
+
+
+def test_rest_clients_on_http2(kit: Compiled, origin: GrpcOrigin, gateway: Start) -> None:
+    import httpx
+
+    config = rest_config(origin.port, {"descriptor": str(kit.descriptor)})
+    config["listeners"][0]["http2"] = "prior_knowledge"
+    gw = gateway(config)
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+        got = client.get(f"http://127.0.0.1:{gw.port}/v1/shelves/h2/books/9")
+        posted = client.post(f"http://127.0.0.1:{gw.port}/v1/echo", json={"text": "over h2"})
+        missing = client.get(f"http://127.0.0.1:{gw.port}/v1/shelves/h2/books/404")
+    assert got.http_version == "HTTP/2" and got.json() == {"id": "9", "title": "h2:9"}
+    assert posted.json()["text"] == "over h2"
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
