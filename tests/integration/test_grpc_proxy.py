@@ -189,3 +189,15 @@ def test_grpc_statuses_are_counted(kit: Compiled, origin: GrpcOrigin, gateway: S
     metrics = request(admin, "GET", "/metrics").body.decode()
     assert 'bastion_grpc_responses_total{grpc_status="0",route="books"} 2.0' in metrics
     assert 'bastion_grpc_responses_total{grpc_status="5",route="books"} 1.0' in metrics
+
+
+def test_many_concurrent_calls_keep_their_answers(kit: Compiled, stub: Any) -> None:
+    """Hundreds of calls in flight on one client connection, multiplexed to the server: each
+    gets its own answer."""
+    calls = [
+        stub.Echo.future(kit.pb2.EchoRequest(text=f"call-{i}", blob=bytes([i % 256]) * i), timeout=30)
+        for i in range(300)
+    ]
+    for i, call in enumerate(calls):
+        answer = call.result()
+        assert answer.text == f"call-{i}" and answer.blob == bytes([i % 256]) * i
