@@ -402,6 +402,7 @@ class _Conn(asyncio.Protocol):
         open_now = sum(1 for sid in self.streams if sid not in self.answered) + 1
         origin.most_streams = max(origin.most_streams, open_now)
         headers = {bytes(k): bytes(v) for k, v in raw}
+        origin.paths.append(headers.get(b":path", b""))
         stream = self.streams[stream_id] = _Stream(stream_id, headers, [(bytes(k), bytes(v)) for k, v in raw])
         if self.last_stream_id is not None and stream_id > self.last_stream_id:
             origin.ignored += 1
@@ -599,6 +600,7 @@ class H2Origin:
         self.closed = 0
         self.most_streams = 0
         self.done: list[tuple[int, int, bytes]] = []
+        self.paths: list[bytes] = []  # of every request head, in arrival order
         self.sent: dict[int, int] = {}
         self.resets: list[Any] = []
         self.errors: list[str] = []

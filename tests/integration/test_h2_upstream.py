@@ -474,3 +474,34 @@ def test_a_huge_response_head_is_a_502(gateway: Any, h2_origin: Any) -> None:
     assert reply.status == 502
     assert "broke the HTTP/2 protocol" in reply.json()["message"]
     assert request(gw.port, "GET", "/after").status == 200  # on a new connection
+
+
+def _target(gw: GatewayThread) -> Any:
+    (target,) = gw.gateway.registry.targets.values()
+    return target
+
+
+@pytest.mark.parametrize("statuses", [[200], [204]], ids=["expected", "unexpected"])
+def test_http_checks_of_an_h2c_target_speak_http2(gateway: Any, h2_origin: Any, statuses: list[int]) -> None:
+    origin = h2_origin()
+    check = {"path": "/health", "interval": "100ms", "healthy": 1, "unhealthy": 1, "statuses": statuses}
+    gw = h2c_gateway(gateway, origin, health_check={"active": check})
+    target = _target(gw)
+    _wait(lambda: target.checks_ok + target.checks_failed >= 2)
+    assert target.healthy is (statuses == [200])
+    if statuses == [204]:
+        assert target.health_reason == "status 200"
+    assert any(path == b"/health" for path in origin.paths)
+
+
+def test_http_checks_of_an_h2_target_use_tls_and_alpn(gateway: Any, h2_origin: Any, tmp_path: Path) -> None:
+    origin, pki = _tls_origin(h2_origin, tmp_path)
+    config = simple_config(0, [origin.port])
+    config["listeners"][0]["bind"] = "127.0.0.1:PORT"
+    check = {"path": "/health", "interval": "100ms", "healthy": 1, "unhealthy": 1}
+    config["upstreams"]["app"].update(
+        {"protocol": "h2", "tls": {"ca": str(pki.ca_file)}, "health_check": {"active": check}}
+    )
+    target = _target(gateway(config))
+    _wait(lambda: target.checks_ok >= 2)
+    assert target.healthy

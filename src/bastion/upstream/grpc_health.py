@@ -8,7 +8,6 @@ descriptor of the standard health.proto, so no generated code or gRPC runtime is
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from typing import Any
 
@@ -16,8 +15,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory  # 
 
 from bastion.config.schema import ActiveHealthCheck
 from bastion.errors import GatewayError
-from bastion.http.model import Headers, Response
-from bastion.proto.h2_client import H2ClientConnection, H2Stream
+from bastion.upstream.h2_probe import Call, h2_request
 from bastion.upstream.targets import TargetState
 
 CHECK_PATH = "/grpc.health.v1.Health/Check"
@@ -73,73 +71,23 @@ def serving_status(body: bytes) -> int | None:
         return None
 
 
-class _Call:
-    """The `UpstreamListener` of the one call: collects the response."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.response: Response | None = None
-        self.body = bytearray()
-        self.trailers: Headers | None = None
-        self.error: GatewayError | None = None
-
-    def upstream_interim(self, response: Response) -> None:
-        pass
-
-    def upstream_head(self, response: Response, content_length: int | None) -> None:
-        self.response = response
-
-    def upstream_data(self, data: bytes) -> None:
-        if len(self.body) < 65536:
-            self.body += data
-
-    def upstream_end(self, trailers: Headers | None, reusable: bool) -> None:
-        self.trailers = trailers
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def upstream_failed(self, error: GatewayError) -> None:
-        self.error = error
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def upstream_paused(self, paused: bool) -> None:
-        pass
-
-
 async def probe_grpc(target: TargetState, check: ActiveHealthCheck) -> tuple[bool, str]:
     """Call Health/Check on a new connection; healthy when the answer is SERVING."""
-    loop = asyncio.get_running_loop()
-    host, port = target.address
-    tls = target.pool.tls
-    conn = H2ClientConnection(_ignore, _ignore, b"https" if tls is not None else b"http", tls is not None)
+    frame = request_frame(check.service)
+    headers = [
+        (b"host", (check.host or str(target.address)).encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"user-agent", b"bastion-health-check"),
+    ]
     try:
-        if tls is None:
-            await loop.create_connection(lambda: conn, host, port)
-        else:
-            await loop.create_connection(
-                lambda: conn, host, port, ssl=tls.context, server_hostname=tls.server_hostname(host)
-            )
-        await conn.ready
-        conn.reserved += 1
-        call = _Call(loop)
-        frame = request_frame(check.service)
-        headers = [
-            (b"host", (check.host or str(target.address)).encode()),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-            (b"user-agent", b"bastion-health-check"),
-        ]
-        H2Stream(conn).send_head(call, "POST", CHECK_PATH, headers, len(frame), [frame], True, check.timeout)
-        await call.done
+        call = await h2_request(target, "POST", CHECK_PATH, headers, frame, check.timeout)
     except GatewayError as exc:
         return False, exc.message
-    finally:
-        conn.close()
     return _verdict(call)
 
 
-def _verdict(call: _Call) -> tuple[bool, str]:
+def _verdict(call: Call) -> tuple[bool, str]:
     if call.error is not None:
         return False, call.error.message
     response = call.response
@@ -158,7 +106,3 @@ def _verdict(call: _Call) -> tuple[bool, str]:
         return False, "not a HealthCheckResponse"
     name = _STATUS_NAMES.get(status, str(status))
     return status == SERVING, name
-
-
-def _ignore(conn: H2ClientConnection) -> None:
-    """The probe's connection belongs to no pool."""

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 from bastion.config.schema import ActiveHealthCheck
 from bastion.upstream.grpc_health import probe_grpc
+from bastion.upstream.h2_pool import H2Pool
+from bastion.upstream.h2_probe import probe_http2
 from bastion.upstream.targets import TargetState
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ _MAX_STATUS_LINE = 8192
 
 async def probe_http(target: TargetState, check: ActiveHealthCheck) -> tuple[bool, str]:
     """GET the check path over a fresh connection; healthy when the status is expected."""
+    if isinstance(target.pool, H2Pool):
+        return await probe_http2(target, check)  # the target speaks HTTP/2 only
     host, port = target.address
     tls = target.pool.tls
     if tls is None:
