@@ -254,6 +254,7 @@ def test_key_auth_and_rate_limit_apply_per_stream(gateway, origin, tmp_path):
         lines = [json.loads(line) for line in log_file.read_text().splitlines() if line]
     assert [line["status"] for line in lines] == [401, 200, 200, 200, 429, 401]
     assert {line["consumer"] for line in lines[1:5]} == {"alice"}
+    assert {line["protocol"] for line in lines} == {"HTTP/2"}
 
 
 def test_drain_sends_goaway_and_lets_the_open_stream_finish(gateway, scripted_origin):
