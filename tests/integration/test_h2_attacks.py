@@ -321,3 +321,16 @@ def test_streams_over_the_concurrency_limit_end_the_connection(gateway, scripted
         client.headers(11, GET)  # the sixth at once
         goaway = client.until(client.goaway)
         assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_the_reset_budget_refills_for_a_client_that_cancels_now_and_then(gateway, scripted_origin):
+    origin = scripted_origin(reply=[Pause(2.0), Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address], limits={"h2_max_resets": 5}))
+    with RawH2(gw.port) as client:
+        for i in range(8):  # 8 cancels, more than the budget, but spread: 5 per 10 s refills 1 per 2 s
+            stream = client.request(f"/c{i}")
+            client.conn.reset_stream(stream, ErrorCodes.CANCEL)
+            client.flush()
+            time.sleep(0.45 if i < 4 else 2.1)
+            client.read(0.05)
+        assert client.goaway() is None

@@ -254,6 +254,7 @@ def test_key_auth_and_rate_limit_apply_per_stream(gateway, origin, tmp_path):
         lines = [json.loads(line) for line in log_file.read_text().splitlines() if line]
     assert [line["status"] for line in lines] == [401, 200, 200, 200, 429, 401]
     assert {line["consumer"] for line in lines[1:5]} == {"alice"}
+    assert {line["protocol"] for line in lines} == {"HTTP/2"}
 
 
 def test_drain_sends_goaway_and_lets_the_open_stream_finish(gateway, scripted_origin):
@@ -451,3 +452,16 @@ def test_http1_keeps_working_on_a_prior_knowledge_listener(gateway, origin):
     assert [r.http_version for r in (first, posted, third)] == ["HTTP/1.1"] * 3
     assert [r.status_code for r in (first, posted, third)] == [200] * 3
     assert posted.json()["body_bytes"] == 500_000
+
+
+def test_max_requests_per_connection_ends_an_http2_connection_gracefully(gateway, origin):
+    config = h2c_config([origin.address])
+    config["listeners"][0]["limits"] = {"max_requests_per_connection": 2}
+    gw = gateway(config)
+    with RawH2(gw.port) as client:
+        assert client.response(client.request("/1"))[0] == 200
+        second = client.request("/2")
+        assert client.response(second)[0] == 200
+        goaway = client.until(client.goaway)
+        assert (goaway.error_code, goaway.last_stream_id) == (0, second)
+        client.wait_closed()
