@@ -119,6 +119,14 @@ def test_the_upstream_gets_what_is_left_of_the_deadline(gateway: Start, origins:
     assert 9000 <= int(forwarded[:-1]) <= 10000
 
 
+def test_extreme_deadlines(gateway: Start, origins: Callable[..., OriginHandle]) -> None:
+    origin = origins()
+    gw = gateway(config([origin.port]))
+    huge = call(gw, headers={"grpc-timeout": "99999999H"})  # 11,000 years: a valid deadline
+    assert huge.status == 200 and huge.header("grpc-status") is None
+    assert_status(call(gw, headers={"grpc-timeout": "0n"}), 4)  # already over
+
+
 @pytest.mark.parametrize("value", ["1a", "123456789S", "S", ""])
 def test_malformed_grpc_timeout_is_ignored(gateway: Start, origins: Callable[..., OriginHandle], value: str) -> None:
     origin = origins()

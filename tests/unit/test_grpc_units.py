@@ -99,6 +99,12 @@ def test_base64_decoder_takes_padded_chunks() -> None:
         assert out + decoder.end() == b"".join(parts)
 
 
+def test_base64_decoder_skips_line_breaks() -> None:
+    decoder = Base64Decoder()
+    out = decoder.feed(b"aGVs\r\nbG8g") + decoder.feed(b"d29y bGQ=\n")
+    assert out + decoder.end() == b"hello world"
+
+
 def test_base64_decoder_refuses() -> None:
     with pytest.raises(BadRequest):
         Base64Decoder().feed(b"ab!d")
