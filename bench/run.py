@@ -74,7 +74,8 @@ class Scenario:
     # "throughput": compare rps; "latency": compare p50 (and show direct); "idle": RSS with
     # `connections` idle keep-alive clients; "soak": Bastion's RSS during one long wrk run;
     # "handshakes": new TLS connections/s from `connections` s_time clients; "websocket":
-    # echo messages/s over `connections` WebSockets (and direct to the echo origin)
+    # echo messages/s over `connections` WebSockets (and direct to the echo origin); "h2":
+    # requests/s from h2load over HTTP/2 (TLS, ALPN h2), `streams` at once per connection
     kind: str = "throughput"
     tls: bool = False  # clients speak HTTPS to the proxies (the run's certificate)
     path: str = "/plain"
@@ -85,6 +86,7 @@ class Scenario:
     nginx_location: str = ""  # extra directives in nginx's proxy `location /`
     nginx_http: str = ""  # extra directives in nginx's `http` block (e.g. limit_req_zone)
     keepalive: float = 0.0  # client keep-alive timeout in seconds for both proxies; 0: defaults
+    streams: int = 0  # "h2": concurrent streams per connection (h2load -m)
 
     def plugins(self) -> list[str]:
         """Names of the plugins this row needs the gateway to have."""
@@ -121,6 +123,8 @@ SCENARIOS: list[Scenario] = [
     ),
     # Issue 9. TLS 1.3 with the same ECDSA P-256 certificate on both proxies.
     Scenario("https keep-alive", connections=64, tls=True),
+    # Issue 10. HTTP/2 over TLS (ALPN h2) from h2load: 4 connections, 32 streams each.
+    Scenario("http2 h2load", connections=4, kind="h2", tls=True, streams=32),
     # Each s_time client does one full handshake (no session reuse) and GET per connection.
     Scenario("tls handshakes", connections=16, kind="handshakes", tls=True),
     # 32-byte binary messages, one in flight per WebSocket.
@@ -132,7 +136,11 @@ SCENARIOS: list[Scenario] = [
     # Issue 11, against HAProxy in mode tcp (bench/l4_bench.py).
     Scenario("tcp bulk", connections=1, kind="tcp_bulk"),
     Scenario("tcp connect echo", connections=16, kind="tcp_connect"),
+    # Issue 10: unary gRPC calls (h2load, one framed message) through Bastion (h2c both ways)
+    # and straight to the grpcio origin; no nginx (bench/grpc_unary.py).
+    Scenario("grpc unary", connections=4, kind="grpc"),
 ]
+GRPC_STREAMS = 16  # calls in flight per connection on the grpc unary row
 
 
 # --- tools -----------------------------------------------------------------------------------
@@ -143,8 +151,15 @@ def find_tool(name: str) -> str | None:
 
 
 def ensure_tools() -> dict[str, str]:
-    """nginx, wrk, taskset and openssl, installed with apt-get (non-interactive) when missing."""
-    packages = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux", "openssl": "openssl", "haproxy": "haproxy"}
+    """nginx, wrk, taskset, openssl, h2load and haproxy, installed with apt-get (non-interactive) when missing."""
+    packages = {
+        "nginx": "nginx",
+        "wrk": "wrk",
+        "taskset": "util-linux",
+        "openssl": "openssl",
+        "h2load": "nghttp2-client",
+        "haproxy": "haproxy",
+    }
     missing = [pkg for tool, pkg in packages.items() if find_tool(tool) is None]
     if missing:
         if shutil.which("apt-get") is None:
@@ -589,7 +604,8 @@ class Stack:
                 server_extra = NGINX_TLS.format(cert=certificate[0], key=certificate[1], ciphers=TLS12_CIPHERS)
             body = PROXY_HTTP.format(
                 port=self.ports["nginx"],
-                ssl=" ssl" if certificate else "",
+                # nginx 1.22 switches HTTP/2 on in `listen` (1.25 has an `http2 on;` directive)
+                ssl=(" ssl http2" if scenario.kind == "h2" else " ssl") if certificate else "",
                 server_extra=server_extra,
                 connection=NGINX_UPGRADE if scenario.kind == "websocket" else NGINX_CONNECTION,
                 port1=port1,
@@ -820,8 +836,38 @@ def run_ws_load(tools: dict[str, str], cpus: str, port: int, scenario: Scenario,
     }
 
 
+_H2LOAD_RATE = re.compile(r"finished in [\d.]+s, ([\d.]+) req/s")
+_H2LOAD_REQUESTS = re.compile(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed")
+_H2LOAD_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+_H2LOAD_TIME = re.compile(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)")
+
+
+def run_h2load(tools: dict[str, str], cpus: str, port: int, scenario: Scenario, seconds: float) -> dict[str, float]:
+    """h2load over TLS: `connections` HTTP/2 connections, `streams` requests in flight on each,
+    for `seconds`. -> rps, mean request time (h2load prints no percentiles), requests, errors.
+    A run that did not negotiate h2 is an error (it would measure HTTP/1.1)."""
+    command = [tools["taskset"], "-c", cpus, tools["h2load"], "-t1", f"-c{scenario.connections}"]
+    command += [f"-m{scenario.streams}", f"-D{max(1, round(seconds))}", f"https://127.0.0.1:{port}{scenario.path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    output = done.stdout
+    rate, requests, status = _H2LOAD_RATE.search(output), _H2LOAD_REQUESTS.search(output), _H2LOAD_STATUS.search(output)
+    if done.returncode != 0 or rate is None or requests is None or status is None:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr or output}")
+    if "Application protocol: h2" not in output:
+        raise RuntimeError(f"h2load did not negotiate h2:\n{output}")
+    result = {"rps": float(rate.group(1)), "requests": float(requests.group(2))}
+    result["errors"] = float(int(requests.group(4)) + sum(int(n) for n in status.groups()[1:]))
+    took = _H2LOAD_TIME.search(output)
+    if took is not None:  # e.g. 3.54ms, 812us, 1.02s
+        number, unit = re.fullmatch(r"([\d.]+)([a-z]+)", took.group(3)).groups()  # type: ignore[union-attr]
+        result["mean_ms"] = float(number) * _UNITS[unit]
+    return result
+
+
 def run_load(tools: dict[str, str], cpus: str, port: int, scenario: Scenario, seconds: float) -> dict[str, float]:
     """One measured run of the row's load generator against `port`."""
+    if scenario.kind == "h2":
+        return run_h2load(tools, cpus, port, scenario, seconds)
     if scenario.kind == "handshakes":
         return run_s_time(tools, cpus, port, scenario, seconds)
     if scenario.kind == "websocket":
@@ -1018,12 +1064,36 @@ def measure_soak(tools: dict[str, str], stack: Stack, scenario: Scenario, args: 
     return {"scenario": asdict(scenario), "soak": result}
 
 
+def measure_grpc(tools: dict[str, str], stack: Stack, scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
+    """The grpc unary row: bench/grpc_unary.py's origin, gateway and h2load rounds."""
+    import grpc_unary  # beside this script
+
+    bastion: BastionCommand = args.bastion
+    result = grpc_unary.measure(
+        bastion.argv,
+        bastion.environ(),
+        args.proxy_cpus,
+        args.load_cpus,
+        args.rounds,
+        args.duration,
+        args.warmup,
+        scenario.connections,
+        GRPC_STREAMS,
+        stack.workdir,
+    )
+    if "skipped" in result:
+        return {"scenario": asdict(scenario), "skipped": result["skipped"]}
+    return {"scenario": asdict(scenario), "grpc": result}
+
+
 Measure = Callable[[dict[str, str], Stack, Scenario, argparse.Namespace], dict[str, Any]]
 MEASURES: dict[str, Measure] = {
+    "grpc": measure_grpc,
     "throughput": measure_rounds,
     "latency": measure_rounds,
     "handshakes": measure_rounds,
     "websocket": measure_rounds,
+    "h2": measure_rounds,
     "idle": measure_idle,
     "soak": measure_soak,
     "tcp_bulk": lambda tools, stack, scenario, args: l4_bench.measure(
@@ -1213,6 +1283,7 @@ TARGETS = [
     Target("key_auth + rate_limit", "key_auth + rate_limit rps >= 0.20x nginx", rps_ratio, "x", lambda e: 0.20, True),
     Target("added latency", "added latency (c=1 p50 - nginx) <= 60 us", added_latency_us, " us", lambda e: 60.0),
     Target("https keep-alive", "https keep-alive rps >= 0.25x nginx", rps_ratio, "x", lambda e: 0.25, at_least=True),
+    Target("http2 h2load", "http2 h2load rps >= 0.25x nginx", rps_ratio, "x", lambda e: 0.25, at_least=True),
     Target(
         "idle connections",
         "10,000 idle keep-alive connections in <= 100 MB RSS",
@@ -1418,6 +1489,12 @@ def main(argv: list[str] | None = None) -> int:
     if l4:
         print()
         print(l4)
+    for entry in results:
+        if "grpc" in entry:
+            import grpc_unary
+
+            print()
+            print(grpc_unary.report(entry["grpc"]))
     memory = report_memory(results)
     if memory:
         print()

@@ -50,7 +50,7 @@ from bastion.net.proxy_accept import ProxyReader, Trusted, late_tls
 from bastion.net.tls import TlsFront, file_digest
 from bastion.observability.logs import reopen_access_logs
 from bastion.observability.metrics import Metrics
-from bastion.proto.h1 import H1Server, ReadBuffer
+from bastion.proto.h1 import ReadBuffer
 from bastion.upstream.health import HealthMonitor
 from bastion.upstream.targets import TargetRegistry
 
@@ -120,7 +120,7 @@ class Gateway:
         self.registry = TargetRegistry(self.metrics)
         self.read_buffer = ReadBuffer()  # shared by this gateway's client connections
         self.health = HealthMonitor(worker, workers)
-        self.connections: set[H1Server] = set()  # L4 connections (l4/conn.py) too: drained alike
+        self.connections: set[Any] = set()  # H1Server, H2Server, PrefaceSniffer, L4Connection
         self.l4 = L4Hub(self)
         self.servers: dict[str, asyncio.Server] = {}  # by bind address
         self.listeners: dict[str, Listener] = {}  # by bind address, current settings
@@ -215,6 +215,9 @@ class Gateway:
                 del self.servers[bind]
                 self.tls_fronts.pop(bind, None)
                 self._late_tls.discard(bind)
+                for conn in list(self.connections):  # HTTP/2: GOAWAY; HTTP/1.1: close when idle
+                    if str(conn.settings.bind) == bind:
+                        conn.drain()
                 log.info("listener %s closed", bind)
         self.listeners = wanted
         fronts = dict(self.tls_fronts)

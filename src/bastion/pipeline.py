@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from bastion.config.schema import Consumer
 from bastion.errors import GatewayError
 from bastion.http.model import Headers, Request, Response
+from bastion.http.streams import Transcoder
 
 if TYPE_CHECKING:
     from bastion.config.schema import Loc
@@ -109,6 +110,7 @@ class Context:
         "upstream_name",
         "max_body",
         "rate",
+        "transcoder",
     )
 
     def __init__(self, request: Request, route_name: str, params: dict[str, str] | None) -> None:
@@ -123,6 +125,7 @@ class Context:
         self.upstream_name = ""
         self.max_body: int | None = None  # set by body_limit; the proxy enforces it while streaming
         self.rate: RateState | None = None  # set by rate_limit
+        self.transcoder: Transcoder | None = None  # set by grpc_json: rewrites both bodies
 
     def authenticate(self, consumer: Consumer) -> None:
         """Record who is calling and tell the upstream (X-Consumer).

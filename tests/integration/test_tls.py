@@ -204,17 +204,19 @@ def test_tls_1_2_takes_only_forward_secret_aead_ciphers(
             assert tls.cipher()[0] == suite
 
 
-def test_alpn_offers_http_1_1_only_until_http2_exists(
-    pki: Pki, origin: OriginHandle, threads: Callable[..., GatewayThread]
+@pytest.mark.parametrize(("http2", "chosen"), [(None, "h2"), (True, "h2"), (False, "http/1.1")])
+def test_alpn_offers_h2_unless_http2_is_false(
+    pki: Pki, origin: OriginHandle, threads: Callable[..., GatewayThread], http2: bool | None, chosen: str
 ) -> None:
     port = free_port()
     config = https_config(port, origin, [pki.issue("api", "api.example.com")])
-    config["listeners"][0]["http2"] = True
+    if http2 is not None:
+        config["listeners"][0]["http2"] = http2
     threads(config)
     context = pki.client_context()
     context.set_alpn_protocols(["h2", "http/1.1"])
     with tls_socket(port, "api.example.com", context) as tls:
-        assert tls.selected_alpn_protocol() == "http/1.1"
+        assert tls.selected_alpn_protocol() == chosen
 
 
 # --- what the origin sees --------------------------------------------------------------------

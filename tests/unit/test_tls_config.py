@@ -75,11 +75,15 @@ def test_redirect_https_is_for_http_listeners_and_a_port() -> None:
 
 def test_http2_on_a_plain_listener_is_refused_and_accepted_on_https(tmp_path: Path) -> None:
     plain = 'version: 1\nlisteners:\n  - { name: web, bind: "127.0.0.1:80", http2: true }\n'
-    assert "cleartext HTTP/2 is not supported yet" in load_problems(plain)[0]
+    assert "cleartext HTTP/2 is http2: prior_knowledge" in load_problems(plain)[0]
+    prior = 'version: 1\nlisteners:\n  - { name: web, bind: "127.0.0.1:80", http2: prior_knowledge }\n'
+    assert load_config_text(prior, "gw.yaml").config.listeners[0].http2 == "prior_knowledge"
     Pki(tmp_path).issue("api", "api.example.com")
     config = loaded(tmp_path, HTTPS.replace("    protocol: https\n", "    protocol: https\n    http2: true\n"))
     assert config.config.listeners[0].http2 is True
     check_config(config)
+    pk = HTTPS.replace("    protocol: https\n", "    protocol: https\n    http2: prior_knowledge\n")
+    assert "prior_knowledge is for http listeners" in load_problems(pk)[0]
 
 
 def test_min_version_takes_1_2_and_1_3_quoted_or_not() -> None:

@@ -18,11 +18,11 @@ from pydantic import ValidationError
 
 from bastion import __version__
 from bastion.config.loader import format_loc, model_problems, suggest
-from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route, Tracing
+from bastion.config.schema import Config, Consumer, Loc, PluginEntry, Route, Tracing, UpstreamTls
 from bastion.errors import ConfigError
 from bastion.http.header_policy import request_drop_set
 from bastion.http.router import Router
-from bastion.net.tls import CertSet, ClientTls, FileReader, TlsProblems, client_tls
+from bastion.net.tls import ALPN_H2, ALPN_HTTP1, CertSet, ClientTls, FileReader, TlsProblems, client_tls
 from bastion.observability.logs import AccessLog
 from bastion.observability.metrics import Metrics, RouteStats
 from bastion.pipeline import BuildEnv, Plugin, PluginConfigError, PluginProblems
@@ -59,6 +59,7 @@ class RouteRuntime:
         "websocket",
         "websocket_idle_timeout",
         "websocket_max_duration",
+        "grpc_web",
     )
 
     def __init__(
@@ -78,6 +79,8 @@ class RouteRuntime:
         self.websocket = route.websocket
         self.websocket_idle_timeout = route.websocket_idle_timeout or None  # None: off
         self.websocket_max_duration = route.websocket_max_duration or None
+        # gRPC-Web: 0 off, 1 on with the gateway's CORS answers, 2 on with the route's cors plugin
+        self.grpc_web = (2 if any(p.name == "cors" for p in plugins) else 1) if route.grpc_web else 0
 
 
 class Snapshot:
@@ -372,13 +375,17 @@ def build_tls(
     for index, listener in enumerate(loaded.config.listeners):
         if listener.tls is not None:
             try:
-                listeners[str(listener.bind)] = CertSet(listener.tls, reader)
+                alpn = ALPN_HTTP1 if listener.http2 is False else ALPN_H2
+                listeners[str(listener.bind)] = CertSet(listener.tls, reader, alpn)
             except TlsProblems as exc:
                 problems.extend((("listeners", index, "tls", *loc), text) for loc, text in exc.problems)
     for name, upstream in loaded.config.upstreams.items():
-        if upstream.tls is not None:
+        settings = upstream.tls
+        if settings is None and upstream.protocol == "h2":
+            settings = UpstreamTls()  # HTTP/2 over TLS: TLS with the defaults unless told otherwise
+        if settings is not None:
             try:
-                upstreams[name] = client_tls(upstream.tls, reader)
+                upstreams[name] = client_tls(settings, reader, ["h2"] if upstream.protocol == "h2" else None)
             except TlsProblems as exc:
                 problems.extend((("upstreams", name, "tls", *loc), text) for loc, text in exc.problems)
     return listeners, upstreams, reader.digests

@@ -76,6 +76,37 @@ class ListenerLimits(Model):
         description="tcp and tls_passthrough listeners: open client connections at most; one more is closed at "
         "once (close_reason over_limit). 0: unlimited.",
     )
+    h2_max_concurrent_streams: int = Field(
+        100, ge=1, le=10000, description="HTTP/2: streams one client connection may have open at once."
+    )
+    h2_initial_window_size: Size = Field(
+        65535,
+        ge=1024,
+        le=2**31 - 1,
+        description="HTTP/2: request body bytes a client may send on one stream before the gateway has "
+        "passed them on (the stream's flow-control window).",
+    )
+    h2_connection_window: Size = Field(
+        1024 * 1024,
+        ge=65535,
+        le=2**31 - 1,
+        description="HTTP/2: request body bytes in flight on one connection, all streams together.",
+    )
+    h2_max_frame_size: Size = Field(
+        16384, ge=16384, le=16777215, description="HTTP/2: largest frame payload the gateway accepts."
+    )
+    h2_max_resets: int = Field(
+        200,
+        ge=1,
+        description="HTTP/2: streams a client may cancel (RST_STREAM) per 10 seconds; above it the "
+        "connection ends with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).",
+    )
+    h2_max_control_frames: int = Field(
+        1000,
+        ge=10,
+        description="HTTP/2: PING, SETTINGS, PRIORITY and empty DATA frames a client may send per 10 "
+        "seconds; above it the connection ends with GOAWAY ENHANCE_YOUR_CALM.",
+    )
 
 
 def _tls_version(value: Any) -> Any:
@@ -183,7 +214,19 @@ class SniRoute(Model):
 
 L4_PROTOCOLS = ("tcp", "tls_passthrough")
 _HTTP_ONLY_TIMEOUTS = ("keepalive", "body", "send")
-_HTTP_ONLY_LIMITS = ("max_header_bytes", "max_uri_bytes", "max_headers", "max_requests_per_connection", "min_body_rate")
+_HTTP_ONLY_LIMITS = (
+    "max_header_bytes",
+    "max_uri_bytes",
+    "max_headers",
+    "max_requests_per_connection",
+    "min_body_rate",
+    "h2_max_concurrent_streams",
+    "h2_initial_window_size",
+    "h2_connection_window",
+    "h2_max_frame_size",
+    "h2_max_resets",
+    "h2_max_control_frames",
+)
 
 
 class Listener(Model):
@@ -203,10 +246,10 @@ class Listener(Model):
         description="tls_passthrough listeners: the upstream for each server name read from the ClientHello "
         "(required there); exact names win over wildcards, wildcards over *.",
     )
-    http2: bool | None = Field(
+    http2: bool | Literal["prior_knowledge"] | None = Field(
         None,
-        description="Offer HTTP/2 in ALPN (https listeners; default true). HTTP/2 is not implemented yet: "
-        "only http/1.1 is offered for now.",
+        description="https: offer h2 in ALPN (default true). http: prior_knowledge serves cleartext HTTP/2 "
+        "to clients that start with its preface (HTTP/1.1 otherwise).",
     )
     redirect_https: int | None = Field(
         None,
@@ -270,8 +313,10 @@ class Listener(Model):
             raise ValueError(f"tls is for https and tcp listeners (this one is {self.protocol})")
         if self.redirect_https is not None and self.protocol != "http":
             raise ValueError("redirect_https is for http listeners")
-        if self.http2 and self.protocol != "https":
-            raise ValueError("http2 is negotiated with ALPN on https listeners (cleartext HTTP/2 is not supported yet)")
+        if self.http2 is True and self.protocol != "https":
+            raise ValueError("http2: true is for https listeners (ALPN); cleartext HTTP/2 is http2: prior_knowledge")
+        if self.http2 == "prior_knowledge" and self.protocol != "http":
+            raise ValueError("http2: prior_knowledge is for http listeners; https negotiates h2 with ALPN (true)")
         if self.protocol == "udp" and self.upstream is None:
             raise ValueError("a udp listener needs upstream: NAME")
         if self.udp is not None and self.protocol != "udp":
@@ -291,7 +336,12 @@ class Target(Model):
 
 
 class ActiveHealthCheck(Model):
-    type: Literal["http", "tcp"] = Field("http", description="http: GET path, status checked; tcp: connect only.")
+    type: Literal["http", "tcp", "grpc"] = Field(
+        "http",
+        description="http: GET path, status checked; tcp: connect only; "
+        "grpc: grpc.health.v1 Check, SERVING is healthy (h2 and h2c upstreams only).",
+    )
+    service: str = Field("", description="Service name asked of grpc checks; empty: the server as a whole.")
     path: str = Field("/", description="Path of http probes.")
     host: str | None = Field(None, description="Host header for http checks; default: the target address.")
     statuses: list[int] = Field(
@@ -396,6 +446,20 @@ class Upstream(Model):
         description="Start every connection to a target with a PROXY protocol header naming the client "
         "(tcp, udp and tls_passthrough listeners; udp takes v2 only, one header per datagram).",
     )
+    protocol: Literal["http1", "h2", "h2c"] = Field(
+        "http1",
+        description="HTTP version toward the targets: http1; h2 (HTTP/2 over TLS, ALPN h2; tls optional, "
+        "defaults apply); h2c (cleartext HTTP/2 with prior knowledge). Streams are multiplexed.",
+    )
+
+    @model_validator(mode="after")
+    def _protocol(self) -> Upstream:
+        if self.protocol == "h2c" and self.tls is not None:
+            raise ValueError("tls is for h2 or http1 upstreams (h2c is cleartext HTTP/2)")
+        active = self.health_check.active
+        if active is not None and active.type == "grpc" and self.protocol == "http1":
+            raise ValueError("health_check.active.type grpc needs protocol h2 or h2c (gRPC runs over HTTP/2)")
+        return self
 
     @field_validator("hash_on")
     @classmethod
@@ -496,6 +560,11 @@ class Route(Model):
         False,
         description="Allow WebSocket upgrades on this route: the handshake goes through the route's plugins, "
         "then bytes are relayed both ways. Without it an Upgrade request is forwarded as a plain request.",
+    )
+    grpc_web: bool = Field(
+        False,
+        description="Also accept gRPC-Web (application/grpc-web, -web-text) from browsers: translated to gRPC "
+        "toward the upstream, trailers returned in the body; CORS preflights answered unless a cors plugin is on.",
     )
     websocket_idle_timeout: Duration = Field(
         300.0, description="A WebSocket with no byte in either direction for this long is closed; 0: never."
@@ -819,6 +888,33 @@ def cross_check(config: Config) -> list[tuple[Loc, str]]:
         if route.upstream not in config.upstreams:
             known = ", ".join(sorted(config.upstreams)) or "none defined"
             problems.append((("routes", index, "upstream"), f"no upstream named {route.upstream!r} ({known})"))
+        upstream_config = config.upstreams.get(route.upstream)
+        if route.websocket and upstream_config is not None and upstream_config.protocol != "http1":
+            problems.append(
+                (
+                    ("routes", index, "websocket"),
+                    f"upstream {route.upstream!r} speaks {upstream_config.protocol}: WebSocket upgrades "
+                    "need an http1 upstream (HTTP/2 has no Upgrade)",
+                )
+            )
+        if upstream_config is not None and upstream_config.protocol == "http1":
+            for position, entry in enumerate(route.plugins):
+                if isinstance(entry, dict) and "grpc_json" in entry:
+                    problems.append(
+                        (
+                            ("routes", index, "plugins", position, "grpc_json"),
+                            f"upstream {route.upstream!r} speaks http1: grpc_json calls gRPC, which needs "
+                            "protocol h2 or h2c",
+                        )
+                    )
+        if route.grpc_web and upstream_config is not None and upstream_config.protocol == "http1":
+            problems.append(
+                (
+                    ("routes", index, "grpc_web"),
+                    f"upstream {route.upstream!r} speaks http1: gRPC-Web is translated to gRPC, which needs "
+                    "protocol h2 or h2c",
+                )
+            )
         if not route.websocket:
             for key in ("websocket_idle_timeout", "websocket_max_duration"):
                 if key in route.model_fields_set:

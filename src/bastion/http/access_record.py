@@ -7,6 +7,8 @@ from typing import Any
 
 from bastion.http.model import Request
 
+_PROTOCOLS = {"1.1": "HTTP/1.1", "2": "HTTP/2", "1.0": "HTTP/1.0"}
+
 
 def access_record(
     request: Request,
@@ -25,6 +27,7 @@ def access_record(
         "request_id": request.request_id,
         "client": request.client_ip,
         "method": request.method,
+        "protocol": _PROTOCOLS.get(request.version, request.version),
         "host": request.host,
         "path": request.path,
         "route": route,

@@ -34,14 +34,27 @@ from bastion.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from bastion.http import grpc_web
 from bastion.http.access_record import access_record
+from bastion.http.grpc import (
+    GRPC_WEB,
+    NOT_GRPC,
+    format_timeout,
+    grpc_kind,
+    grpc_reply,
+    parse_timeout,
+    render_grpc,
+    trailers_for,
+    upstream_status_error,
+)
 from bastion.http.header_policy import forwarded_headers, gateway_response_headers
 from bastion.http.model import Headers, Request, Response
 from bastion.http.phases import reply_response, request_phase, response_phase, run_log_hooks
 from bastion.http.redirect import https_redirect
-from bastion.http.streams import Downstream
+from bastion.http.streams import BodyFilter, Downstream, Transcoder
 from bastion.net.relay import Relay
 from bastion.pipeline import Context
+from bastion.proto.h2_client import H2Stream
 from bastion.upstream.conn import UpstreamConnection
 from bastion.upstream.targets import TargetState
 
@@ -91,6 +104,11 @@ class Exchange:
         "relay",
         "redirect_https",
         "trace",
+        "grpc",
+        "body_filter",
+        "_grpc_timeout",
+        "_deadline_timer",
+        "grpc_status",
     )
 
     def __init__(self, downstream: Downstream, request: Request, snapshot: Snapshot, expect_continue: bool) -> None:
@@ -103,7 +121,7 @@ class Exchange:
         self.route: RouteRuntime | None = None
         self.ctx: Context | None = None
         self.target: TargetState | None = None
-        self.conn: UpstreamConnection | None = None
+        self.conn: UpstreamConnection | H2Stream | None = None
         self.status = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -128,6 +146,11 @@ class Exchange:
         self.relay: Relay | None = None  # after a 101: the byte relay that carries the connection
         self.redirect_https: int | None = None  # set by the protocol: answer 308 to https on this port
         self.trace: RequestTrace | None = None  # spans, when the snapshot has a tracer
+        self.grpc = NOT_GRPC  # the kind of gRPC request (http/grpc.py): errors become grpc-status
+        self.body_filter: BodyFilter | None = None  # a transcoder's rewrite of the request body
+        self._grpc_timeout: float | None = None  # the call's grpc-timeout, in seconds
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self.grpc_status: bytes | None = None  # the call's grpc-status as the client got it (logged)
 
     # --- DownstreamListener: the request body from the client ---------------------------------
 
@@ -136,6 +159,15 @@ class Exchange:
         if self._limit is not None and self.bytes_in > self._limit:
             self._abort_upload(PayloadTooLarge())
             return
+        body_filter = self.body_filter
+        if body_filter is not None:
+            try:
+                data = body_filter.feed(data)
+            except GatewayError as exc:
+                self._abort_upload(exc)
+                return
+            if not data:
+                return
         conn = self.conn
         if conn is not None:
             conn.send_data(data)
@@ -148,6 +180,18 @@ class Exchange:
 
     def on_end(self, trailers: Headers | None) -> None:
         self.body_complete = True
+        if self.body_filter is not None:
+            try:
+                tail = self.body_filter.end()
+            except GatewayError as exc:
+                self.close = True
+                self.upstream_failed(exc)
+                return
+            if tail:
+                if self.conn is not None:
+                    self.conn.send_data(tail)
+                else:
+                    self._body.append(tail)
         conn = self.conn
         if conn is not None:
             conn.send_end(trailers)
@@ -252,6 +296,9 @@ class Exchange:
         request = self.request
         if snapshot.tracer is not None:
             self.trace = snapshot.tracer.begin(request)
+        grpc = NOT_GRPC
+        if request.method == "POST":  # gRPC is always a POST: other methods skip the lookup
+            grpc = self.grpc = grpc_kind(request.headers.get_raw(b"content-type"))
         try:
             if self.redirect_https is not None:  # a listener that only sends clients to https
                 if not self.body_complete:
@@ -260,6 +307,8 @@ class Exchange:
                 return
             index, params = snapshot.router.match(request.method, request.host, request.path, request.headers)
             route = self.route = snapshot.routes[index]
+            if route.grpc_web and (grpc >= GRPC_WEB or request.method == "OPTIONS") and self._grpc_web(route.grpc_web):
+                return  # a CORS preflight, answered
             ctx = None
             if route.plugins:
                 ctx = self.ctx = Context(request, route.name, params)
@@ -267,13 +316,21 @@ class Exchange:
                 replied = await request_phase(route, ctx)
                 if replied is not None:
                     response, body = await reply_response(route, ctx, *replied)
-                    if response.status >= 400 and not self.body_complete:
+                    refused = response.status
+                    if grpc and refused >= 400:
+                        response, body = grpc_reply(response, body, grpc)
+                    if refused >= 400 and not self.body_complete:
                         self.close = True
                     self._send_whole(response, body)
+                    self.status = refused  # counted and logged as what it stands for (429...)
                     return
                 self._limit = ctx.max_body
                 if self._limit is not None and self.bytes_in > self._limit:
                     raise PayloadTooLarge()
+                if ctx.transcoder is not None:
+                    self._transcode(ctx.transcoder)
+            if grpc:
+                self._grpc_call()
             target = await self._forward(route)
             await self._relay_response(route, ctx, target)
         except GatewayError as exc:
@@ -318,6 +375,12 @@ class Exchange:
                 if upstream.may_retry(request, attempt, sent=False, tried=tried, error=exc):
                     continue
                 raise
+            if self._client_gone:  # cancelled while waiting (HTTP/2 reset): the upstream sees nothing
+                if isinstance(conn, H2Stream):
+                    conn.release()
+                else:
+                    target.pool.release(conn, True)
+                raise ClientClosed()
             reused = conn.served > 0
             self.target = target
             target.in_flight += 1
@@ -365,7 +428,7 @@ class Exchange:
         self._pending = None
         self._upstream_done = False
 
-    def _send(self, route: RouteRuntime, target: TargetState, conn: UpstreamConnection) -> None:
+    def _send(self, route: RouteRuntime, target: TargetState, conn: UpstreamConnection | H2Stream) -> None:
         request = self.request
         path = request.path
         prefix = route.strip_prefix
@@ -388,9 +451,13 @@ class Exchange:
             self.downstream.send_continue()
         trailers = self._req_trailers  # the whole body came before the connection, with trailers
         ended = self.body_complete and trailers is None
-        conn.send_head(
-            self, request.method, path, headers, request.content_length, body, ended, route.upstream.response_timeout
-        )
+        length = request.content_length
+        if self.body_filter is not None and ended:
+            length = sum(map(len, body))  # rewritten: the declared length no longer holds
+        timeout = route.upstream.response_timeout
+        if self._grpc_timeout is not None and self._grpc_timeout < timeout:
+            timeout = self._grpc_timeout
+        conn.send_head(self, request.method, path, headers, length, body, ended, timeout)
         self.conn = conn
         if upgrade:
             conn.expect_upgrade()
@@ -403,6 +470,8 @@ class Exchange:
     async def _relay_response(self, route: RouteRuntime, ctx: Context | None, target: TargetState) -> None:
         response = self._response
         assert response is not None
+        if self.grpc and response.status != 200 and response.headers.get_raw(b"grpc-status") is None:
+            raise upstream_status_error(response.status)  # a gRPC client reads only grpc-status
         if ctx is not None:
             ctx.response = response
         extra = route.upstream.response_headers(self.request, target)
@@ -429,6 +498,8 @@ class Exchange:
                 raise self._error
             await self._next_event()
         if not finished or self._resp_trailers is not None:
+            if self.grpc and self._resp_trailers is not None:
+                self.grpc_status = self._resp_trailers.get_raw(b"grpc-status")
             self.downstream.send_end(self._resp_trailers)
         self._detach(target, self._upstream_reusable and self.body_complete)
 
@@ -482,12 +553,73 @@ class Exchange:
         target.requests += 1
         if conn is not None:
             self.conn = None
-            target.pool.release(conn, reusable and not conn.closed)
+            if isinstance(conn, H2Stream):
+                conn.release()  # HTTP/2: the stream ends, its connection serves on
+            else:
+                target.pool.release(conn, reusable and not conn.closed)
+
+    # --- gRPC and body rewrites ------------------------------------------------------------------
+
+    def _grpc_web(self, mode: int) -> bool:
+        """A gRPC-Web route: translate the call, or answer a CORS preflight (True: answered)."""
+        request = self.request
+        if self.grpc:
+            self._transcode(grpc_web.GrpcWeb(request, self.grpc, mode))
+            return False
+        if mode != grpc_web.OWN_CORS:
+            return False
+        response = grpc_web.preflight(request)
+        if response is None:
+            return False
+        self._send_whole(response, b"")
+        return True
+
+    def _grpc_call(self) -> None:
+        """What every gRPC call to an upstream gets: `te: trailers` and its deadline."""
+        request = self.request
+        headers = request.headers
+        if headers.get_raw(b"te") is None:
+            headers.items.append((b"te", b"trailers"))
+        value = headers.get_raw(b"grpc-timeout")
+        if value is None:
+            return
+        seconds = parse_timeout(value)
+        if seconds is None:
+            return
+        left = max(self.started + seconds - time.monotonic(), 0.0)
+        self._grpc_timeout = left
+        headers.set(b"grpc-timeout", format_timeout(left))  # what is left of it, for the server
+        self._deadline_timer = self.downstream.loop.call_later(left, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        self.upstream_failed(UpstreamTimeout("The call's deadline (grpc-timeout) passed."))
+
+    def _transcode(self, transcoder: Transcoder) -> None:
+        """Route the response through the transcoder, and the request body through its filter
+        (what arrived so far included)."""
+        self.downstream = transcoder.wrap(self.downstream, self)
+        body_filter = transcoder.request_filter()
+        if body_filter is None:
+            return
+        self.body_filter = body_filter
+        self.request.has_body = True  # the body is consumed as it passes: never replayed
+        self.request.content_length = None
+        if self._body:
+            data = body_filter.feed(b"".join(self._body))
+            self._body = [data] if data else []
+            self._body_buffered = len(data)
+        if self.body_complete:
+            tail = body_filter.end()
+            if tail:
+                self._body.append(tail)
 
     # --- toward the client ---------------------------------------------------------------------
 
     def _send_head(self, response: Response, length: int | None, body: Sequence[bytes], end_stream: bool) -> None:
         self.status = response.status
+        if self.grpc:  # a trailers-only answer carries it in the head
+            self.grpc_status = response.headers.get_raw(b"grpc-status")
         response.headers.items.extend(gateway_response_headers(self.request.request_id))
         self._head_sent = True
         self.downstream.send_head(response, length, body, end_stream, self.close)
@@ -507,6 +639,14 @@ class Exchange:
         if self.trace is not None:
             self.trace.failed(error)
         if self._head_sent:
+            if self.grpc and self._resp_length is None and not self._client_gone:
+                # A gRPC response can still end cleanly: its status goes in the trailers.
+                if self.conn is not None and self.target is not None:
+                    self._detach(self.target, reusable=False)
+                trailers = trailers_for(error)
+                self.grpc_status = trailers.get_raw(b"grpc-status")
+                self.downstream.send_end(trailers)
+                return
             self.close = True
             self.downstream.reset(error)
             return
@@ -514,10 +654,17 @@ class Exchange:
             self._detach(self.target, reusable=False)
         if error.status in (400, 413, 431) or not self.body_complete:
             self.close = True
+        if self.grpc:
+            response, body = render_grpc(error, self.grpc)
+            self._send_whole(response, body)
+            self.status = error.status  # the client got 200 + grpc-status; metrics count the error
+            return
         response, body = self.downstream.render_error(error, self.request.request_id)
         self._send_whole(response, body)
 
     def _finish(self, snapshot: Snapshot) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         if self._paused_by_upstream:
             # The upstream connection went away while full: its resume will never come.
             self._paused_by_upstream = False
@@ -571,4 +718,7 @@ class Exchange:
         relay = self.relay
         if relay is not None:  # a relayed connection (WebSocket): why it ended
             record["close_reason"] = relay.reason
+        if self.grpc:  # the HTTP status of a gRPC call is 200 whatever happened
+            status = self.grpc_status
+            record["grpc_status"] = int(status) if status is not None and status.isdigit() else None
         return record

@@ -165,3 +165,29 @@ class PooledConnection(Protocol):
     def is_closed(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+class BodyFilter(Protocol):
+    """Rewrites a request body on its way to the upstream, as it streams (gRPC-Web text's
+    base64, grpc_json's JSON -> one protobuf frame). Either may raise a GatewayError."""
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to forward for `data` (may be empty: held until more arrives)."""
+        ...
+
+    def end(self) -> bytes:
+        """The request body is complete: what is left to forward."""
+        ...
+
+
+class Transcoder(Protocol):
+    """A rewrite of one exchange's bodies, installed after routing (a route's gRPC-Web, a
+    plugin's grpc_json): request bytes through `request_filter`, the response through a
+    `Downstream` that wraps the client's."""
+
+    def request_filter(self) -> BodyFilter | None: ...
+
+    def wrap(self, downstream: Downstream, listener: DownstreamListener) -> Downstream:
+        """The Downstream the exchange talks to from now on; `listener` is the exchange, for a
+        rewrite that has to stop it (`on_client_error`: a response over a limit)."""
+        ...

@@ -42,7 +42,8 @@ from bastion.config.schema import ListenerTls, Loc, UpstreamTls
 # TLS 1.2 suites: forward secrecy and AEAD only. TLS 1.3 suites are all AEAD (OpenSSL's defaults).
 CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-ALPN_HTTP1 = ["http/1.1"]  # h2 joins when HTTP/2 exists (listeners' http2 key)
+ALPN_HTTP1 = ["http/1.1"]
+ALPN_H2 = ["h2", "http/1.1"]  # an https listener with http2 (the default): h2 preferred
 
 
 class TlsProblems(Exception):
@@ -174,9 +175,11 @@ def _ca_file(reader: FileReader, name: str, loc: Loc) -> str:
 class CertSet:
     """A listener's certificates, indexed by the names they serve. Immutable once built."""
 
-    def __init__(self, settings: ListenerTls, reader: FileReader) -> None:
-        """Raises TlsProblems (key paths below the listener's `tls`) listing every bad entry."""
+    def __init__(self, settings: ListenerTls, reader: FileReader, alpn: Sequence[str] = ALPN_HTTP1) -> None:
+        """Raises TlsProblems (key paths below the listener's `tls`) listing every bad entry.
+        `alpn`: the protocols offered, in preference order (each certificate's context offers them)."""
         self.settings = settings
+        self.alpn = list(alpn)
         self.min_version = settings.min_version
         self.client_ca: str | None = None
         problems: list[tuple[Loc, str]] = []
@@ -216,7 +219,7 @@ class CertSet:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _harden(context)
         context.minimum_version = _VERSIONS[self.min_version]
-        context.set_alpn_protocols(ALPN_HTTP1)
+        context.set_alpn_protocols(self.alpn)
         context.load_cert_chain(cert.cert_path, cert.key_path)
         if self.client_ca is not None:
             context.load_verify_locations(self.client_ca)
@@ -263,6 +266,7 @@ class TlsFront:
     def install(self, certs: CertSet) -> None:
         """Serve these certificates from the next handshake on; open connections keep theirs."""
         self.certs = certs
+        self.context.set_alpn_protocols(certs.alpn)
         self.context.minimum_version = _VERSIONS[certs.min_version]
         self.context.verify_mode = ssl.CERT_OPTIONAL if certs.client_ca is not None else ssl.CERT_NONE
 
@@ -287,11 +291,12 @@ class ClientTls:
         return self.sni or host
 
 
-def client_tls(settings: UpstreamTls, reader: FileReader) -> ClientTls:
-    """The context toward an upstream's targets. Raises TlsProblems (key paths below its `tls`)."""
+def client_tls(settings: UpstreamTls, reader: FileReader, alpn: list[str] | None = None) -> ClientTls:
+    """The context toward an upstream's targets (offering `alpn`, default http/1.1). Raises
+    TlsProblems (key paths below its `tls`)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(ALPN_HTTP1)
+    context.set_alpn_protocols(alpn or ALPN_HTTP1)
     problems: list[tuple[Loc, str]] = []
     if settings.ca is not None:
         try:
@@ -313,4 +318,4 @@ def client_tls(settings: UpstreamTls, reader: FileReader) -> ClientTls:
         context.verify_mode = ssl.CERT_NONE
     files = [name for name in (settings.ca, settings.cert, settings.key) if name is not None]
     digests = tuple(reader.digests.get(reader.path(name), "") for name in files)
-    return ClientTls(context, settings.sni, (settings, digests))
+    return ClientTls(context, settings.sni, (settings, digests, tuple(alpn or ALPN_HTTP1)))

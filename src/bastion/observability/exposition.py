@@ -62,7 +62,14 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
         "Requests refused with 401 or 403 by the gateway's plugins (authentication, acl, ip_filter), by route.",
         labels=["route", "code"],
     )
+    grpc = CounterMetricFamily(
+        "bastion_grpc_responses",
+        "gRPC calls by route and the grpc-status the client got (the HTTP status of a gRPC call is 200).",
+        labels=["route", "grpc_status"],
+    )
     for route, stats in sorted(routes.items()):
+        for code, count in sorted(stats.get("grpc", ())):
+            grpc.add_metric([route, code], count)
         for method, status, count in sorted(stats["responses"]):
             requests.add_metric([route, method, str(status)], count)
         duration.add_metric([route], _buckets(stats["latency"]), stats["latency"]["sum"])
@@ -71,7 +78,7 @@ def families(report: Mapping[str, Any]) -> Iterator[Metric]:
                 limited.add_metric([route], count)
             else:
                 refused.add_metric([route, str(status)], count)
-    yield from (requests, duration, limited, refused)
+    yield from (requests, duration, limited, refused, grpc)
 
     upstream_duration = HistogramMetricFamily(
         "bastion_upstream_request_duration_seconds",

@@ -73,7 +73,7 @@ class Histogram:
 class RouteStats:
     """One route's requests: answers by method and status, latency, refusals."""
 
-    __slots__ = ("responses", "latency", "refused")
+    __slots__ = ("responses", "latency", "refused", "grpc")
 
     def __init__(self) -> None:
         # method -> status -> count: nested dicts, because a (method, status) tuple key costs
@@ -81,6 +81,7 @@ class RouteStats:
         self.responses: dict[str, dict[int, int]] = {}
         self.latency = Histogram()
         self.refused: dict[int, int] = {}  # 401/403/429 the gateway made itself (no upstream asked)
+        self.grpc: dict[bytes, int] = {}  # grpc-status value -> gRPC calls that ended with it
 
     def by_method(self, method: str) -> dict[int, int]:
         """The status counts of `method`; any method outside the standard ones is counted as OTHER."""
@@ -98,6 +99,7 @@ class RouteStats:
             ],
             "latency": self.latency.export(),
             "refused": [[status, count] for status, count in self.refused.items()],
+            "grpc": [[code.decode("latin-1"), count] for code, count in self.grpc.items()],
         }
 
 
@@ -300,6 +302,9 @@ class Metrics:
             codes[status] = codes.get(status, 0) + 1
         elif status in _REFUSALS:  # no upstream was asked: a plugin refused
             stats.refused[status] = stats.refused.get(status, 0) + 1
+        grpc: bytes | None = getattr(exchange, "grpc_status", None)  # fakes in tests may lack it
+        if grpc is not None and len(grpc) <= 2:  # 0-16; anything longer is not a status
+            stats.grpc[grpc] = stats.grpc.get(grpc, 0) + 1
         if status >= 500 or exchange._error is not None:
             self._keep_error(exchange, seconds)
 
@@ -393,9 +398,10 @@ def merge_exports(exports: Iterable[dict[str, Any]]) -> dict[str, Any]:
         l4_connections = add_rows(l4_connections, export.get("l4_connections", ()))
         l4_bytes = add_rows(l4_bytes, export.get("l4_bytes", ()))
         for name, route in export["routes"].items():
-            merged = routes.setdefault(name, {"responses": [], "latency": None, "refused": []})
+            merged = routes.setdefault(name, {"responses": [], "latency": None, "refused": [], "grpc": []})
             merged["responses"] = add_rows(merged["responses"], route["responses"])
             merged["refused"] = add_rows(merged["refused"], route["refused"])
+            merged["grpc"] = add_rows(merged["grpc"], route.get("grpc", ()))
             merged["latency"] = add_histograms(merged["latency"], route["latency"])
         for name, stats in export["upstreams"].items():
             merged = upstreams.setdefault(name, {"latency": None, "retries": 0, "retries_denied": 0})

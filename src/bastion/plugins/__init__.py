@@ -28,6 +28,7 @@ BUILTINS = {
     "basic_auth": "basic_auth",
     "body_limit": "body_limit",
     "cors": "cors",
+    "grpc_json": "grpc_json",
     "request_headers": "headers",
     "response_headers": "headers",
     "ip_filter": "ip_filter",

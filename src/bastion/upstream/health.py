@@ -7,7 +7,8 @@ for new targets and stops those of targets that left. So a reload never doubles 
 checkers, and a target's health survives it.
 
 A probe is an HTTP GET (the status must be in `statuses`; over TLS, verified as requests
-are, when the upstream has `tls`) or a bare TCP connect, each bounded by `timeout`. Results
+are, when the upstream has `tls`), a bare TCP connect, or a gRPC Health/Check call over
+HTTP/2 (upstream/grpc_health.py), each bounded by `timeout`. Results
 move `TargetState.healthy` after `healthy`/`unhealthy` consecutive results; every change is
 logged.
 
@@ -25,6 +26,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bastion.config.schema import ActiveHealthCheck
+from bastion.upstream.grpc_health import probe_grpc
+from bastion.upstream.h2_pool import H2Pool
+from bastion.upstream.h2_probe import probe_http2
 from bastion.upstream.targets import TargetState
 
 if TYPE_CHECKING:
@@ -37,6 +41,8 @@ _MAX_STATUS_LINE = 8192
 
 async def probe_http(target: TargetState, check: ActiveHealthCheck) -> tuple[bool, str]:
     """GET the check path over a fresh connection; healthy when the status is expected."""
+    if isinstance(target.pool, H2Pool):
+        return await probe_http2(target, check)  # the target speaks HTTP/2 only
     host, port = target.address
     tls = target.pool.tls
     if tls is None:
@@ -76,7 +82,7 @@ async def probe_tcp(target: TargetState, check: ActiveHealthCheck) -> tuple[bool
     return True, "connected"
 
 
-PROBES = {"http": probe_http, "tcp": probe_tcp}
+PROBES = {"http": probe_http, "tcp": probe_tcp, "grpc": probe_grpc}
 
 
 async def probe(target: TargetState, check: ActiveHealthCheck) -> tuple[bool, str]:

@@ -22,6 +22,7 @@ from typing import Any
 from bastion.config.schema import Target, Upstream
 from bastion.config.types import HostPort
 from bastion.observability.metrics import Metrics
+from bastion.upstream.h2_pool import H2Pool
 from bastion.upstream.pool import ConnectionPool, PoolLimits, WaitQueue
 
 EWMA_DECAY = 10.0
@@ -61,7 +62,7 @@ class TargetState:
         "responses",
     )
 
-    def __init__(self, key: str, address: HostPort, pool: ConnectionPool, upstream: str = "") -> None:
+    def __init__(self, key: str, address: HostPort, pool: ConnectionPool | H2Pool, upstream: str = "") -> None:
         self.key = key
         self.upstream = upstream
         self.address = address
@@ -220,12 +221,18 @@ class TargetRegistry:
     def claim(self, upstream_name: str, upstream: Upstream, target: Target) -> TargetState:
         """The state for this target, reused when a previous snapshot had it."""
         key = f"{upstream_name}/{target.address}"
+        if upstream.protocol != "http1":
+            key += f"/{upstream.protocol}"  # another protocol: other connections, a fresh state
         state = self.targets.get(key)
         if state is None:
             queue = self.queues.get(upstream_name)
             if queue is None:
                 queue = self.queues[upstream_name] = WaitQueue(upstream.queue.size, upstream.queue.timeout)
-            pool = ConnectionPool(target.address, pool_limits(upstream), queue)
+            pool: ConnectionPool | H2Pool
+            if upstream.protocol == "http1":
+                pool = ConnectionPool(target.address, pool_limits(upstream), queue)
+            else:
+                pool = H2Pool(target.address, pool_limits(upstream), queue)
             state = TargetState(key, target.address, pool, upstream_name)
             self.targets[key] = state
             state.joining = self.running
