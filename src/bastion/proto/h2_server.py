@@ -122,16 +122,18 @@ class _Connection(h2.connection.H2Connection):
       here the stream's state machine gets the same inputs, the windows the same debits, and
       the frame bytes are appended to h2's output buffer directly. Anything else (trailers,
       interim responses, a head that needs CONTINUATION frames) goes through h2.
-    - Counting open streams: h2 walks every stream on each new one; while the streams it
-      holds (open or not yet swept) are fewer than the limit, that count is answer enough.
+    - Counting open streams: h2 walks every stream on each new one, and a stream over the
+      limit would end the connection; the limit is H2Server's (a stream error).
     """
 
     @property
     def open_inbound_streams(self) -> int:
-        held = len(self.streams)
-        if held < self.local_settings.max_concurrent_streams:
-            return held
-        return super().open_inbound_streams  # exact (and sweeps closed streams)
+        # h2 would make a stream over the limit a connection error; H2Server refuses it alone
+        # (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2). h2's count walks every stream
+        # and sweeps the closed ones: done only once enough have piled up.
+        if len(self.streams) > 2 * self.local_settings.max_concurrent_streams:
+            super().open_inbound_streams  # noqa: B018 - the sweep
+        return 0
 
     def fast_headers(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
         block = cast(StatelessEncoder, self.encoder).encode(headers)
@@ -515,6 +517,13 @@ class H2Server(asyncio.Protocol):
             self.reset_stream(stream, ErrorCodes.REFUSED_STREAM)
             self.forget(stream)
             return
+        if len(self.streams) > self.settings.limits.h2_max_concurrent_streams:
+            # Over the limit we announced: this stream is refused (safe to retry), and counts
+            # against the reset budget, so a client cannot make it a free flood either.
+            self.reset_stream(stream, ErrorCodes.REFUSED_STREAM)
+            self.forget(stream)
+            self._spend_reset()
+            return
         ended = bool(event.stream_ended)
         snapshot = self.gateway.snapshot
         self.requests += 1
@@ -613,11 +622,7 @@ class H2Server(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is None:
             return
-        now = self.loop.time()
-        self._refill(now)
-        self._resets -= 1
-        if self._resets < 0:  # rapid reset: the client opens and cancels streams for free
-            self._calm("too many streams reset")
+        if self._spend_reset():
             return
         stream.closed = True
         stream.receiving = False
@@ -876,6 +881,16 @@ class H2Server(asyncio.Protocol):
             self._control = min(
                 float(limits.h2_max_control_frames), self._control + share * limits.h2_max_control_frames
             )
+
+    def _spend_reset(self) -> bool:
+        """One more stream the client cancelled (or opened over the limit); True: over budget,
+        the connection is closing (rapid reset: streams opened and cancelled for free)."""
+        self._refill(self.loop.time())
+        self._resets -= 1
+        if self._resets < 0:
+            self._calm("too many streams reset")
+            return True
+        return False
 
     def _spend_control(self) -> None:
         self._refill(self.loop.time())
