@@ -127,3 +127,15 @@ def test_no_data_is_written_while_the_transport_is_full() -> None:
         assert pair.of(h2.events.DataReceived, stream) and pair.of(h2.events.StreamEnded, stream)
 
     asyncio.run(run())
+
+
+def test_closed_streams_do_not_pile_up_in_h2() -> None:
+    async def run() -> None:
+        pair = Pair()
+        for _ in range(300):
+            pair.request("/missing")
+            await pair.exchange()
+        assert len(pair.of(h2.events.StreamEnded, 599)) == 1
+        assert len(pair.server.conn.streams) <= 2 * 100 + 1  # swept when twice the limit is held
+
+    asyncio.run(run())
