@@ -336,3 +336,18 @@ def test_opening_streams_over_the_limit_again_and_again_spends_the_reset_budget(
         )
         goaway = client.until(client.goaway)
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_data_after_the_end_of_a_request_does_not_break_the_connection(gateway, scripted_origin):
+    origin = scripted_origin(reply=[Pause(0.3), Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address]))
+    with FrameClient(gw.port) as client:
+        client.headers(1, GET)  # ended
+        client.send(DataFrame(1, data=b"late", flags=["END_STREAM"]))  # a stream error (STREAM_CLOSED)
+        client.until(lambda: client.of(RstStreamFrame, 1) or client.of(DataFrame, 1))
+        client.headers(3, GET)
+        client.until(lambda: [f for f in client.of(DataFrame, 3) if "END_STREAM" in f.flags], timeout=8)
+        assert client.goaway() is None
+    time.sleep(0.5)
+    statistics_after = statistics(gw)
+    assert all(entry["streams"] == 0 for entry in statistics_after)

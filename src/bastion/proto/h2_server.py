@@ -273,7 +273,12 @@ class H2Stream:
             end_stream = True
         data = [chunk for chunk in body if chunk] if body else None
         server = self.server
-        server.conn.fast_headers(self.stream_id, headers, end_stream and not data)
+        try:
+            server.conn.fast_headers(self.stream_id, headers, end_stream and not data)
+        except h2.exceptions.H2Error:  # h2 closed the stream itself (the client broke it)
+            server.reset_stream(self, ErrorCodes.STREAM_CLOSED)
+            server.write_out()
+            return
         if end_stream and not data:
             self.ended = True
         if data:
