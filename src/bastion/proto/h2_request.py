@@ -18,13 +18,14 @@ from bastion.config.schema import Listener
 from bastion.errors import BadRequest, GatewayError, HeadersTooLarge, URITooLong
 from bastion.http.header_policy import is_dropped
 from bastion.http.model import HeaderList, Headers, Request
-from bastion.http.paths import parse_authority, parse_target, request_host
+from bastion.http.paths import Authority, parse_authority, parse_target, request_host
 from bastion.proto.h1 import new_request_id
 
 CONNECTION_SPECIFIC = frozenset((b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"))
 _VALID_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _GOOD_NAMES: set[bytes] = set()  # names already checked (a client repeats the same few)
 _WS = b" \t"
+_AUTHORITIES: dict[bytes, Authority] = {}  # :authority -> parsed (clients repeat a few)
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 
 
@@ -125,7 +126,14 @@ def build_request(fields: HeaderList, drop: frozenset[bytes], listener: Listener
     route_path, query, _ = parse_target(path)
     if route_path == "*" and text_method != "OPTIONS":
         raise BadRequest("The request target * is only valid for OPTIONS.")
-    target = parse_authority(authority) if authority is not None else None
+    target = None
+    if authority is not None:
+        target = _AUTHORITIES.get(authority)
+        if target is None:
+            target = parse_authority(authority)  # raises BadRequest: never cached
+            if len(_AUTHORITIES) >= 1024:
+                _AUTHORITIES.clear()
+            _AUTHORITIES[authority] = target
     host, forward = request_host(target, hosts, True)
     if target is not None or (hosts is not None and forward != hosts[0]):
         headers = [item for item in headers if item[0] != b"host"]
