@@ -15,6 +15,7 @@ import h2.config
 import h2.connection
 import h2.events
 from h2.errors import ErrorCodes
+from h2.stream import StreamState
 from test_h1_server import FakeTransport as H1FakeTransport
 
 from bastion.config.build import build_snapshot
@@ -137,5 +138,22 @@ def test_closed_streams_do_not_pile_up_in_h2() -> None:
             await pair.exchange()
         assert len(pair.of(h2.events.StreamEnded, 599)) == 1
         assert len(pair.server.conn.streams) <= 2 * 100 + 1  # swept when twice the limit is held
+
+    asyncio.run(run())
+
+
+def test_a_stream_h2_closed_on_its_own_is_reset_not_left_hanging() -> None:
+    async def run() -> None:
+        pair = Pair()
+        stream = pair.request("/missing")
+        pair.server.data_received(pair.client.data_to_send())  # the exchange has not run yet
+        h2_stream = pair.server.conn.streams[stream]
+        h2_stream.state_machine.state = StreamState.CLOSED  # as after a stream error h2 handled
+        for _ in range(30):
+            await asyncio.sleep(0)
+        pair.collect()
+        assert pair.server.streams == {}  # forgotten: it does not count against the stream limit
+        assert not pair.of(h2.events.ResponseReceived, stream)
+        assert pair.server.conn.state_machine.state != h2.connection.ConnectionState.CLOSED  # the connection goes on
 
     asyncio.run(run())
