@@ -309,28 +309,45 @@ def test_a_content_length_the_data_does_not_match_is_refused(gateway, scripted_o
     assert not [r for r in origin.requests if r.body == b"12345"]  # never a complete request upstream
 
 
-def test_streams_over_the_concurrency_limit_end_the_connection(gateway, scripted_origin):
-    origin = scripted_origin(reply=[Pause(3.0), Write(http_response(200, b"ok"))])
+def test_a_stream_over_the_concurrency_limit_is_refused_alone(gateway, scripted_origin):
+    origin = scripted_origin(reply=[Pause(1.0), Write(http_response(200, b"ok"))])
     gw = gateway(h2c([origin.address], limits={"h2_max_concurrent_streams": 5}))
     with FrameClient(gw.port) as client:
         client.until(lambda: client.of(SettingsFrame))
         for stream_id in (1, 3, 5, 7, 9):
             client.headers(stream_id, GET)
         client.until(lambda: len(origin.requests) == 5)
-        assert client.goaway() is None
         client.headers(11, GET)  # the sixth at once
-        goaway = client.until(client.goaway)
-        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
-
-
-def test_the_reset_budget_refills_for_a_client_that_cancels_now_and_then(gateway, scripted_origin):
-    origin = scripted_origin(reply=[Pause(2.0), Write(http_response(200, b"ok"))])
-    gw = gateway(h2c([origin.address], limits={"h2_max_resets": 5}))
-    with RawH2(gw.port) as client:
-        for i in range(8):  # 8 cancels, more than the budget, but spread: 5 per 10 s refills 1 per 2 s
-            stream = client.request(f"/c{i}")
-            client.conn.reset_stream(stream, ErrorCodes.CANCEL)
-            client.flush()
-            time.sleep(0.45 if i < 4 else 2.1)
-            client.read(0.05)
+        (refused,) = client.until(lambda: client.of(RstStreamFrame, 11))
+        assert refused.error_code == ErrorCodes.REFUSED_STREAM
+        client.until(lambda: len([f for f in client.of(DataFrame) if "END_STREAM" in f.flags]) == 5)
+        client.headers(13, GET)  # room again
+        client.until(lambda: [f for f in client.of(DataFrame, 13) if "END_STREAM" in f.flags])
         assert client.goaway() is None
+    assert len(origin.requests) == 6
+
+
+def test_opening_streams_over_the_limit_again_and_again_spends_the_reset_budget(gateway, scripted_origin):
+    origin = scripted_origin(reply=[Pause(3.0), Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address], limits={"h2_max_concurrent_streams": 2, "h2_max_resets": 10}))
+    with FrameClient(gw.port) as client:
+        client.send(
+            *(HeadersFrame(2 * i + 1, data=client.block(GET), flags=["END_HEADERS", "END_STREAM"]) for i in range(40))
+        )
+        goaway = client.until(client.goaway)
+        assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_data_after_the_end_of_a_request_does_not_break_the_connection(gateway, scripted_origin):
+    origin = scripted_origin(reply=[Pause(0.3), Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address]))
+    with FrameClient(gw.port) as client:
+        client.headers(1, GET)  # ended
+        client.send(DataFrame(1, data=b"late", flags=["END_STREAM"]))  # a stream error (STREAM_CLOSED)
+        client.until(lambda: client.of(RstStreamFrame, 1) or client.of(DataFrame, 1))
+        client.headers(3, GET)
+        client.until(lambda: [f for f in client.of(DataFrame, 3) if "END_STREAM" in f.flags], timeout=8)
+        assert client.goaway() is None
+    time.sleep(0.5)
+    statistics_after = statistics(gw)
+    assert all(entry["streams"] == 0 for entry in statistics_after)

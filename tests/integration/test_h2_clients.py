@@ -465,3 +465,28 @@ def test_max_requests_per_connection_ends_an_http2_connection_gracefully(gateway
         goaway = client.until(client.goaway)
         assert (goaway.error_code, goaway.last_stream_id) == (0, second)
         client.wait_closed()
+
+
+def test_a_grpc_client_call_passes_through_to_an_origin_that_answers_with_trailers(gateway, scripted_origin):
+    """A real gRPC client (grpcio, cleartext HTTP/2 with prior knowledge) through the gateway to
+    an HTTP/1.1 origin that frames a gRPC answer: te: trailers goes up, grpc-status comes back
+    in trailers, the length-prefixed messages pass untouched."""
+    grpc = pytest.importorskip("grpc")
+    answer = b"\x00\x00\x00\x00\x05world"
+
+    def reply(request: Request) -> list[Step]:
+        chunk = b"%x\r\n%s\r\n" % (len(answer), answer)
+        return [
+            Write(b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk),
+            Write(b"0\r\ngrpc-status: 0\r\ngrpc-message: \r\n\r\n"),
+        ]
+
+    origin = scripted_origin(reply=reply)
+    gw = gateway(h2c_config([origin.address]))
+    with grpc.insecure_channel(f"127.0.0.1:{gw.port}") as channel:
+        call = channel.unary_unary("/demo.Greeter/Hello", request_serializer=None, response_deserializer=None)
+        assert call(b"hello", timeout=10) == b"world"
+    (seen,) = origin.requests
+    assert seen.method == "POST" and seen.target == "/demo.Greeter/Hello"
+    assert seen.header("te") == "trailers" and seen.header("content-type") == "application/grpc"
+    assert seen.body == b"\x00\x00\x00\x00\x05hello"

@@ -1,8 +1,9 @@
 """HTTP/2 on the client side: one connection, many streams, each stream one Exchange.
 
-`h2` (python-hyper) does the framing, HPACK and the protocol's state; this module moves bytes
-between it and the transport, turns a stream's request head into the same `Request` H1Server
-builds, and is the `Downstream` of each stream's `Exchange` (`H2Stream`).
+`h2` (python-hyper) does the framing and the protocol's state (h2_connection.py sets it up);
+this module moves bytes between it and the transport, has each stream's head turned into the
+same `Request` H1Server builds (h2_request.py), and is the `Downstream` of each stream's
+`Exchange` (`H2Stream`).
 
 Flow control is tied to backpressure both ways:
 
@@ -28,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -41,22 +40,19 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.errors import ErrorCodes
-from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import Frame, GoAwayFrame
+from hyperframe.frame import GoAwayFrame
 
 from bastion.config.schema import Listener
-from bastion.errors import BadRequest, GatewayError, HeadersTooLarge, URITooLong
+from bastion.errors import BadRequest, GatewayError
 from bastion.http.error_render import render_json
 from bastion.http.exchange import Exchange
-from bastion.http.header_policy import is_dropped
-from bastion.http.model import HeaderList, Headers, Request, Response
-from bastion.http.paths import parse_authority, parse_target, request_host
+from bastion.http.model import HeaderList, Headers, Response
 from bastion.proto.h1 import WRITE_HIGH, WRITE_LOW, Host, new_request_id
-from bastion.proto.hpack_in import FastDecoder
-from bastion.proto.hpack_out import StatelessEncoder
+from bastion.proto.h2_connection import server_connection
+from bastion.proto.h2_request import CONNECTION_SPECIFIC, Client, Malformed, build_request, trailer_fields
 
 if TYPE_CHECKING:
-    from bastion.config.build import Snapshot
+    pass
 
 log = logging.getLogger("bastion.h2")
 
@@ -77,101 +73,9 @@ BUDGET_WINDOW = 10.0
 _NO_BODY_STATUSES = frozenset((204, 304))
 # RFC 9113 section 8.2.2: connection-specific fields make a request malformed; a response
 # never carries them (nor a Content-Length of the upstream's framing: the gateway sets its own).
-_CONNECTION_SPECIFIC = frozenset((b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"))
-_RESPONSE_DROP = _CONNECTION_SPECIFIC | frozenset((b"te", b"content-length"))
+_RESPONSE_DROP = CONNECTION_SPECIFIC | frozenset((b"te", b"content-length"))
 _TRAILER_DROP = _RESPONSE_DROP | frozenset((b"trailer",))
-_VALID_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_GOOD_NAMES: set[bytes] = set()  # names already checked (a client repeats the same few)
-_WS = b" \t"
-_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 _STATUS: dict[int, bytes] = {}
-
-
-class _BoundedFrameBuffer(FrameBuffer):
-    """h2's frame buffer, with the header block being assembled bounded by the header limit.
-
-    h2 keeps HEADERS and CONTINUATION frames until END_HEADERS (up to 64 frames, so 1 MB at the
-    default frame size) before decoding anything; the HPACK-encoded block is never larger than
-    the decoded list plus a few bytes per field, so over `limit` it can only be refused."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(server=True)
-        self.limit = limit
-
-    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
-        result = super()._update_header_buffer(f)
-        pending = self._headers_buffer
-        if pending and sum(len(frame.data) for frame in pending) > self.limit:
-            raise h2.exceptions.DenialOfServiceError("header block over the limit")
-        return result
-
-
-_FRAME_HEAD = struct.Struct(">HBBBL")  # 24-bit length (as 16 + 8), type, flags, stream id
-_HEADERS, _DATA = 0x1, 0x0
-_END_STREAM, _END_HEADERS = 0x1, 0x4
-_SEND_HEADERS = h2.stream.StreamInputs.SEND_HEADERS
-_SEND_DATA = h2.stream.StreamInputs.SEND_DATA
-_SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
-
-
-class _Connection(h2.connection.H2Connection):
-    """h2's connection with two shortcuts on the per-request path.
-
-    - Sending a response's HEADERS (one frame) and DATA: h2's `send_headers` and `send_data`
-      normalise, validate and re-encode each field, build frame objects and serialize them;
-      here the stream's state machine gets the same inputs, the windows the same debits, and
-      the frame bytes are appended to h2's output buffer directly. Anything else (trailers,
-      interim responses, a head that needs CONTINUATION frames) goes through h2.
-    - Counting open streams: h2 walks every stream on each new one; while the streams it
-      holds (open or not yet swept) are fewer than the limit, that count is answer enough.
-    """
-
-    @property
-    def open_inbound_streams(self) -> int:
-        held = len(self.streams)
-        if held < self.local_settings.max_concurrent_streams:
-            return held
-        return super().open_inbound_streams  # exact (and sweeps closed streams)
-
-    def fast_headers(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
-        block = cast(StatelessEncoder, self.encoder).encode(headers)
-        size = len(block)
-        stream = self.streams.get(stream_id)
-        if stream is None or size > self.max_outbound_frame_size:
-            self.send_headers(stream_id, headers, end_stream=end_stream)
-            return
-        machine = stream.state_machine
-        machine.process_input(_SEND_HEADERS)
-        flags = _END_HEADERS
-        if end_stream:
-            machine.process_input(_SEND_END_STREAM)
-            flags |= _END_STREAM
-        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
-
-    def fast_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        """DATA within the windows (the caller checked them), as h2's `send_data` would."""
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            self.send_data(stream_id, data, end_stream=end_stream)
-            return
-        machine = stream.state_machine
-        machine.process_input(_SEND_DATA)
-        flags = 0
-        if end_stream:
-            machine.process_input(_SEND_END_STREAM)
-            flags = _END_STREAM
-        size = len(data)
-        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id) + data
-        self.outbound_flow_control_window -= size
-        stream.outbound_flow_control_window -= size
-
-
-class _Malformed(Exception):
-    """RFC 9113 section 8.1.1: a malformed request is a stream error PROTOCOL_ERROR."""
-
-
-class NotImplementedMethod(GatewayError):
-    status, word, message = 501, "not_implemented", "CONNECT is not supported over HTTP/2 here."
 
 
 def _status(status: int) -> bytes:
@@ -271,7 +175,12 @@ class H2Stream:
             end_stream = True
         data = [chunk for chunk in body if chunk] if body else None
         server = self.server
-        server.conn.fast_headers(self.stream_id, headers, end_stream and not data)
+        try:
+            server.conn.fast_headers(self.stream_id, headers, end_stream and not data)
+        except h2.exceptions.H2Error:  # h2 closed the stream itself (the client broke it)
+            server.reset_stream(self, ErrorCodes.STREAM_CLOSED)
+            server.write_out()
+            return
         if end_stream and not data:
             self.ended = True
         if data:
@@ -373,31 +282,7 @@ class H2Server(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         limits = settings.limits
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_inbound_headers=False,  # checked here: a stream error, not the connection's
-            normalize_inbound_headers=False,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            split_outbound_cookies=False,
-        )
-        conn = self.conn = _Connection(config)
-        codes = h2.settings.SettingCodes
-        conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                codes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
-                codes.INITIAL_WINDOW_SIZE: limits.h2_initial_window_size,
-                codes.MAX_FRAME_SIZE: limits.h2_max_frame_size,
-                codes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
-                codes.ENABLE_PUSH: 0,
-            },
-        )
-        conn.max_inbound_frame_size = limits.h2_max_frame_size
-        conn.decoder = FastDecoder(limits.max_header_bytes)  # type: ignore[assignment]  # HPACK bomb: stops there
-        conn.encoder = StatelessEncoder()  # type: ignore[assignment]
-        conn.incoming_buffer = _BoundedFrameBuffer(limits.max_header_bytes)  # CONTINUATION flood
+        self.conn = server_connection(limits)
         self._ack_threshold = limits.h2_initial_window_size // 2
         self._conn_window = limits.h2_connection_window
         self._conn_unacked = 0
@@ -408,6 +293,7 @@ class H2Server(asyncio.Protocol):
         self.client_port = 0
         self.scheme = "http"
         self.client_cert: bytes | None = None
+        self._client = Client("", 0, "http", None)
         self.requests = 0
         self.write_paused = False
         self._in_receive = False
@@ -433,6 +319,7 @@ class H2Server(asyncio.Protocol):
         if ssl_object is not None:
             self.scheme = "https"
             self.client_cert = ssl_object.getpeercert(binary_form=True)
+        self._client = Client(self.client_ip, self.client_port, self.scheme, self.client_cert)
         self.gateway.connections.add(self)
         conn = self.conn
         conn.initiate_connection()
@@ -515,12 +402,19 @@ class H2Server(asyncio.Protocol):
             self.reset_stream(stream, ErrorCodes.REFUSED_STREAM)
             self.forget(stream)
             return
+        if len(self.streams) > self.settings.limits.h2_max_concurrent_streams:
+            # Over the limit we announced: this stream is refused (safe to retry), and counts
+            # against the reset budget, so a client cannot make it a free flood either.
+            self.reset_stream(stream, ErrorCodes.REFUSED_STREAM)
+            self.forget(stream)
+            self._spend_reset()
+            return
         ended = bool(event.stream_ended)
         snapshot = self.gateway.snapshot
         self.requests += 1
         try:
-            request = self._build_request(event.headers, snapshot)
-        except _Malformed:
+            request = build_request(event.headers, snapshot.request_drop, self.settings, self._client)
+        except Malformed:
             snapshot.metrics.reject(self.settings.name, 400)
             self.reset_stream(stream, ErrorCodes.PROTOCOL_ERROR)
             self.forget(stream)
@@ -588,14 +482,11 @@ class H2Server(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.closed:
             return
-        drop = self.gateway.snapshot.request_drop
-        items: HeaderList = []
-        for name, value in event.headers:
-            if name[:1] == b":" or name in _CONNECTION_SPECIFIC or not _VALID_NAME.fullmatch(name):
-                self._malformed(stream)
-                return
-            if not is_dropped(name, drop):
-                items.append((name, value))
+        try:
+            items = trailer_fields(event.headers, self.gateway.snapshot.request_drop)
+        except Malformed:
+            self._malformed(stream)
+            return
         stream.trailers = Headers(items) if items else None
 
     def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
@@ -613,11 +504,7 @@ class H2Server(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is None:
             return
-        now = self.loop.time()
-        self._refill(now)
-        self._resets -= 1
-        if self._resets < 0:  # rapid reset: the client opens and cancels streams for free
-            self._calm("too many streams reset")
+        if self._spend_reset():
             return
         stream.closed = True
         stream.receiving = False
@@ -649,105 +536,6 @@ class H2Server(asyncio.Protocol):
         self._fail_connection()
 
     # --- request assembly -------------------------------------------------------------------
-
-    def _build_request(self, fields: HeaderList, snapshot: Snapshot) -> Request:
-        method = path = scheme = authority = None
-        headers: HeaderList = []
-        hosts: list[bytes] | None = None
-        cookies: list[bytes] | None = None
-        length: bytes | None = None
-        request_id: bytes | None = None
-        regular = False
-        drop = snapshot.request_drop
-        keep_underscores = self.settings.underscores_in_headers
-        for name, value in fields:
-            if name[:1] == b":":
-                if regular:
-                    raise _Malformed()  # pseudo-header fields come first
-                if name == b":method" and method is None:
-                    method = value
-                elif name == b":path" and path is None:
-                    path = value
-                elif name == b":scheme" and scheme is None:
-                    scheme = value
-                elif name == b":authority" and authority is None:
-                    authority = value
-                else:
-                    raise _Malformed()  # repeated or unknown (:protocol: extended CONNECT is not offered)
-                continue
-            regular = True
-            if name not in _GOOD_NAMES:
-                if not _VALID_NAME.fullmatch(name):
-                    raise _Malformed()  # upper case, or a byte no field name may hold
-                if len(_GOOD_NAMES) < 2048:
-                    _GOOD_NAMES.add(name)
-            if value and (b"\r" in value or b"\n" in value or b"\0" in value or value[0] in _WS or value[-1] in _WS):
-                raise _Malformed()  # RFC 9113 section 8.2.1
-            if name in _CONNECTION_SPECIFIC:
-                raise _Malformed()
-            if name == b"te":
-                if value != b"trailers":
-                    raise _Malformed()
-                headers.append((name, value))  # gRPC needs it upstream
-                continue
-            if name == b"cookie":
-                if cookies is None:
-                    cookies = [value]
-                else:
-                    cookies.append(value)
-                continue
-            if name == b"host":
-                if hosts is None:
-                    hosts = [value]
-                else:
-                    hosts.append(value)
-            elif name == b"content-length":
-                if length is not None and value != length:
-                    raise _Malformed()
-                length = value
-            elif name == b"x-request-id":
-                request_id = value
-            if keep_underscores:
-                if is_dropped(name, drop):
-                    continue
-            elif name in drop or b"_" in name:
-                continue
-            headers.append((name, value))
-        if method is None:
-            raise _Malformed()
-        if method == b"CONNECT":
-            raise NotImplementedMethod()
-        if not path or scheme is None:
-            raise _Malformed()
-        if len(headers) > self.settings.limits.max_headers:
-            raise HeadersTooLarge()
-        if len(path) > self.settings.limits.max_uri_bytes:
-            raise URITooLong()
-        if path[:1] != b"/" and path != b"*":
-            raise _Malformed()
-        text_method = method.decode("ascii", "replace")
-        route_path, query, _ = parse_target(path)
-        if route_path == "*" and text_method != "OPTIONS":
-            raise BadRequest("The request target * is only valid for OPTIONS.")
-        target = parse_authority(authority) if authority is not None else None
-        host, forward = request_host(target, hosts, True)
-        if target is not None or (hosts is not None and forward != hosts[0]):
-            headers = [item for item in headers if item[0] != b"host"]
-            headers.append((b"host", forward))
-        if cookies is not None:
-            headers.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 section 8.2.3, for HTTP/1.1
-        request = Request(text_method, route_path, query, Headers(headers), "2", host, self.client_ip, self.client_port)
-        request.scheme = self.scheme
-        request.client_cert = self.client_cert
-        if length is not None:
-            if not length.isdigit():
-                raise _Malformed()
-            request.content_length = int(length)
-        if request_id is not None and _VALID_REQUEST_ID.match(request_id):
-            request.request_id = request_id.decode("ascii")
-        else:
-            request.request_id = new_request_id()
-        return request
 
     def _malformed(self, stream: H2Stream) -> None:
         exchange = stream.exchange
@@ -876,6 +664,16 @@ class H2Server(asyncio.Protocol):
             self._control = min(
                 float(limits.h2_max_control_frames), self._control + share * limits.h2_max_control_frames
             )
+
+    def _spend_reset(self) -> bool:
+        """One more stream the client cancelled (or opened over the limit); True: over budget,
+        the connection is closing (rapid reset: streams opened and cancelled for free)."""
+        self._refill(self.loop.time())
+        self._resets -= 1
+        if self._resets < 0:
+            self._calm("too many streams reset")
+            return True
+        return False
 
     def _spend_control(self) -> None:
         self._refill(self.loop.time())

@@ -17,6 +17,11 @@ from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
 _MAX_CONTINUATION = 4  # 7 bits each: values up to 2**28 + prefix
+# Clients send the same short Huffman-coded values again and again (a path, a user agent, an
+# authority) when they do not index them: their decoding is kept, per process, bounded.
+_HUFFMAN_CACHE: dict[bytes, bytes] = {}
+_HUFFMAN_CACHE_SIZE = 1024
+_HUFFMAN_CACHED_LENGTH = 64
 
 
 def _integer(data: bytes, i: int, mask: int) -> tuple[int, int]:
@@ -44,7 +49,16 @@ def _string(data: bytes, i: int) -> tuple[bytes, int]:
     if end > len(data):
         raise HPACKDecodingError("Truncated header block")
     text = data[i:end]
-    return (decode_huffman(text) if huffman else text), end
+    if not huffman:
+        return text, end
+    plain = _HUFFMAN_CACHE.get(text)
+    if plain is None:
+        plain = decode_huffman(text)
+        if length <= _HUFFMAN_CACHED_LENGTH:
+            if len(_HUFFMAN_CACHE) >= _HUFFMAN_CACHE_SIZE:
+                _HUFFMAN_CACHE.clear()
+            _HUFFMAN_CACHE[text] = plain
+    return plain, end
 
 
 class FastDecoder:

@@ -1,0 +1,136 @@
+"""h2's server connection as the gateway uses it: settings from the listener's limits, the
+lean HPACK coders, a bounded header-block buffer, and two shortcuts on the per-request path.
+
+The shortcuts lean on two h2 internals (`H2Connection._data_to_send`, `H2Stream.state_machine`);
+h2 is pinned below 5 and the tests cover both paths.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import cast
+
+import h2.config
+import h2.connection
+import h2.exceptions
+import h2.settings
+import h2.stream
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import Frame
+
+from bastion.config.schema import ListenerLimits
+from bastion.http.model import HeaderList
+from bastion.proto.hpack_in import FastDecoder
+from bastion.proto.hpack_out import StatelessEncoder
+
+
+class BoundedFrameBuffer(FrameBuffer):
+    """h2's frame buffer, with the header block being assembled bounded by the header limit.
+
+    h2 keeps HEADERS and CONTINUATION frames until END_HEADERS (up to 64 frames, so 1 MB at the
+    default frame size) before decoding anything; the HPACK-encoded block is never larger than
+    the decoded list plus a few bytes per field, so over `limit` it can only be refused."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(server=True)
+        self.limit = limit
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        result = super()._update_header_buffer(f)
+        pending = self._headers_buffer
+        if pending and sum(len(frame.data) for frame in pending) > self.limit:
+            raise h2.exceptions.DenialOfServiceError("header block over the limit")
+        return result
+
+
+_FRAME_HEAD = struct.Struct(">HBBBL")  # 24-bit length (as 16 + 8), type, flags, stream id
+_HEADERS, _DATA = 0x1, 0x0
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+_SEND_HEADERS = h2.stream.StreamInputs.SEND_HEADERS
+_SEND_DATA = h2.stream.StreamInputs.SEND_DATA
+_SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
+
+
+class ServerConnection(h2.connection.H2Connection):
+    """h2's connection with two shortcuts on the per-request path.
+
+    - Sending a response's HEADERS (one frame) and DATA: h2's `send_headers` and `send_data`
+      normalise, validate and re-encode each field, build frame objects and serialize them;
+      here the stream's state machine gets the same inputs, the windows the same debits, and
+      the frame bytes are appended to h2's output buffer directly. Anything else (trailers,
+      interim responses, a head that needs CONTINUATION frames) goes through h2.
+    - Counting open streams: h2 walks every stream on each new one, and a stream over the
+      limit would end the connection; the limit is H2Server's (a stream error).
+    """
+
+    @property
+    def open_inbound_streams(self) -> int:
+        # h2 would make a stream over the limit a connection error; H2Server refuses it alone
+        # (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2). h2's count walks every stream
+        # and sweeps the closed ones: done only once enough have piled up.
+        if len(self.streams) > 2 * self.local_settings.max_concurrent_streams:
+            super().open_inbound_streams  # noqa: B018 - the sweep
+        return 0
+
+    def fast_headers(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
+        block = cast(StatelessEncoder, self.encoder).encode(headers)
+        size = len(block)
+        stream = self.streams.get(stream_id)
+        if stream is None or size > self.max_outbound_frame_size:
+            self.send_headers(stream_id, headers, end_stream=end_stream)
+            return
+        machine = stream.state_machine
+        machine.process_input(_SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            machine.process_input(_SEND_END_STREAM)
+            flags |= _END_STREAM
+        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
+
+    def fast_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        """DATA within the windows (the caller checked them), as h2's `send_data` would."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            self.send_data(stream_id, data, end_stream=end_stream)
+            return
+        machine = stream.state_machine
+        machine.process_input(_SEND_DATA)
+        flags = 0
+        if end_stream:
+            machine.process_input(_SEND_END_STREAM)
+            flags = _END_STREAM
+        size = len(data)
+        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id) + data
+        self.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
+
+
+def server_connection(limits: ListenerLimits) -> ServerConnection:
+    """A server-side connection announcing the listener's limits and enforcing them from the
+    first frame (not only once the client acknowledges the SETTINGS)."""
+    config = h2.config.H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        validate_inbound_headers=False,  # h2_request checks: a stream error, not the connection's
+        normalize_inbound_headers=False,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        split_outbound_cookies=False,
+    )
+    conn = ServerConnection(config)
+    codes = h2.settings.SettingCodes
+    conn.local_settings = h2.settings.Settings(
+        client=False,
+        initial_values={
+            codes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
+            codes.INITIAL_WINDOW_SIZE: limits.h2_initial_window_size,
+            codes.MAX_FRAME_SIZE: limits.h2_max_frame_size,
+            codes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+            codes.ENABLE_PUSH: 0,
+        },
+    )
+    conn.max_inbound_frame_size = limits.h2_max_frame_size
+    conn.decoder = FastDecoder(limits.max_header_bytes)  # type: ignore[assignment]  # HPACK bomb: stops there
+    conn.encoder = StatelessEncoder()  # type: ignore[assignment]
+    conn.incoming_buffer = BoundedFrameBuffer(limits.max_header_bytes)  # CONTINUATION flood
+    return conn
