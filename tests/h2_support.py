@@ -24,7 +24,8 @@ the first connection, once `heads` request heads arrived: GOAWAY whose last_stre
 answered, then the connection closes),
 `refuse` (RST_STREAM REFUSED_STREAM for that many first streams), `settings_delay` (seconds
 before its SETTINGS: a connection that is slow to open), `goaway_error` (at the second
-request head: GOAWAY INTERNAL_ERROR with that stream as the last, answering nothing more). It records connections,
+request head: GOAWAY INTERNAL_ERROR with that stream as the last, answering nothing more),
+`goaway_at_start` (GOAWAY right behind its SETTINGS: a connection that takes no stream). It records connections,
 every completed request (`done`), the most streams open at once on one connection, and
 the bytes each `/big` response has sent so far (`sent`).
 """
@@ -95,6 +96,10 @@ class _Conn(asyncio.Protocol):
         self.h2.initiate_connection()
         self.h2.update_settings(settings)
         self.h2.increment_flow_control_window(8 << 20)
+        if self.origin.goaway_at_start:
+            self.h2.close_connection(last_stream_id=0)
+            self.last_stream_id = 0  # streams that still come are dropped unanswered
+            self.h2.state_machine.state = ConnectionState.SERVER_OPEN  # still read the gateway's frames
         self.flush()
 
     def flush(self) -> None:
@@ -349,6 +354,7 @@ class H2Origin:
         refuse: int = 0,
         settings_delay: float = 0.0,
         goaway_error: bool = False,
+        goaway_at_start: bool = False,
     ) -> None:
         self.tls = tls
         self.max_streams = max_streams
@@ -357,6 +363,7 @@ class H2Origin:
         self.refuse = refuse
         self.settings_delay = settings_delay
         self.goaway_error = goaway_error
+        self.goaway_at_start = goaway_at_start
         self.refused = 0
         self.ignored = 0
         self.connections = 0

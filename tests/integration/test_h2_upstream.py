@@ -505,3 +505,13 @@ def test_http_checks_of_an_h2_target_use_tls_and_alpn(gateway: Any, h2_origin: A
     target = _target(gateway(config))
     _wait(lambda: target.checks_ok >= 2)
     assert target.healthy
+
+
+def test_connections_that_take_no_stream_end_in_a_502_not_a_loop(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin(goaway_at_start=True)
+    gw = h2c_gateway(gateway, origin, retries={"attempts": 0})
+    reply = request(gw.port, "GET", "/")
+    assert reply.status == 502
+    # Refused before SETTINGS came with the GOAWAY, or refused as a stream once sent: both end.
+    assert reply.json()["error"] in ("upstream_connect_failed", "bad_gateway")
+    assert 3 <= origin.connections <= 12, reply.json()

@@ -95,7 +95,7 @@ class _ClientH2(H2Connection):
     def _receive_goaway_frame(self, frame: Any) -> Any:
         state = self.state_machine.state
         result = super()._receive_goaway_frame(frame)
-        if state is ConnectionState.CLIENT_OPEN:
+        if state is ConnectionState.CLIENT_OPEN or state is ConnectionState.IDLE:  # IDLE: no stream sent yet
             self.state_machine.state = state
         return result
 
@@ -239,6 +239,10 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # closed by us (no stream left) or broken: nothing here is awaited any more
+        if self._flush_pending:
+            self.write_now()  # h2 drops what is still queued when a GOAWAY arrives
         if not self.ready.done() and not self._first_frame_ok(data):
             return
         try:

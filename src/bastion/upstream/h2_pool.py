@@ -89,6 +89,7 @@ class H2Pool:
     async def reserve(self) -> H2ClientConnection:
         """A ready connection with one stream slot reserved for the caller."""
         may_skip_queue = False
+        opened = 0
         while True:
             if may_skip_queue or not self.waiters:
                 conn = self._with_room()
@@ -97,6 +98,9 @@ class H2Pool:
                     return conn
                 opening = self._opening()
                 if opening is None and len(self.conns) < self.limits.max_connections:
+                    opened += 1
+                    if opened > 3:  # each new connection went away or was full at once
+                        raise UpstreamConnectError("The upstream's new HTTP/2 connections took no stream.")
                     opening = self._start_connection()
                 if opening is not None:
                     await asyncio.shield(opening.ready)  # raises the connect error
