@@ -7,6 +7,7 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/trailers`: a small body and trailers (`x-checksum: abc`, `x-count: 2`);
 - `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
 - `/close-early`: the connection is closed before any answer;
+- `/early`: a 413 before reading the body, then RST_STREAM NO_ERROR;
 - `/huge-head`: a response head of 70 kB (HEADERS and CONTINUATION frames);
 - `/evil-header`: a response field whose value holds CR LF and another field;
 - `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
@@ -235,6 +236,13 @@ class _Conn(asyncio.Protocol):
             if route == "/close-early":
                 assert self.transport is not None
                 self.transport.close()
+                return
+            if route == "/early":
+                body = b"too large"
+                h2.send_headers(sid, [(b":status", b"413"), (b"content-length", str(len(body)).encode())])
+                h2.send_data(sid, body, end_stream=True)
+                h2.reset_stream(sid, ErrorCodes.NO_ERROR)  # RFC 9113 8.1: stop sending the body
+                self.flush()
                 return
             if route == "/huge-head":
                 h2.send_headers(sid, [(b":status", b"200"), (b"x-big", b"h" * 70_000)], end_stream=True)

@@ -515,3 +515,14 @@ def test_connections_that_take_no_stream_end_in_a_502_not_a_loop(gateway: Any, h
     # Refused before SETTINGS came with the GOAWAY, or refused as a stream once sent: both end.
     assert reply.json()["error"] in ("upstream_connect_failed", "bad_gateway")
     assert 3 <= origin.connections <= 12, reply.json()
+
+
+def test_an_answer_before_the_body_is_relayed_and_the_upload_stops(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    with RawClient(gw.port) as client:
+        client.send(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"e" * 100_000)
+        response = client.read_response()
+    assert (response.status, response.body) == (413, b"too large")
+    assert request(gw.port, "GET", "/after").status == 200
+    assert origin.connections == 1  # the early answer cost a stream, not the connection
