@@ -153,6 +153,9 @@ def test_goaway_mid_traffic_fails_no_request(gateway: Any, h2_origin: Any) -> No
     first = [r for r in replies if r.json()["connection"] == 0]
     assert len(first) == 2
     assert origin.connections >= 2
+    statistics = _target(gw).pool.statistics()
+    assert statistics["goaways"] == 1
+    assert statistics["streams_replayed"] >= 4
 
 
 def test_refused_streams_are_sent_again_with_their_body(gateway: Any, h2_origin: Any) -> None:
