@@ -44,6 +44,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
+from hpack import Encoder
 from hpack.struct import NeverIndexedHeaderTuple
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
@@ -100,6 +101,14 @@ class _ClientH2(H2Connection):
         return result
 
 
+class _PlainEncoder(Encoder):
+    """HPACK without Huffman-coding literal values: in pure Python the coding costs more CPU
+    than the few header bytes it saves toward a target."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return bytes(super().encode(headers, huffman=False))
+
+
 def _config() -> H2Configuration:
     # Outbound fields come from the gateway's parsers (lower-case, trimmed, checked), so h2's
     # per-field checks and normalisation of them are skipped: they cost more than the
@@ -124,6 +133,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.scheme = scheme
         self.alpn_required = alpn_required
         self.h2 = _ClientH2(config=_config())
+        self.h2.encoder = _PlainEncoder()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.reserved = 0  # streams handed out by the pool, head not sent yet
