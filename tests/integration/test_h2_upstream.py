@@ -94,7 +94,7 @@ def _concurrently(count: int, call: Callable[[int], Any]) -> list[Any]:
 
 
 def test_concurrent_requests_share_one_connection(gateway: Any, h2_origin: Any) -> None:
-    origin = h2_origin(delay=0.3)
+    origin = h2_origin(delay=1.0)
     gw = h2c_gateway(gateway, origin)
     replies = _concurrently(50, lambda i: request(gw.port, "GET", f"/r{i}", timeout=20))
     assert [r.status for r in replies] == [200] * 50
@@ -111,7 +111,7 @@ def test_first_requests_wait_for_the_connection_being_opened(gateway: Any, h2_or
 
 
 def test_a_target_allowing_two_streams_gets_more_connections(gateway: Any, h2_origin: Any) -> None:
-    origin = h2_origin(delay=0.3, max_streams=2)
+    origin = h2_origin(delay=1.0, max_streams=2)
     gw = h2c_gateway(gateway, origin)
     replies = _concurrently(10, lambda i: request(gw.port, "GET", f"/r{i}", timeout=20))
     assert [r.status for r in replies] == [200] * 10
@@ -129,7 +129,7 @@ def test_at_max_connections_requests_queue_for_a_stream_slot(gateway: Any, h2_or
 
 
 def test_without_a_queue_a_full_target_answers_503(gateway: Any, h2_origin: Any) -> None:
-    origin = h2_origin(delay=0.5, max_streams=1)
+    origin = h2_origin(delay=1.0, max_streams=1)
     gw = h2c_gateway(gateway, origin, max_connections=1)
     replies = _concurrently(4, lambda i: request(gw.port, "GET", f"/r{i}", timeout=20))
     statuses = sorted(r.status for r in replies)
@@ -141,7 +141,7 @@ def test_without_a_queue_a_full_target_answers_503(gateway: Any, h2_origin: Any)
 def test_goaway_mid_traffic_fails_no_request(gateway: Any, h2_origin: Any) -> None:
     """Streams above GOAWAY's last_stream_id were never processed: sent again elsewhere, even
     POSTs; those at or below it are answered on the closing connection."""
-    origin = h2_origin(delay=0.3, goaway_after=(6, 2))
+    origin = h2_origin(delay=1.0, goaway_after=(6, 2))
     gw = h2c_gateway(gateway, origin)
     bodies = [f"order-{i}".encode() * 100 for i in range(10)]
     replies = _concurrently(10, lambda i: request(gw.port, "POST", "/orders", body=bodies[i], timeout=20))
