@@ -7,6 +7,7 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/trailers`: a small body and trailers (`x-checksum: abc`, `x-count: 2`);
 - `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
 - `/close-early`: the connection is closed before any answer;
+- `/drip`: the head and `first;`, then `second` once the test sets `gate`;
 - `/early`: a 413 before reading the body, then RST_STREAM NO_ERROR;
 - `/huge-head`: a response head of 70 kB (HEADERS and CONTINUATION frames);
 - `/evil-header`: a response field whose value holds CR LF and another field;
@@ -237,6 +238,13 @@ class _Conn(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
                 return
+            if route == "/drip":
+                h2.send_headers(sid, [(b":status", b"200")])
+                await self._send(sid, b"first;")
+                released = await asyncio.get_running_loop().run_in_executor(None, self.origin.gate.wait, 10)
+                await self._send(sid, b"second" if released else b"never released", end=True)
+                self._finished(stream)
+                return
             if route == "/early":
                 body = b"too large"
                 h2.send_headers(sid, [(b":status", b"413"), (b"content-length", str(len(body)).encode())])
@@ -378,7 +386,8 @@ class H2Origin:
         self.closed = 0
         self.most_streams = 0
         self.done: list[tuple[int, int, bytes]] = []
-        self.paths: list[bytes] = []  # of every request head, in arrival order
+        self.paths: list[bytes] = []
+        self.gate = threading.Event()  # of every request head, in arrival order
         self.sent: dict[int, int] = {}
         self.resets: list[Any] = []
         self.errors: list[str] = []

@@ -529,3 +529,22 @@ def test_an_answer_before_the_body_is_relayed_and_the_upload_stops(gateway: Any,
     assert (response.status, response.body) == (413, b"too large")
     assert request(gw.port, "GET", "/after").status == 200
     assert origin.connections == 1  # the early answer cost a stream, not the connection
+
+
+def test_a_streamed_response_reaches_the_client_as_it_comes(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"GET /drip HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"first;" not in received:  # before the origin has sent the rest
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+        origin.gate.set()
+        while not received.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+    assert b"transfer-encoding: chunked" in received.lower()
+    assert b"second" in received
