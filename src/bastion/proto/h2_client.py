@@ -420,7 +420,7 @@ class H2Stream:
         self.waiting_window = False
         self._loop = asyncio.get_running_loop()
         self._head: HeaderList = []
-        self._pending: deque[bytes] = deque()
+        self._pending: deque[bytes | memoryview] = deque()
         self._end_pending = False
         self._ended = False
         self._trailers_out: HeaderList | None = None
@@ -578,9 +578,10 @@ class H2Stream:
                     break
                 chunk = pending[0]
                 size = min(window, h2.max_outbound_frame_size)
-                if len(chunk) > size:
-                    h2.send_data(stream_id, chunk[:size])
-                    pending[0] = chunk[size:]
+                if len(chunk) > size:  # frames cut from a view: no copy of the rest each time
+                    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                    h2.send_data(stream_id, view[:size])
+                    pending[0] = view[size:]
                 else:
                     h2.send_data(stream_id, chunk)
                     pending.popleft()
@@ -724,7 +725,7 @@ class H2Stream:
             self.fail(UpstreamError("The upstream refused the stream (HTTP/2 GOAWAY or REFUSED_STREAM)."))
             return
         self.served = conn.served
-        self._pending = deque(self._replay)
+        self._pending = deque[bytes | memoryview](self._replay)
         self._end_pending = self._end_pending or self._ended
         self._ended = False
         self._start()
