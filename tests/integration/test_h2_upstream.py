@@ -548,3 +548,27 @@ def test_a_streamed_response_reaches_the_client_as_it_comes(gateway: Any, h2_ori
             received += chunk
     assert b"transfer-encoding: chunked" in received.lower()
     assert b"second" in received
+
+
+@pytest.mark.parametrize(
+    "field", [b":path: /admin", b":authority: evil.example", b"connection: x-keep\r\nx-keep: 1", b"te: gzip"]
+)
+def test_a_client_cannot_smuggle_pseudo_or_connection_fields_to_an_h2_target(
+    gateway: Any, h2_origin: Any, field: bytes
+) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    raw = raw_exchange(
+        gw.port, b"GET /public HTTP/1.1\r\nHost: api.example\r\n" + field + b"\r\nConnection: close\r\n\r\n"
+    )
+    status = int(raw.split(b" ", 2)[1])
+    if status == 200:
+        info = json.loads(raw.partition(b"\r\n\r\n")[2])
+        names = [name for name, _ in info["headers"]]
+        assert (info["path"], info["authority"]) == ("/public", "api.example")
+        assert names.count(":path") == 1 and names.count(":authority") == 1
+        assert "x-keep" not in names and "connection" not in names
+        assert ["te", "trailers"] in info["headers"] and ["te", "gzip"] not in info["headers"]
+    else:
+        assert status == 400
+        assert origin.paths == []
