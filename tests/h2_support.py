@@ -8,6 +8,7 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
 - `/close-early`: the connection is closed before any answer;
 - `/drip`: the head and `first;`, then `second` once the test sets `gate`;
+- `/short-body`: content-length 100, then 10 bytes and the end of the stream;
 - `/early`: a 413 before reading the body, then RST_STREAM NO_ERROR;
 - `/huge-head`: a response head of 70 kB (HEADERS and CONTINUATION frames);
 - `/evil-header`: a response field whose value holds CR LF and another field;
@@ -244,6 +245,11 @@ class _Conn(asyncio.Protocol):
                 released = await asyncio.get_running_loop().run_in_executor(None, self.origin.gate.wait, 10)
                 await self._send(sid, b"second" if released else b"never released", end=True)
                 self._finished(stream)
+                return
+            if route == "/short-body":
+                h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"100")])
+                h2.send_data(sid, b"only ten b", end_stream=True)
+                self.flush()
                 return
             if route == "/early":
                 body = b"too large"
