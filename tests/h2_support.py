@@ -12,6 +12,9 @@ It runs its own asyncio loop in a thread and answers by path:
 - `/trailers`: a small body and trailers (`x-checksum: abc`, `x-count: 2`);
 - `/reset-mid`: the head and some body, then RST_STREAM INTERNAL_ERROR;
 - `/close-early`: the connection is closed before any answer;
+- `/drip`: the head and `first;`, then `second` once the test sets `gate`;
+- `/short-body`: content-length 100, then 10 bytes and the end of the stream;
+- `/early`: a 413 before reading the body, then RST_STREAM NO_ERROR;
 - `/huge-head`: a response head of 70 kB (HEADERS and CONTINUATION frames);
 - `/evil-header`: a response field whose value holds CR LF and another field;
 - `/reset-early`: RST_STREAM INTERNAL_ERROR before any head;
@@ -29,7 +32,8 @@ the first connection, once `heads` request heads arrived: GOAWAY whose last_stre
 answered, then the connection closes),
 `refuse` (RST_STREAM REFUSED_STREAM for that many first streams), `settings_delay` (seconds
 before its SETTINGS: a connection that is slow to open), `goaway_error` (at the second
-request head: GOAWAY INTERNAL_ERROR with that stream as the last, answering nothing more). It records connections,
+request head: GOAWAY INTERNAL_ERROR with that stream as the last, answering nothing more),
+`goaway_at_start` (GOAWAY right behind its SETTINGS: a connection that takes no stream). It records connections,
 every completed request (`done`), the most streams open at once on one connection, and
 the bytes each `/big` response has sent so far (`sent`).
 """
@@ -332,6 +336,10 @@ class _Conn(asyncio.Protocol):
         self.h2.initiate_connection()
         self.h2.update_settings(settings)
         self.h2.increment_flow_control_window(8 << 20)
+        if self.origin.goaway_at_start:
+            self.h2.close_connection(last_stream_id=0)
+            self.last_stream_id = 0  # streams that still come are dropped unanswered
+            self.h2.state_machine.state = ConnectionState.SERVER_OPEN  # still read the gateway's frames
         self.flush()
 
     def flush(self) -> None:
@@ -468,6 +476,25 @@ class _Conn(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
                 return
+            if route == "/drip":
+                h2.send_headers(sid, [(b":status", b"200")])
+                await self._send(sid, b"first;")
+                released = await asyncio.get_running_loop().run_in_executor(None, self.origin.gate.wait, 10)
+                await self._send(sid, b"second" if released else b"never released", end=True)
+                self._finished(stream)
+                return
+            if route == "/short-body":
+                h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"100")])
+                h2.send_data(sid, b"only ten b", end_stream=True)
+                self.flush()
+                return
+            if route == "/early":
+                body = b"too large"
+                h2.send_headers(sid, [(b":status", b"413"), (b"content-length", str(len(body)).encode())])
+                h2.send_data(sid, body, end_stream=True)
+                h2.reset_stream(sid, ErrorCodes.NO_ERROR)  # RFC 9113 8.1: stop sending the body
+                self.flush()
+                return
             if route == "/huge-head":
                 h2.send_headers(sid, [(b":status", b"200"), (b"x-big", b"h" * 70_000)], end_stream=True)
                 self.flush()
@@ -586,6 +613,7 @@ class H2Origin:
         refuse: int = 0,
         settings_delay: float = 0.0,
         goaway_error: bool = False,
+        goaway_at_start: bool = False,
     ) -> None:
         self.tls = tls
         self.max_streams = max_streams
@@ -594,13 +622,15 @@ class H2Origin:
         self.refuse = refuse
         self.settings_delay = settings_delay
         self.goaway_error = goaway_error
+        self.goaway_at_start = goaway_at_start
         self.refused = 0
         self.ignored = 0
         self.connections = 0
         self.closed = 0
         self.most_streams = 0
         self.done: list[tuple[int, int, bytes]] = []
-        self.paths: list[bytes] = []  # of every request head, in arrival order
+        self.paths: list[bytes] = []
+        self.gate = threading.Event()  # of every request head, in arrival order
         self.sent: dict[int, int] = {}
         self.resets: list[Any] = []
         self.errors: list[str] = []

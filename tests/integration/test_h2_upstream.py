@@ -94,7 +94,7 @@ def _concurrently(count: int, call: Callable[[int], Any]) -> list[Any]:
 
 
 def test_concurrent_requests_share_one_connection(gateway: Any, h2_origin: Any) -> None:
-    origin = h2_origin(delay=0.3)
+    origin = h2_origin(delay=1.0)
     gw = h2c_gateway(gateway, origin)
     replies = _concurrently(50, lambda i: request(gw.port, "GET", f"/r{i}", timeout=20))
     assert [r.status for r in replies] == [200] * 50
@@ -111,7 +111,7 @@ def test_first_requests_wait_for_the_connection_being_opened(gateway: Any, h2_or
 
 
 def test_a_target_allowing_two_streams_gets_more_connections(gateway: Any, h2_origin: Any) -> None:
-    origin = h2_origin(delay=0.3, max_streams=2)
+    origin = h2_origin(delay=1.0, max_streams=2)
     gw = h2c_gateway(gateway, origin)
     replies = _concurrently(10, lambda i: request(gw.port, "GET", f"/r{i}", timeout=20))
     assert [r.status for r in replies] == [200] * 10
@@ -129,7 +129,7 @@ def test_at_max_connections_requests_queue_for_a_stream_slot(gateway: Any, h2_or
 
 
 def test_without_a_queue_a_full_target_answers_503(gateway: Any, h2_origin: Any) -> None:
-    origin = h2_origin(delay=0.5, max_streams=1)
+    origin = h2_origin(delay=1.0, max_streams=1)
     gw = h2c_gateway(gateway, origin, max_connections=1)
     replies = _concurrently(4, lambda i: request(gw.port, "GET", f"/r{i}", timeout=20))
     statuses = sorted(r.status for r in replies)
@@ -141,7 +141,7 @@ def test_without_a_queue_a_full_target_answers_503(gateway: Any, h2_origin: Any)
 def test_goaway_mid_traffic_fails_no_request(gateway: Any, h2_origin: Any) -> None:
     """Streams above GOAWAY's last_stream_id were never processed: sent again elsewhere, even
     POSTs; those at or below it are answered on the closing connection."""
-    origin = h2_origin(delay=0.3, goaway_after=(6, 2))
+    origin = h2_origin(delay=1.0, goaway_after=(6, 2))
     gw = h2c_gateway(gateway, origin)
     bodies = [f"order-{i}".encode() * 100 for i in range(10)]
     replies = _concurrently(10, lambda i: request(gw.port, "POST", "/orders", body=bodies[i], timeout=20))
@@ -153,6 +153,9 @@ def test_goaway_mid_traffic_fails_no_request(gateway: Any, h2_origin: Any) -> No
     first = [r for r in replies if r.json()["connection"] == 0]
     assert len(first) == 2
     assert origin.connections >= 2
+    statistics = _target(gw).pool.statistics()
+    assert statistics["goaways"] == 1
+    assert statistics["streams_replayed"] >= 4
 
 
 def test_refused_streams_are_sent_again_with_their_body(gateway: Any, h2_origin: Any) -> None:
@@ -505,3 +508,82 @@ def test_http_checks_of_an_h2_target_use_tls_and_alpn(gateway: Any, h2_origin: A
     target = _target(gateway(config))
     _wait(lambda: target.checks_ok >= 2)
     assert target.healthy
+
+
+def test_connections_that_take_no_stream_end_in_a_502_not_a_loop(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin(goaway_at_start=True)
+    gw = h2c_gateway(gateway, origin, retries={"attempts": 0})
+    reply = request(gw.port, "GET", "/")
+    assert reply.status == 502
+    # Refused before SETTINGS came with the GOAWAY, or refused as a stream once sent: both end.
+    assert reply.json()["error"] in ("upstream_connect_failed", "bad_gateway")
+    assert 3 <= origin.connections <= 12, reply.json()
+
+
+def test_an_answer_before_the_body_is_relayed_and_the_upload_stops(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    with RawClient(gw.port) as client:
+        client.send(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"e" * 100_000)
+        response = client.read_response()
+    assert (response.status, response.body) == (413, b"too large")
+    assert request(gw.port, "GET", "/after").status == 200
+    assert origin.connections == 1  # the early answer cost a stream, not the connection
+
+
+def test_a_streamed_response_reaches_the_client_as_it_comes(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"GET /drip HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"first;" not in received:  # before the origin has sent the rest
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+        origin.gate.set()
+        while not received.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+    assert b"transfer-encoding: chunked" in received.lower()
+    assert b"second" in received
+
+
+@pytest.mark.parametrize(
+    "field", [b":path: /admin", b":authority: evil.example", b"connection: x-keep\r\nx-keep: 1", b"te: gzip"]
+)
+def test_a_client_cannot_smuggle_pseudo_or_connection_fields_to_an_h2_target(
+    gateway: Any, h2_origin: Any, field: bytes
+) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    raw = raw_exchange(
+        gw.port, b"GET /public HTTP/1.1\r\nHost: api.example\r\n" + field + b"\r\nConnection: close\r\n\r\n"
+    )
+    status = int(raw.split(b" ", 2)[1])
+    if status == 200:
+        info = json.loads(raw.partition(b"\r\n\r\n")[2])
+        names = [name for name, _ in info["headers"]]
+        assert (info["path"], info["authority"]) == ("/public", "api.example")
+        assert names.count(":path") == 1 and names.count(":authority") == 1
+        assert "x-keep" not in names and "connection" not in names
+        assert ["te", "trailers"] in info["headers"] and ["te", "gzip"] not in info["headers"]
+    else:
+        assert status == 400
+        assert origin.paths == []
+
+
+def test_a_body_shorter_than_its_content_length_is_cut_not_completed(gateway: Any, h2_origin: Any) -> None:
+    origin = h2_origin()
+    gw = h2c_gateway(gateway, origin)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("GET", "/short-body")
+    response = conn.getresponse()
+    if response.status == 200:  # the head went out before the short end arrived
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+    else:  # all in one read: h2 refuses the frames before any head is relayed
+        assert response.status == 502
+    conn.close()
+    assert request(gw.port, "GET", "/after").status == 200

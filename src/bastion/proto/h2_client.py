@@ -44,6 +44,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
+from hpack import Encoder
 from hpack.struct import NeverIndexedHeaderTuple
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
@@ -95,9 +96,17 @@ class _ClientH2(H2Connection):
     def _receive_goaway_frame(self, frame: Any) -> Any:
         state = self.state_machine.state
         result = super()._receive_goaway_frame(frame)
-        if state is ConnectionState.CLIENT_OPEN:
+        if state is ConnectionState.CLIENT_OPEN or state is ConnectionState.IDLE:  # IDLE: no stream sent yet
             self.state_machine.state = state
         return result
+
+
+class _PlainEncoder(Encoder):
+    """HPACK without Huffman-coding literal values: in pure Python the coding costs more CPU
+    than the few header bytes it saves toward a target."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return bytes(super().encode(headers, huffman=False))
 
 
 def _config() -> H2Configuration:
@@ -124,6 +133,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.scheme = scheme
         self.alpn_required = alpn_required
         self.h2 = _ClientH2(config=_config())
+        self.h2.encoder = _PlainEncoder()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.reserved = 0  # streams handed out by the pool, head not sent yet
@@ -239,6 +249,10 @@ class H2ClientConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # closed by us (no stream left) or broken: nothing here is awaited any more
+        if self._flush_pending:
+            self.write_now()  # h2 drops what is still queued when a GOAWAY arrives
         if not self.ready.done() and not self._first_frame_ok(data):
             return
         try:
@@ -406,7 +420,7 @@ class H2Stream:
         self.waiting_window = False
         self._loop = asyncio.get_running_loop()
         self._head: HeaderList = []
-        self._pending: deque[bytes] = deque()
+        self._pending: deque[bytes | memoryview] = deque()
         self._end_pending = False
         self._ended = False
         self._trailers_out: HeaderList | None = None
@@ -564,9 +578,10 @@ class H2Stream:
                     break
                 chunk = pending[0]
                 size = min(window, h2.max_outbound_frame_size)
-                if len(chunk) > size:
-                    h2.send_data(stream_id, chunk[:size])
-                    pending[0] = chunk[size:]
+                if len(chunk) > size:  # frames cut from a view: no copy of the rest each time
+                    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                    h2.send_data(stream_id, view[:size])
+                    pending[0] = view[size:]
                 else:
                     h2.send_data(stream_id, chunk)
                     pending.popleft()
@@ -710,7 +725,7 @@ class H2Stream:
             self.fail(UpstreamError("The upstream refused the stream (HTTP/2 GOAWAY or REFUSED_STREAM)."))
             return
         self.served = conn.served
-        self._pending = deque(self._replay)
+        self._pending = deque[bytes | memoryview](self._replay)
         self._end_pending = self._end_pending or self._ended
         self._ended = False
         self._start()

@@ -44,6 +44,8 @@ class H2Pool:
         self.queue = queue if queue is not None else WaitQueue()
         self.conns: list[H2ClientConnection] = []  # connected or connecting, oldest first
         self.opened_total = 0
+        self.goaways = 0  # connections the target ended with GOAWAY
+        self.replayed = 0  # refused streams sent again
         self.waiters: deque[asyncio.Future[H2ClientConnection | None]] = deque()
         self.tls: ClientTls | None = None
         self.epoch = 0  # bumped when the TLS settings change: older connections take no new stream
@@ -76,7 +78,12 @@ class H2Pool:
 
         Raises Overloaded (no room and the queue is full or timed out) or a connect error."""
         conn = await self.reserve()
-        return H2Stream(conn, self.reserve)
+        return H2Stream(conn, self._reserve_again)
+
+    async def _reserve_again(self) -> H2ClientConnection:
+        """A slot for a stream the target refused (sent again: counted)."""
+        self.replayed += 1
+        return await self.reserve()
 
     def release(self, stream: H2Stream | UpstreamConnection, reusable: bool) -> None:
         """The exchange is done with a stream (a failed stream does not condemn its connection:
@@ -89,6 +96,7 @@ class H2Pool:
     async def reserve(self) -> H2ClientConnection:
         """A ready connection with one stream slot reserved for the caller."""
         may_skip_queue = False
+        opened = 0
         while True:
             if may_skip_queue or not self.waiters:
                 conn = self._with_room()
@@ -97,6 +105,9 @@ class H2Pool:
                     return conn
                 opening = self._opening()
                 if opening is None and len(self.conns) < self.limits.max_connections:
+                    opened += 1
+                    if opened > 3:  # each new connection went away or was full at once
+                        raise UpstreamConnectError("The upstream's new HTTP/2 connections took no stream.")
                     opening = self._start_connection()
                 if opening is not None:
                     await asyncio.shield(opening.ready)  # raises the connect error
@@ -229,6 +240,8 @@ class H2Pool:
             waiter.cancel()
 
     def connection_lost(self, conn: H2ClientConnection) -> None:
+        if conn.goaway:
+            self.goaways += 1
         self._drop(conn)
 
     def sweep(self, now: float) -> None:
@@ -252,4 +265,6 @@ class H2Pool:
             "waiting": len(self.waiters),
             "opened_total": self.opened_total,
             "streams": sum(len(conn.streams) for conn in self.conns),
+            "goaways": self.goaways,
+            "streams_replayed": self.replayed,
         }
