@@ -201,10 +201,14 @@ def test_tls_is_terminated_in_front_of_a_plain_tcp_target(tmp_path: Path, origin
     gw = GatewayThread(write_config(tmp_path / "gw.yaml", config), port)
     try:
         context = pki.client_context()
+        context.set_alpn_protocols(["h2", "http/1.1"])
         with (
             socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
             context.wrap_socket(raw, server_hostname="db.example.com") as tls,
         ):
+            # The bytes go to a target the gateway knows nothing of: it agrees to no protocol
+            # in ALPN (a client told "h2" would speak HTTP/2 to a server that may not).
+            assert tls.selected_alpn_protocol() is None
             tls.sendall(b"over tls")
             assert recv_exactly(tls, 8) == b"over tls"  # type: ignore[arg-type]
         with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:

@@ -375,7 +375,10 @@ def build_tls(
     for index, listener in enumerate(loaded.config.listeners):
         if listener.tls is not None:
             try:
-                alpn = ALPN_HTTP1 if listener.http2 is False else ALPN_H2
+                if listener.protocol == "tcp":
+                    alpn: list[str] = []  # relayed to a target the gateway doesn't speak for: agree to nothing
+                else:
+                    alpn = ALPN_HTTP1 if listener.http2 is False else ALPN_H2
                 listeners[str(listener.bind)] = CertSet(listener.tls, reader, alpn)
             except TlsProblems as exc:
                 problems.extend((("listeners", index, "tls", *loc), text) for loc, text in exc.problems)
