@@ -19,6 +19,7 @@ import pytest
 
 from adversary import Pause, ReadRequest, Request, Step, Write, http_response
 from bastion.demo.origin import OriginHandle
+from bastion.pipeline import Context, Plugin, PluginConfig, Reply
 from h2_support import PREFACE, RawH2
 from support import GatewayThread, free_port
 from tls_support import Pki
@@ -428,6 +429,37 @@ def test_a_client_that_does_not_read_its_socket_holds_bounded_memory_then_is_cut
             time.sleep(0.1)
         assert not gw.call(_h2_statistics(gw)), "the send timeout did not cut the connection"
         assert len(streams) == 4
+
+
+class Hold(Plugin):
+    """Keeps a request in the plugin phase (no upstream yet) for half a second."""
+
+    name = "hold"
+    Config = PluginConfig
+
+    async def on_request(self, ctx: Context) -> Reply | None:
+        await asyncio.sleep(0.5)
+        return None
+
+
+def test_a_stream_without_its_upstream_yet_when_the_client_stops_reading_is_held_too(gateway, origin):
+    """The connection fills up while another stream has no upstream connection yet (still in
+    its plugins): that stream's upstream must be held from its first byte, not left to pour
+    its response into the stream's buffer."""
+    config = h2c_config([origin.address])
+    hold = {"name": "held", "match": {"path": "/held/"}, "upstream": "app", "strip_prefix": "/held"}
+    hold["plugins"] = [{"python": {"module": f"{__name__}:Hold"}}]
+    config["routes"].insert(0, hold)
+    gw = gateway(config)
+    big = 20 * 1024 * 1024
+    with RawH2(gw.port, settings={4: 2**31 - 1}) as client:
+        client.conn.increment_flow_control_window(2**30)
+        client.request(f"/held/bytes/{big}")  # in its plugin for 0.5 s: no upstream yet
+        client.request(f"/bytes/{big}")  # fills the socket: the client is paused for every stream
+        client.flush()
+        time.sleep(1.2)  # the held stream has its upstream now, and its response is under way
+        held = gw.call(_h2_statistics(gw))
+        assert held[0]["buffered_bytes"] <= 2 * (64 + 256) * 1024
 
 
 async def _h2_statistics(gw: GatewayThread) -> list[dict[str, Any]]:

@@ -88,6 +88,7 @@ class Exchange:
         "_body_buffered",
         "_req_trailers",
         "_paused_client",
+        "_client_full",
         "_paused_by_upstream",
         "_response",
         "_resp_length",
@@ -130,6 +131,7 @@ class Exchange:
         self._body_buffered = 0
         self._req_trailers: Headers | None = None
         self._paused_client = False
+        self._client_full = False  # the client takes no response bytes now (on_client_paused)
         self._paused_by_upstream = False
         self._response: Response | None = None
         self._resp_length: int | None = None
@@ -199,7 +201,11 @@ class Exchange:
             self._req_trailers = trailers
 
     def on_client_paused(self, paused: bool) -> None:
-        """The client's socket buffer is full (or drained): hold (or resume) the upstream."""
+        """The client's socket buffer is full (or drained): hold (or resume) the upstream.
+
+        Remembered, because it can come before there is an upstream: an HTTP/2 connection
+        whose other streams filled the socket is full for a stream still connecting."""
+        self._client_full = paused
         conn = self.conn
         if conn is not None:
             if paused:
@@ -459,6 +465,8 @@ class Exchange:
             timeout = self._grpc_timeout
         conn.send_head(self, request.method, path, headers, length, body, ended, timeout)
         self.conn = conn
+        if self._client_full:
+            conn.pause_reading()
         if upgrade:
             conn.expect_upgrade()
         if trailers is not None:
