@@ -22,13 +22,12 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from bastion.config.types import HostPort
-from bastion.errors import GatewayError, Overloaded, UpstreamConnectError, UpstreamConnectTimeout
+from bastion.errors import GatewayError, UpstreamConnectError, UpstreamConnectTimeout
 from bastion.proto.h2_client import H2ClientConnection, H2Stream
 from bastion.upstream.conn import UpstreamConnection
 from bastion.upstream.pool import PoolLimits, WaitQueue
@@ -112,7 +111,7 @@ class H2Pool:
                 if opening is not None:
                     await asyncio.shield(opening.ready)  # raises the connect error
                     continue
-            granted = await self._wait_turn()
+            granted = await self.queue.wait(self.waiters, self._give_back, "stream")
             if granted is not None:
                 return granted
             may_skip_queue = True  # a connection closed: its slot is ours to open
@@ -205,39 +204,13 @@ class H2Pool:
     def _too_many_idle(self) -> bool:
         return sum(1 for conn in self.conns if conn.ready.done() and not conn.in_use()) > self.limits.max_idle
 
-    async def _wait_turn(self) -> H2ClientConnection | None:
-        queue = self.queue
-        if queue.waiting >= queue.size:
-            queue.rejected += 1
-            raise Overloaded()
-        waiter: asyncio.Future[H2ClientConnection | None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        queue.waiting += 1
-        try:
-            async with asyncio.timeout(queue.timeout):
-                return await waiter
-        except BaseException as exc:
-            self._leave(waiter)
-            if isinstance(exc, TimeoutError):
-                queue.timeouts += 1
-                raise Overloaded("The upstream is at its stream limit and the queue wait timed out.") from None
-            raise
-        finally:
-            queue.waiting -= 1
-
-    def _leave(self, waiter: asyncio.Future[H2ClientConnection | None]) -> None:
-        """A waiter gives up: what it was handed goes to the next one."""
-        with contextlib.suppress(ValueError):
-            self.waiters.remove(waiter)
-        if waiter.done() and not waiter.cancelled():
-            granted = waiter.result()
-            if granted is None:
-                self._slot_freed()
-            else:
-                granted.reserved -= 1
-                self._capacity(granted)
-        elif not waiter.done():
-            waiter.cancel()
+    def _give_back(self, granted: H2ClientConnection | None) -> None:
+        """What a waiter that gave up had been handed goes to the next one."""
+        if granted is None:
+            self._slot_freed()
+        else:
+            granted.reserved -= 1
+            self._capacity(granted)
 
     def connection_lost(self, conn: H2ClientConnection) -> None:
         if conn.goaway:

@@ -23,7 +23,8 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bastion.config.types import HostPort
 from bastion.errors import Overloaded, UpstreamConnectError, UpstreamConnectTimeout
@@ -31,6 +32,9 @@ from bastion.upstream.conn import UpstreamConnection
 
 if TYPE_CHECKING:
     from bastion.net.tls import ClientTls
+
+
+T = TypeVar("T")
 
 
 class PoolLimits:
@@ -57,6 +61,34 @@ class WaitQueue:
 
     def statistics(self) -> dict[str, Any]:
         return {"size": self.size, "waiting": self.waiting, "timeouts": self.timeouts, "rejected": self.rejected}
+
+    async def wait(self, waiters: deque[asyncio.Future[T]], give_back: Callable[[T], None], limit: str) -> T:
+        """Wait in a pool's FIFO `waiters` for what the pool hands over (Overloaded when the
+        queue is full or the wait times out). A waiter that gives up for any reason leaves the
+        queue and passes whatever it was handed in the meantime to `give_back`, so no slot is
+        ever lost. `limit` names what is full, for the timeout's message."""
+        if self.waiting >= self.size:
+            self.rejected += 1
+            raise Overloaded()
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await waiter
+        except BaseException as exc:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled():
+                give_back(waiter.result())
+            elif not waiter.done():
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                self.timeouts += 1
+                raise Overloaded(f"The upstream is at its {limit} limit and the queue wait timed out.") from None
+            raise
+        finally:
+            self.waiting -= 1
 
 
 # What a waiter is handed: a connection to use, or None for a reserved slot to connect with.
@@ -116,44 +148,18 @@ class ConnectionPool:
                 return conn
             if self.open < self.limits.max_connections:
                 return await self.connect()
-        grant = await self._wait_turn()
+        grant = await self.queue.wait(self.waiters, self._give_back, "connection")
         if grant is None:
             return await self.connect(reserved=True)
         return grant
 
-    async def _wait_turn(self) -> _Grant:
-        queue = self.queue
-        if queue.waiting >= queue.size:
-            queue.rejected += 1
-            raise Overloaded()
-        waiter: asyncio.Future[_Grant] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        queue.waiting += 1
-        try:
-            async with asyncio.timeout(queue.timeout):
-                return await waiter
-        except BaseException as exc:
-            self._leave(waiter)
-            if isinstance(exc, TimeoutError):
-                queue.timeouts += 1
-                raise Overloaded("The upstream is at its connection limit and the queue wait timed out.") from None
-            raise
-        finally:
-            queue.waiting -= 1
-
-    def _leave(self, waiter: asyncio.Future[_Grant]) -> None:
-        """A waiter gives up: out of the queue, and what it was handed goes to the next one."""
-        with contextlib.suppress(ValueError):
-            self.waiters.remove(waiter)
-        if waiter.done() and not waiter.cancelled():
-            grant = waiter.result()
-            if grant is None:
-                self.open -= 1
-                self._slot_freed()
-            else:
-                self._reuse(grant)
-        elif not waiter.done():
-            waiter.cancel()
+    def _give_back(self, grant: _Grant) -> None:
+        """What a waiter that gave up had been handed goes to the next one."""
+        if grant is None:
+            self.open -= 1
+            self._slot_freed()
+        else:
+            self._reuse(grant)
 
     async def connect(self, reserved: bool = False) -> UpstreamConnection:
         """Open a new connection (counted against the limit while it connects)."""
