@@ -1,0 +1,251 @@
+"""Cross-feature review: what an HTTP/2 client sends is held to the same rules as HTTP/1.1
+(identity headers stripped, paths normalised, host picked once), and what an HTTP/1.1
+upstream answers reaches the HTTP/2 client correctly, errors included."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import h2.events
+import pytest
+
+import support
+from adversary import Close, Write, http_response
+from bastion.demo.origin import OriginHandle
+from h2_support import RawH2
+from support import GatewayThread
+
+
+def h2c(targets: list[str], **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "version": 1,
+        "listeners": [{"name": "web", "bind": "127.0.0.1:PORT", "http2": "prior_knowledge"}],
+        "upstreams": {"app": {"targets": [{"address": t} for t in targets]}},
+        "routes": [{"name": "all", "match": {"path": "/"}, "upstream": "app"}],
+        "log": {"access": False},
+    }
+    config.update(extra)
+    return config
+
+
+@pytest.fixture
+def origin(origins: Callable[..., OriginHandle]) -> OriginHandle:
+    return origins("a")
+
+
+def echo(client: RawH2, path: str = "/echo", **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    status, _, body = client.response(client.request(path, **kwargs))
+    return status, json.loads(body)
+
+
+def test_forged_identity_headers_are_stripped_over_http2(
+    gateway: Callable[..., GatewayThread], origin: OriginHandle
+) -> None:
+    gw = gateway(h2c([origin.address]))
+    forged = [(b"x-consumer", b"admin"), (b"x_consumer", b"admin"), (b"x-forwarded-host", b"evil.com")]
+    with RawH2(gw.port) as client:
+        status, seen = echo(client, extra=forged)
+    assert status == 200
+    headers = seen["headers"]
+    assert "x-consumer" not in headers and "x_consumer" not in headers
+    assert headers.get("x-forwarded-host") != "evil.com"
+
+
+def test_host_and_authority_that_disagree_route_by_what_the_origin_sees(
+    gateway: Callable[..., GatewayThread], origins: Callable[..., OriginHandle]
+) -> None:
+    good, evil = origins("good"), origins("evil")
+    config = h2c([good.address])
+    config["upstreams"]["evil"] = {"targets": [{"address": evil.address}]}
+    config["routes"] = [
+        {"name": "evil", "match": {"hosts": ["evil.com"], "path": "/"}, "upstream": "evil"},
+        {"name": "good", "match": {"hosts": ["good.com"], "path": "/"}, "upstream": "app"},
+    ]
+    gw = gateway(config)
+    with RawH2(gw.port) as client:
+        stream = client.request("/echo", authority=b"good.com", extra=[(b"host", b"evil.com")])
+        status, _, body = client.response(stream)
+    if status == 200:
+        seen = json.loads(body)
+        # The origin must see the host the route was picked by.
+        host = seen["headers"]["host"]
+        assert (seen["origin"], host) in (("good", "good.com"), ("evil", "evil.com")), seen
+    else:
+        assert status == 400
+
+
+def test_underscore_header_policy_applies_to_http2(gateway: Callable[..., GatewayThread], origin: OriginHandle) -> None:
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        status, seen = echo(client, extra=[(b"x_consumer", b"admin"), (b"x-fine", b"1")])
+        status1 = status
+    assert status1 in (200, 400)
+    if status1 == 200:
+        assert "x_consumer" not in seen["headers"]
+        assert seen["headers"]["x-fine"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/a/../echo", "/echo"),
+        ("/a/%2e%2e/echo", "/echo"),
+        ("/a/%2E%2E/echo", "/echo"),
+        ("/a/./echo", "/a/echo"),
+    ],
+)
+def test_dot_segments_in_path_are_resolved_like_http1(
+    gateway: Callable[..., GatewayThread], origin: OriginHandle, path: str, expected: str
+) -> None:
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        status, _, body = client.response(client.request(path))
+    h1 = support.request(gw.port, path=path)
+    assert status == h1.status
+    if status == 200:
+        assert json.loads(body)["path"] == h1.json()["path"]
+
+
+def test_dot_segments_cannot_escape_a_prefix_route_over_http2(
+    gateway: Callable[..., GatewayThread], origins: Callable[..., OriginHandle]
+) -> None:
+    public, admin = origins("public"), origins("admin")
+    config = h2c([public.address])
+    config["upstreams"]["admin"] = {"targets": [{"address": admin.address}]}
+    config["routes"] = [
+        {"name": "admin", "match": {"path": "/admin/"}, "upstream": "admin", "plugins": [{"key_auth": {}}]},
+        {"name": "public", "match": {"path": "/"}, "upstream": "app"},
+    ]
+    gw = gateway(config)
+    with RawH2(gw.port) as client:
+        for path in ("/public/../admin/x", "/public/%2e%2e/admin/x", "/public/..%2fadmin/x", "/public\\..\\admin/x"):
+            status, _, body = client.response(client.request(path))
+            if status == 200:
+                seen = json.loads(body)
+                assert seen["origin"] == "public" and not seen["path"].startswith("/admin"), (path, seen)
+            else:
+                assert status in (400, 401), (path, status)
+
+
+@pytest.mark.parametrize("path", ["*", "http://evil.com/echo"])
+def test_asterisk_and_absolute_path_over_http2(
+    gateway: Callable[..., GatewayThread], origin: OriginHandle, path: str
+) -> None:
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request(path)
+        client.until(lambda: client.of(h2.events.StreamEnded, stream) or client.of(h2.events.StreamReset, stream))
+        heads = client.of(h2.events.ResponseReceived, stream)
+        if heads:
+            status = int(dict(heads[0].headers)[b":status"])
+            assert status >= 400 or path != "*"
+        assert client.response(client.request("/echo"))[0] == 200
+
+
+def test_cookie_crumbs_are_joined_for_an_http1_origin(
+    gateway: Callable[..., GatewayThread], origin: OriginHandle
+) -> None:
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        status, seen = echo(client, extra=[(b"cookie", b"a=1"), (b"cookie", b"b=2")])
+    assert status == 200
+    assert seen["headers"]["cookie"] == "a=1; b=2"
+
+
+# --- HTTP/1.1 upstream answers relayed to an HTTP/2 client -----------------------------------------
+
+
+def test_chunked_response_with_trailers_from_an_http1_origin(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n"
+    raw = head + b"3\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 5\r\n\r\n"
+    origin = scripted_origin(reply=[Write(raw)])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request("/x", extra=[(b"te", b"trailers")])
+        status, headers, body = client.response(stream)
+        trailers = client.of(h2.events.TrailersReceived, stream)
+    assert status == 200 and body == b"abcde"
+    assert b"transfer-encoding" not in headers
+    assert trailers and dict(trailers[0].headers).get(b"x-sum") == b"5"
+
+
+def test_early_hints_then_the_final_answer(gateway: Callable[..., GatewayThread], scripted_origin: Any) -> None:
+    raw = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" + http_response(200, b"done")
+    origin = scripted_origin(reply=[Write(raw)])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        status, _, body = client.response(client.request("/x"))
+    assert status == 200 and body == b"done"
+
+
+@pytest.mark.parametrize("code", [204, 304])
+def test_a_bodiless_status_carrying_a_body_reaches_http2_without_it(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any, code: int
+) -> None:
+    raw = f"HTTP/1.1 {code} X\r\nContent-Length: 5\r\n\r\nhello".encode()
+    origin = scripted_origin(reply=[Write(raw)])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        status, _, body = client.response(client.request("/x"))
+        assert status == code and body == b""
+        assert not client.of(h2.events.StreamReset)
+        status2, _, _ = client.response(client.request("/y"))
+    assert status2 == code
+
+
+def test_an_origin_that_closes_mid_body_resets_the_http2_stream(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100
+    origin = scripted_origin(reply=[Write(raw), Close()])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request("/x")
+        client.until(lambda: client.of(h2.events.StreamReset, stream) or client.of(h2.events.StreamEnded, stream))
+        assert client.of(h2.events.StreamReset, stream), "a truncated body must not end cleanly"
+        assert not client.of(h2.events.StreamEnded, stream)
+
+
+def test_an_origin_that_closes_mid_chunked_body_resets_the_http2_stream(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    origin = scripted_origin(reply=[Write(raw), Close()])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request("/x")
+        client.until(lambda: client.of(h2.events.StreamReset, stream) or client.of(h2.events.StreamEnded, stream))
+        assert client.of(h2.events.StreamReset, stream)
+
+
+def test_a_huge_response_head_is_a_502_and_the_connection_lives(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nok"
+    good = http_response(200, b"fine")
+
+    def reply(request: Any) -> list[Any]:
+        return [Write(big if request.target == "/huge" else good)]
+
+    origin = scripted_origin(reply=reply)
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        status, _, _ = client.response(client.request("/huge"))
+        assert status == 502
+        status, _, body = client.response(client.request("/fine"))
+    assert status == 200 and body == b"fine"
+
+
+def test_an_endless_response_head_is_a_502_for_an_http1_client(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    # One field that never ends: before the limit, the gateway buffered it without bound.
+    endless = [Write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 60_000) for _ in range(10)]
+    origin = scripted_origin(reply=endless)
+    gw = gateway(h2c([origin.address]))
+    reply = support.request(gw.port, path="/endless")
+    assert reply.status == 502
