@@ -201,7 +201,6 @@ def test_a_grpc_route_to_an_http1_upstream(kit: Compiled, gateway: Start, origin
         stub = kit.pb2_grpc.BookstoreStub(channel)
         with pytest.raises(grpc.RpcError) as failed:
             stub.GetBook(kit.pb2.GetBookRequest(shelf="s", book_id=1), timeout=10)
-    print("CODE", failed.value.code(), failed.value.details())
     assert failed.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED
 
 
