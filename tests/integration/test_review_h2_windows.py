@@ -1,0 +1,79 @@
+"""Cross-feature review: HTTP/2 request bodies the gateway refuses (a plugin's early answer,
+no route, an auth failure) still give their flow-control window back, so the connection's
+window is not eaten away and later uploads on it go through."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import h2.events
+import h2.exceptions
+import pytest
+
+from bastion.demo.origin import OriginHandle
+from h2_support import RawH2
+from support import GatewayThread
+
+
+@pytest.fixture
+def origin(origins: Callable[..., OriginHandle]) -> OriginHandle:
+    return origins("a")
+
+
+def config(origin: OriginHandle) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "listeners": [
+            {
+                "name": "web",
+                "bind": "127.0.0.1:PORT",
+                "http2": "prior_knowledge",
+                "limits": {"h2_connection_window": "256KB", "h2_initial_window_size": "64KB"},
+            }
+        ],
+        "upstreams": {"app": {"targets": [{"address": origin.address}]}},
+        "routes": [
+            {"name": "small", "match": {"path": "/small/"}, "upstream": "app", "plugins": [{"body_limit": {"max": "1KB"}}]},
+            {"name": "auth", "match": {"path": "/auth/"}, "upstream": "app", "plugins": [{"key_auth": {}}]},
+            {"name": "open", "match": {"path": "/open/"}, "upstream": "app"},
+        ],
+        "consumers": [{"name": "c", "credentials": {"key_auth": [{"key": "x" * 24}]}}],
+        "log": {"access": False},
+    }
+
+
+def upload(client: RawH2, path: str, size: int) -> int:
+    """POST `size` bytes as fast as the windows allow; the status (0: the stream was reset)."""
+    stream = client.request(path, "POST", extra=[(b"content-length", str(size).encode())], end=False)
+    left = size
+    while left:
+        ended = client.of(h2.events.StreamEnded, stream) or client.of(h2.events.StreamReset, stream)
+        if ended:
+            break
+        window = min(client.conn.local_flow_control_window(stream), client.conn.max_outbound_frame_size, left)
+        if window <= 0:
+            client.read(0.05)
+            continue
+        try:
+            client.conn.send_data(stream, b"u" * window, end_stream=window == left)
+        except h2.exceptions.StreamClosedError:
+            break
+        client.flush()
+        left -= window
+        client.read(0.001)
+    client.until(lambda: client.of(h2.events.StreamEnded, stream) or client.of(h2.events.StreamReset, stream))
+    heads = client.of(h2.events.ResponseReceived, stream)
+    return int(dict(heads[0].headers)[b":status"]) if heads else 0
+
+
+@pytest.mark.parametrize("path", ["/small/x", "/auth/x", "/nowhere"])
+def test_refused_uploads_give_the_connection_window_back(
+    gateway: Callable[..., GatewayThread], origin: OriginHandle, path: str
+) -> None:
+    gw = gateway(config(origin))
+    with RawH2(gw.port, timeout=10) as client:
+        for _ in range(8):  # 8 x 100 KB refused: three times the connection window
+            status = upload(client, path, 100_000)
+            assert status in (0, 401, 404, 413)
+        assert upload(client, "/open/echo", 300_000) == 200
