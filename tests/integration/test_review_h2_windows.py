@@ -34,7 +34,12 @@ def config(origin: OriginHandle) -> dict[str, Any]:
         ],
         "upstreams": {"app": {"targets": [{"address": origin.address}]}},
         "routes": [
-            {"name": "small", "match": {"path": "/small/"}, "upstream": "app", "plugins": [{"body_limit": {"max": "1KB"}}]},
+            {
+                "name": "small",
+                "match": {"path": "/small/"},
+                "upstream": "app",
+                "plugins": [{"body_limit": {"max": "1KB"}}],
+            },
             {"name": "auth", "match": {"path": "/auth/"}, "upstream": "app", "plugins": [{"key_auth": {}}]},
             {"name": "open", "match": {"path": "/open/"}, "upstream": "app"},
         ],

@@ -69,7 +69,9 @@ def h2_get(sock: socket.socket | ssl.SSLSocket, prefix: bytes = b"", split: int 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     conn.initiate_connection()
     conn.send_headers(
-        1, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/echo"), (b":authority", b"a.com")], end_stream=True
+        1,
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/echo"), (b":authority", b"a.com")],
+        end_stream=True,
     )
     data = prefix + conn.data_to_send()
     if split is not None:
@@ -127,7 +129,9 @@ def test_h2c_preface_split_after_the_proxy_header(start: Callable[..., GatewayTh
     assert seen["headers"]["x-forwarded-for"] == "203.0.113.7"
 
 
-def test_h2_by_alpn_after_a_proxy_header(start: Callable[..., GatewayThread], origin: OriginHandle, tmp_path: Path) -> None:
+def test_h2_by_alpn_after_a_proxy_header(
+    start: Callable[..., GatewayThread], origin: OriginHandle, tmp_path: Path
+) -> None:
     pki = Pki(tmp_path)
     cert, key = pki.issue("a", "a.example.com")
     gw = start(config(free_port(), origin, protocol="https", tls={"certificates": [{"cert": cert, "key": key}]}))
@@ -142,7 +146,9 @@ def test_h2_by_alpn_after_a_proxy_header(start: Callable[..., GatewayThread], or
     assert seen["headers"]["x-forwarded-proto"] == "https"
 
 
-def test_an_untrusted_peer_sending_the_h2_preface_is_closed(start: Callable[..., GatewayThread], origin: OriginHandle) -> None:
+def test_an_untrusted_peer_sending_the_h2_preface_is_closed(
+    start: Callable[..., GatewayThread], origin: OriginHandle
+) -> None:
     cfg = config(free_port(), origin, http2="prior_knowledge")
     cfg["listeners"][0]["proxy_protocol"]["trusted"] = ["10.0.0.0/8"]
     gw = start(cfg)
