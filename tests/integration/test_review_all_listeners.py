@@ -104,6 +104,9 @@ def test_admin_and_metrics_with_every_kind_of_listener(
         body = upstreams.json()
         text = json.dumps(body)
         assert "h2app" in text and "echo" in text and "dns" in text
+        (h2app,) = [u for u in body["upstreams"] if u["name"] == "h2app"]
+        pool = h2app["targets"][0]["pool"]
+        assert pool["opened_total"] >= 1 and "streams" in pool and "goaways" in pool, pool
         for path in ("/status", "/routes", "/listeners", "/config", "/errors"):
             reply = request(admin, path=path)
             assert reply.status in (200, 404), (path, reply.status, reply.body[:200])

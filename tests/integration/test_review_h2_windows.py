@@ -11,9 +11,10 @@ import h2.events
 import h2.exceptions
 import pytest
 
+from adversary import wait_until
 from bastion.demo.origin import OriginHandle
 from h2_support import RawH2
-from support import GatewayThread
+from support import GatewayThread, free_port, request
 
 
 @pytest.fixture
@@ -82,3 +83,33 @@ def test_refused_uploads_give_the_connection_window_back(
             status = upload(client, path, 100_000)
             assert status in (0, 401, 404, 413)
         assert upload(client, "/open/echo", 300_000) == 200
+
+
+def test_many_streams_into_a_one_connection_upstream_with_a_queue_then_the_client_leaves(
+    gateway: Callable[..., GatewayThread], origin: OriginHandle
+) -> None:
+    """One HTTP/2 connection multiplexes 20 requests onto an upstream that takes one at a
+    time: 5 wait in the queue, 14 are refused; the client then goes away with 6 open.
+    Nothing stays counted: in_flight and the queue fall back to 0, the next client is served."""
+    admin = free_port()
+    config_ = config(origin)
+    config_["upstreams"]["app"].update({"max_connections": 1, "queue": {"size": 5, "timeout": "10s"}})
+    config_["admin"] = {"bind": f"127.0.0.1:{admin}"}
+    config_["routes"].append({"name": "delay", "match": {"path": "/delay/"}, "upstream": "app"})
+    gw = gateway(config_)
+    client = RawH2(gw.port, timeout=10)
+    for _ in range(20):
+        client.request("/delay/2000")
+    refused = lambda: [e for e in client.of(h2.events.ResponseReceived) if dict(e.headers)[b":status"] == b"503"]  # noqa: E731
+    client.until(lambda: len(refused()) == 14)
+
+    def upstream() -> dict[str, Any]:
+        (found,) = [u for u in request(admin, path="/upstreams").json()["upstreams"] if u["name"] == "app"]
+        return dict(found)
+
+    assert upstream()["targets"][0]["in_flight"] >= 1
+    client.close()
+    wait_until(lambda: upstream()["targets"][0]["in_flight"] == 0, timeout=10, what="in_flight back to 0")
+    assert upstream().get("queue_waiting", 0) == 0
+    with RawH2(gw.port, timeout=10) as again:
+        assert again.response(again.request("/open/echo"))[0] == 200
