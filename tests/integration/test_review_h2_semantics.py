@@ -249,3 +249,95 @@ def test_an_endless_response_head_is_a_502_for_an_http1_client(
     gw = gateway(h2c([origin.address]))
     reply = support.request(gw.port, path="/endless")
     assert reply.status == 502
+
+
+HOP_BY_HOP = (
+    b"Connection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n"
+    b"Upgrade: h2c\r\nX-Secret: s\r\nTE: trailers\r\n"
+)
+
+
+def test_connection_specific_response_fields_never_reach_an_http2_client(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    """HTTP/2 forbids them (a client treats them as a protocol error): all are dropped."""
+    raw = b"HTTP/1.1 200 OK\r\n" + HOP_BY_HOP + b"Content-Length: 2\r\n\r\nok"
+    origin = scripted_origin(reply=[Write(raw)])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:  # h2 validates what it receives
+        status, headers, body = client.response(client.request("/x"))
+    assert status == 200 and body == b"ok"
+    for name in (b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"x-secret", b"te"):
+        assert name not in headers, name
+
+
+def test_forbidden_trailer_fields_from_an_http1_origin_are_dropped_for_http2(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    trailers = b"Connection: close\r\nTransfer-Encoding: chunked\r\nKeep-Alive: 1\r\nTE: gzip\r\nX-Sum: 1\r\n\r\n"
+    origin = scripted_origin(reply=[Write(head + trailers)])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request("/x", extra=[(b"te", b"trailers")])
+        status, _, body = client.response(stream)
+        assert not client.of(h2.events.StreamReset, stream)
+        (trailer,) = client.of(h2.events.TrailersReceived, stream)
+        assert client.response(client.request("/y"))[0] == 200  # the connection lives
+    assert status == 200 and body == b"ok"
+    fields = dict(trailer.headers)
+    assert fields.get(b"x-sum") == b"1"
+    for name in (b"connection", b"transfer-encoding", b"keep-alive", b"te"):
+        assert name not in fields, name
+
+
+def test_a_content_length_in_the_trailers_is_a_502_and_the_http2_connection_lives(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nContent-Length: 2\r\n\r\n"
+    origin = scripted_origin(reply=[Write(raw)])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        assert client.response(client.request("/x"))[0] == 502
+        assert client.response(client.request("/y"))[0] == 502
+
+
+def test_a_close_delimited_http10_answer_ends_the_http2_stream_cleanly(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    origin = scripted_origin(reply=[Write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it"), Close()])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request("/x")
+        status, _, body = client.response(stream)
+        assert not client.of(h2.events.StreamReset, stream)
+    assert status == 200 and body == b"all of it"
+
+
+def test_a_smuggling_response_is_a_502_over_http2(gateway: Callable[..., GatewayThread], scripted_origin: Any) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    origin = scripted_origin(reply=[Write(raw), Close()])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        status, _, _ = client.response(client.request("/x"))
+    assert status == 502
+
+
+def test_grpc_json_over_http2_from_a_rest_client(gateway: Callable[..., GatewayThread], tmp_path: Any) -> None:
+    from grpc_support import GrpcOrigin, compiled
+
+    kit = compiled(tmp_path / "proto")
+    origin = GrpcOrigin(kit)
+    try:
+        config = h2c([f"127.0.0.1:{origin.port}"])
+        config["upstreams"]["app"]["protocol"] = "h2c"
+        config["routes"][0]["plugins"] = [{"grpc_json": {"descriptor": str(kit.descriptor)}}]
+        gw = gateway(config)
+        with RawH2(gw.port) as client:
+            status, headers, body = client.response(client.request("/v1/shelves/s/books/9"))
+            assert status == 200 and json.loads(body)["title"] == "s:9"
+            assert headers[b"content-type"].startswith(b"application/json")
+            status, _, body = client.response(client.request("/v1/shelves/s/books/404"))
+            assert status == 404 and json.loads(body)["error"] == "not_found"
+    finally:
+        origin.stop()
