@@ -160,3 +160,23 @@ def test_an_untrusted_peer_sending_the_h2_preface_is_closed(
         except ConnectionResetError:
             data = b""
     assert data == b""
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_h2c_through_a_tcp_listener_that_sends_proxy_to_an_h2c_listener(
+    tmp_path: Path, origin: OriginHandle, version: str
+) -> None:
+    """tcp :front (send_proxy_protocol) -> h2c :back (accept) -> origin: the front writes the
+    header and the client's first bytes (the preface) as they come; the origin must see the
+    client's address (127.0.0.3), not the front's."""
+    front, back = free_port(), free_port()
+    cfg = config(back, origin, http2="prior_knowledge")
+    cfg["listeners"].insert(0, {"name": "front", "bind": f"127.0.0.1:{front}", "protocol": "tcp", "upstream": "back"})
+    cfg["upstreams"]["back"] = {"targets": [{"address": f"127.0.0.1:{back}"}], "send_proxy_protocol": version}
+    gw = GatewayThread(write_config(tmp_path / "gw.yaml", cfg), front)
+    try:
+        with socket.create_connection(("127.0.0.1", front), timeout=5, source_address=("127.0.0.3", 0)) as sock:
+            seen = h2_get(sock)
+    finally:
+        gw.stop()
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.3"
