@@ -341,3 +341,43 @@ def test_grpc_json_over_http2_from_a_rest_client(gateway: Callable[..., GatewayT
             assert status == 404 and json.loads(body)["error"] == "not_found"
     finally:
         origin.stop()
+
+
+# --- pseudo-header values an HTTP/1.1 upstream would read as something else -------------------------
+
+SMUGGLING = {
+    "path-crlf": [(b":method", b"GET"), (b":path", b"/a HTTP/1.1\r\nHost: internal\r\n\r\nGET /admin")],
+    "path-lf": [(b":method", b"GET"), (b":path", b"/a\nX-Injected: 1")],
+    "path-space": [(b":method", b"GET"), (b":path", b"/public /admin")],
+    "path-nul": [(b":method", b"GET"), (b":path", b"/a\x00b")],
+    "path-tab": [(b":method", b"GET"), (b":path", b"/a\tb")],
+    "path-del": [(b":method", b"GET"), (b":path", b"/a\x7f")],
+    "path-non-ascii": [(b":method", b"GET"), (b":path", b"/a\x80")],
+    "method-space": [(b":method", b"GET /admin"), (b":path", b"/public")],
+    "method-crlf": [(b":method", b"GET\r\n"), (b":path", b"/public")],
+    "method-empty": [(b":method", b""), (b":path", b"/public")],
+    "method-separator": [(b":method", b"G(T"), (b":path", b"/public")],
+}
+
+
+@pytest.mark.parametrize("name", list(SMUGGLING))
+def test_pseudo_header_values_cannot_smuggle_into_an_http1_request_line(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any, name: str
+) -> None:
+    """An HTTP/1.1 request line is `method SP target SP version CRLF`: a space, CR, LF or a
+    control byte in :method or :path would let an HTTP/2 client write its own request line,
+    headers or a second request to the upstream, past routing and authentication. Such a
+    stream is malformed (RFC 9113 section 8.2.1 and 8.3.1; a method is a token)."""
+    origin = scripted_origin(reply=[Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address]))
+    fields = [*SMUGGLING[name], (b":scheme", b"http"), (b":authority", b"example.com")]
+    with RawH2(gw.port) as client:
+        stream = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream, fields, end_stream=True)
+        client.flush()
+        client.until(lambda: client.of(h2.events.StreamReset, stream) or client.of(h2.events.StreamEnded, stream))
+        heads = client.of(h2.events.ResponseReceived, stream)
+        assert not heads or dict(heads[0].headers)[b":status"] == b"400", heads
+        assert client.response(client.request("/fine"))[0] == 200
+    assert [r.target for r in origin.requests] == ["/fine"]
+    assert all(raw.count(b" HTTP/1.1\r\n") == 1 for raw in origin.raw)
