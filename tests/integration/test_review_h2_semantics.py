@@ -5,6 +5,7 @@ upstream answers reaches the HTTP/2 client correctly, errors included."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import h2.events
 import pytest
 
 import support
-from adversary import Close, Write, http_response
+from adversary import Close, ReadRequest, Write, http_response
 from bastion.demo.origin import OriginHandle
 from h2_support import RawH2
 from support import GatewayThread
@@ -381,3 +382,34 @@ def test_pseudo_header_values_cannot_smuggle_into_an_http1_request_line(
         assert client.response(client.request("/fine"))[0] == 200
     assert [r.target for r in origin.requests] == ["/fine"]
     assert all(raw.count(b" HTTP/1.1\r\n") == 1 for raw in origin.raw)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"1\r\n\r\nGET /admin HTTP/1.1\r\nHost: internal",
+        b"1\r\nX-Injected: yes",
+        b"1\nX-Injected: yes",
+        b"a\x00b",
+        b" 1",
+    ],
+    ids=["crlf-request", "crlf-field", "lf", "nul", "leading-space"],
+)
+def test_request_trailer_values_cannot_smuggle_into_an_http1_upstream(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any, value: bytes
+) -> None:
+    """Request trailers go to an HTTP/1.1 upstream at the end of a chunked body: a CR or LF in a
+    value would end the trailers and start a request of the client's own on the upstream
+    connection. The same rules as the head's values apply (RFC 9113 section 8.2.1)."""
+    origin = scripted_origin(reply=[ReadRequest(), Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request("/upload", "POST", extra=[(b"te", b"trailers")], end=False)
+        client.conn.send_data(stream, b"body")
+        client.conn.send_headers(stream, [(b"x-checksum", value)], end_stream=True)
+        client.flush()
+        client.until(lambda: client.of(h2.events.StreamReset, stream) or client.of(h2.events.StreamEnded, stream))
+    time.sleep(0.3)  # what reached the origin by now is all it gets
+    sent = b"".join(bytes(raw) for raw in origin.raw)
+    assert b"/admin" not in sent and b"x-injected" not in sent.lower()
+    assert all(r.target == "/upload" for r in origin.requests)

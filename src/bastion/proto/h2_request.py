@@ -165,6 +165,8 @@ def trailer_fields(fields: HeaderList, drop: frozenset[bytes]) -> HeaderList:
     for name, value in fields:
         if name[:1] == b":" or name in CONNECTION_SPECIFIC or not _VALID_NAME.fullmatch(name):
             raise Malformed()
+        if value and (b"\r" in value or b"\n" in value or b"\0" in value or value[0] in _WS or value[-1] in _WS):
+            raise Malformed()  # written into a chunked body's trailer section upstream: CR LF would end it
         if not is_dropped(name, drop):
             items.append((name, value))
     return items
