@@ -13,7 +13,7 @@ import h2.events
 import pytest
 
 import support
-from adversary import Close, ReadRequest, Write, http_response
+from adversary import Close, Write, http_response
 from bastion.demo.origin import OriginHandle
 from h2_support import RawH2
 from support import GatewayThread
@@ -401,7 +401,7 @@ def test_request_trailer_values_cannot_smuggle_into_an_http1_upstream(
     """Request trailers go to an HTTP/1.1 upstream at the end of a chunked body: a CR or LF in a
     value would end the trailers and start a request of the client's own on the upstream
     connection. The same rules as the head's values apply (RFC 9113 section 8.2.1)."""
-    origin = scripted_origin(reply=[ReadRequest(), Write(http_response(200, b"ok"))])
+    origin = scripted_origin(reply=[Write(http_response(200, b"ok"))])
     gw = gateway(h2c([origin.address]))
     with RawH2(gw.port) as client:
         stream = client.request("/upload", "POST", extra=[(b"te", b"trailers")], end=False)
