@@ -268,3 +268,32 @@ def test_grpc_json_behind_key_auth_and_rate_limit(
     limited = support.request(gw.port, path="/v1/shelves/a/books/5", headers=key)
     assert limited.status == 429 and limited.json()["error"]
     json.dumps(limited.json())
+
+
+def test_grpc_web_text_split_mid_quantum_over_http2_and_a_preflight(
+    kit: Compiled, gateway: Start, grpc_origins: Callable[[], GrpcOrigin]
+) -> None:
+    origin = grpc_origins()
+    gw = gateway(grpc_config(h2c(origin.port), grpc_web=True))
+    body = base64.b64encode(web_frame(kit.pb2.GetBookRequest(shelf="split", book_id=4)))
+    with RawH2(gw.port) as client:
+        preflight = client.request(
+            SERVICE + "GetBook",
+            "OPTIONS",
+            extra=[(b"origin", b"https://app.example"), (b"access-control-request-method", b"POST")],
+        )
+        status, headers, _ = client.response(preflight)
+        assert status == 204 and headers[b"access-control-allow-origin"] == b"*"
+        stream = client.request(
+            SERVICE + "GetBook", "POST", extra=[(b"content-type", b"application/grpc-web-text")], end=False
+        )
+        for at in range(0, len(body), 3):  # 3 bytes a frame: never a whole base64 quantum
+            client.conn.send_data(stream, body[at : at + 3])
+            client.flush()
+        client.conn.end_stream(stream)
+        client.flush()
+        status, _, answer = client.response(stream)
+    assert status == 200
+    answer = b"".join(base64.b64decode(answer[i : i + 4]) for i in range(0, len(answer), 4))
+    size = int.from_bytes(answer[1:5], "big")
+    assert kit.pb2.Book.FromString(answer[5 : 5 + size]).title == "split:4"
