@@ -297,3 +297,39 @@ def test_grpc_web_text_split_mid_quantum_over_http2_and_a_preflight(
     answer = b"".join(base64.b64decode(answer[i : i + 4]) for i in range(0, len(answer), 4))
     size = int.from_bytes(answer[1:5], "big")
     assert kit.pb2.Book.FromString(answer[5 : 5 + size]).title == "split:4"
+
+
+def test_grpc_status_values_from_an_upstream_cannot_grow_the_metric_labels(
+    gateway: Start, scripted_origin: Any
+) -> None:
+    """An upstream's grpc-status is a label of bastion_grpc_responses_total: a value that is not
+    a status number (quotes, letters) must not become a label of its own, or a broken or
+    hostile upstream makes the metric grow with every new value."""
+    counter = iter(range(1000))
+
+    def reply(request: Any) -> list[Any]:
+        from adversary import Write
+
+        value = 'ab"\\xyz'[next(counter) % 6 :][:2]
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n"
+        return [Write(head + b"0\r\ngrpc-status: " + value.encode() + b"\r\n\r\n")]
+
+    origin = scripted_origin(reply=reply)
+    admin = free_port()
+    config = grpc_config({"targets": [{"address": origin.address}]})
+    config["admin"] = {"bind": f"127.0.0.1:{admin}"}
+    gw = gateway(config)
+    for _ in range(12):
+        support.request(
+            gw.port, "POST", SERVICE + "Call", headers={"content-type": "application/grpc", "te": "trailers"}, body=b""
+        )
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = support.request(admin, path="/metrics").body.decode()
+    labels = {
+        sample.labels["grpc_status"]
+        for family in text_string_to_metric_families(text)
+        if family.name == "bastion_grpc_responses"
+        for sample in family.samples
+    }
+    assert labels <= {str(code) for code in range(17)}, labels
