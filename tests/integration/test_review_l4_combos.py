@@ -133,3 +133,33 @@ def test_udp_at_its_session_limit_across_a_reload_that_changes_the_upstream(tmp_
         gw.stop()
         old.stop()
         new.stop()
+
+
+def test_a_reload_that_turns_an_http_listener_into_tcp_ends_its_http2_connections(
+    tmp_path: Path, origin: TcpOrigin, origins: Any
+) -> None:
+    """Same bind, http -> tcp: new connections are relayed, and the open HTTP/2 connection is
+    told to go (GOAWAY) instead of serving HTTP on what is now a tcp listener for ever."""
+    from h2_support import RawH2
+
+    web = origins("web")
+    port = free_port()
+    config: dict[str, Any] = {
+        "version": 1,
+        "listeners": [{"name": "front", "bind": f"127.0.0.1:{port}", "http2": "prior_knowledge"}],
+        "upstreams": {"app": {"targets": [{"address": web.address}]}, "db": {"targets": [{"address": origin.address}]}},
+        "routes": [{"name": "all", "match": {"path": "/"}, "upstream": "app"}],
+        "log": {"access": False},
+    }
+    gw = start(tmp_path, config)
+    try:
+        with RawH2(port) as client:
+            assert client.response(client.request("/echo"))[0] == 200
+            config["listeners"] = [{"name": "front", "bind": f"127.0.0.1:{port}", "protocol": "tcp", "upstream": "db"}]
+            write_config(gw.config_path, config)
+            assert gw.reload()
+            assert echo_through(port, b"")
+            client.until(client.goaway)
+            client.wait_closed()
+    finally:
+        gw.stop()
