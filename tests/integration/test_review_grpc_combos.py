@@ -333,3 +333,29 @@ def test_grpc_status_values_from_an_upstream_cannot_grow_the_metric_labels(
         for sample in family.samples
     }
     assert labels <= {str(code) for code in range(17)}, labels
+
+
+@pytest.mark.parametrize("kind", [b"application/grpc", b"application/grpc-web+proto"])
+def test_gateway_refusals_of_grpc_over_http2_are_trailers_only(
+    kit: Compiled, gateway: Start, grpc_origins: Callable[[], GrpcOrigin], kind: bytes
+) -> None:
+    origin = grpc_origins()
+    plugins = [{"key_auth": {}}, {"rate_limit": {"limit": 1, "per": "1m", "key": "consumer"}}]
+    config = grpc_config(h2c(origin.port), grpc_web=True, plugins=plugins)
+    config["consumers"] = [{"name": "app", "credentials": {"key_auth": [{"key": "k" * 24}]}}]
+    gw = gateway(config)
+    body = web_frame(kit.pb2.GetBookRequest(shelf="s", book_id=1))
+    key = [(b"x-api-key", b"k" * 24)]
+    with RawH2(gw.port) as client:
+        answers = []
+        for extra in ([], key, key):
+            stream = client.request(SERVICE + "GetBook", "POST", extra=[(b"content-type", kind), *extra], end=False)
+            client.conn.send_data(stream, body, end_stream=True)
+            client.flush()
+            answers.append(client.response(stream))
+    (s1, h1, b1), (s2, _, _), (s3, h3, b3) = answers
+    assert (s1, h1[b"grpc-status"], b1) == (200, b"16", b"")
+    assert h1[b"content-type"].startswith(kind.split(b"+")[0])
+    assert s2 == 200
+    assert (s3, h3[b"grpc-status"], b3) == (200, b"8", b"")
+    assert len(origin.metadata) == 1
