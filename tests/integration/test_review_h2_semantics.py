@@ -413,3 +413,25 @@ def test_request_trailer_values_cannot_smuggle_into_an_http1_upstream(
     sent = b"".join(bytes(raw) for raw in origin.raw)
     assert b"/admin" not in sent and b"x-injected" not in sent.lower()
     assert all(r.target == "/upload" for r in origin.requests)
+
+
+@pytest.mark.parametrize("sent", [b"abcdefgh", b"a"], ids=["longer", "shorter"])
+def test_a_body_that_disagrees_with_its_content_length_never_reaches_the_upstream_whole(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any, sent: bytes
+) -> None:
+    """content-length 3 with 8 or 1 bytes of DATA: the HTTP/1.1 upstream must never get bytes
+    past the 3 it was told of (they would start the next request on its connection), nor a
+    request that looks complete with fewer. (The gateway ends the whole connection with
+    PROTOCOL_ERROR, as h2 does; RFC 9113 section 8.1.1 asks for a stream error.)"""
+    origin = scripted_origin(reply=[Write(http_response(200, b"ok"))])
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        stream = client.request("/up", "POST", extra=[(b"content-length", b"3")], end=False)
+        client.conn.send_data(stream, sent, end_stream=True)
+        client.flush()
+        client.until(lambda: client.goaway() or client.of(h2.events.StreamReset, stream))
+    time.sleep(0.3)
+    for raw in origin.raw:
+        body = bytes(raw).partition(b"\r\n\r\n")[2]
+        assert len(body) <= 3 and b"defgh" not in body
+    assert not [r for r in origin.requests if r.target == "/up" and r.body == sent]

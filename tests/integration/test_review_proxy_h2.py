@@ -180,3 +180,21 @@ def test_h2c_through_a_tcp_listener_that_sends_proxy_to_an_h2c_listener(
     finally:
         gw.stop()
     assert seen["headers"]["x-forwarded-for"] == "127.0.0.3"
+
+
+def test_http1_after_a_proxy_header_on_a_prior_knowledge_listener(
+    start: Callable[..., GatewayThread], origin: OriginHandle
+) -> None:
+    """The sniffer hands HTTP/1.1 to H1Server: the proxied address must go along."""
+    gw = start(config(free_port(), origin, http2="prior_knowledge"))
+    header = encode_v1(CLIENT, SERVER)
+    get = b"GET /echo HTTP/1.1\r\nHost: a.com\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(header + b"G")  # one byte: the sniffer cannot tell yet
+        time.sleep(0.05)
+        sock.sendall(get[1:])
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    body = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert body["headers"]["x-forwarded-for"] == "203.0.113.7"
