@@ -163,3 +163,33 @@ def test_a_reload_that_turns_an_http_listener_into_tcp_ends_its_http2_connection
             client.wait_closed()
     finally:
         gw.stop()
+
+
+def test_a_largest_datagram_with_a_proxy_v2_header_does_not_break_the_session(tmp_path: Path) -> None:
+    """65507 bytes (the most IPv4 UDP carries) plus the 28-byte PROXY v2 header cannot be sent
+    to the target: that datagram is lost, the session and the listener go on."""
+    from udp_support import tcp_and_udp_port
+
+    server = DnsServer("10.9.9.9", proxy_v2=True)
+    port = tcp_and_udp_port()
+    config = {
+        "version": 1,
+        "listeners": [{"name": "dns", "bind": f"127.0.0.1:{port}", "protocol": "udp", "upstream": "dns"}],
+        "upstreams": {"dns": {"targets": [{"address": server.address}], "send_proxy_protocol": "v2"}},
+        "log": {"access": False},
+    }
+    gw = GatewayThread(write_config(tmp_path / "gw.yaml", config), port)
+    client = DnsClient(port)
+    try:
+        assert client.resolve(attempts=3) == "10.9.9.9"
+        client.sock.send(b"\x00" * 65507)
+        assert client.resolve(attempts=3) == "10.9.9.9"
+        other = DnsClient(port)
+        try:
+            assert other.resolve(attempts=3) == "10.9.9.9"
+        finally:
+            other.close()
+    finally:
+        client.close()
+        gw.stop()
+        server.stop()
