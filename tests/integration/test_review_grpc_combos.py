@@ -359,3 +359,33 @@ def test_gateway_refusals_of_grpc_over_http2_are_trailers_only(
     assert s2 == 200
     assert (s3, h3[b"grpc-status"], b3) == (200, b"8", b"")
     assert len(origin.metadata) == 1
+
+
+def test_sighup_keeps_an_open_stream_and_sends_new_calls_by_the_new_config(
+    kit: Compiled, grpc_origins: Callable[[], GrpcOrigin], tmp_path: Path
+) -> None:
+    first, second = grpc_origins(), grpc_origins()
+    port = free_port()
+    config = grpc_config(h2c(first.port))
+    config["listeners"][0]["bind"] = f"127.0.0.1:{port}"
+    path = write_config(tmp_path / "gw.yaml", config)
+    proc = GatewayProcess(path, port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kit.pb2_grpc.BookstoreStub(channel)
+            outgoing, answers = chat(stub, kit)
+            outgoing.put(kit.pb2.EchoRequest(text="one"))
+            assert next(answers).text == "ONE"
+            config["upstreams"]["books"] = h2c(second.port)
+            write_config(path, config)
+            proc.signal(signal.SIGHUP)
+            wait_until(lambda: "config reloaded" in proc.output()[1], timeout=10, what="the reload")
+            outgoing.put(kit.pb2.EchoRequest(text="two"))
+            assert next(answers).text == "TWO"
+            outgoing.put(None)
+            assert list(answers) == []
+            assert stub.GetBook(kit.pb2.GetBookRequest(shelf="s", book_id=2), timeout=10).id == 2
+        assert len(first.metadata) == 1 and len(second.metadata) == 1
+    finally:
+        code, _, err = proc.stop()
+    assert code == 0, err
