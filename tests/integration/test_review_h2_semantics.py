@@ -435,3 +435,45 @@ def test_a_body_that_disagrees_with_its_content_length_never_reaches_the_upstrea
         body = bytes(raw).partition(b"\r\n\r\n")[2]
         assert len(body) <= 3 and b"defgh" not in body
     assert not [r for r in origin.requests if r.target == "/up" and r.body == sent]
+
+
+def test_a_grpc_json_body_larger_than_the_stream_window_over_http2(
+    gateway: Callable[..., GatewayThread], tmp_path: Any
+) -> None:
+    """grpc_json collects the JSON body before it calls the upstream: over HTTP/2 the stream's
+    window (64 KB) must still be re-opened as the plugin takes the bytes, or the upload stalls."""
+    from grpc_support import GrpcOrigin, compiled
+
+    kit = compiled(tmp_path / "proto")
+    origin = GrpcOrigin(kit)
+    try:
+        config = h2c([f"127.0.0.1:{origin.port}"])
+        config["upstreams"]["app"]["protocol"] = "h2c"
+        config["routes"][0]["plugins"] = [{"grpc_json": {"descriptor": str(kit.descriptor)}}]
+        config["listeners"][0]["timeouts"] = {"body": "5s"}
+        gw = gateway(config)
+        text = "x" * 300_000
+        body = json.dumps({"text": text}).encode()
+        with RawH2(gw.port, timeout=10) as client:
+            stream = client.request(
+                "/v1/echo",
+                "POST",
+                extra=[(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                end=False,
+            )
+            sent = 0
+            deadline = time.monotonic() + 8
+            while sent < len(body) and time.monotonic() < deadline:
+                room = min(client.conn.local_flow_control_window(stream), client.conn.max_outbound_frame_size)
+                if room <= 0:
+                    client.read(0.05)
+                    continue
+                chunk = body[sent : sent + room]
+                sent += len(chunk)
+                client.conn.send_data(stream, chunk, end_stream=sent == len(body))
+                client.flush()
+            assert sent == len(body), f"stalled after {sent} bytes"
+            status, _, answer = client.response(stream)
+        assert status == 200 and json.loads(answer)["text"] == text
+    finally:
+        origin.stop()
