@@ -477,3 +477,22 @@ def test_a_grpc_json_body_larger_than_the_stream_window_over_http2(
         assert status == 200 and json.loads(answer)["text"] == text
     finally:
         origin.stop()
+
+
+def test_many_tiny_response_fields_are_a_502_and_the_connection_lives(
+    gateway: Callable[..., GatewayThread], scripted_origin: Any
+) -> None:
+    """HTTP/2 peers count 32 bytes per field on top of its name and value (RFC 7541 section
+    4.1): 2500 fields of 4 bytes are 90 KB to an HTTP/2 client, over the 64 KB it takes."""
+    many = b"".join(b"x-%d: 1\r\n" % i for i in range(2500))
+    big = b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 2\r\n\r\nok"
+
+    def reply(request: Any) -> list[Any]:
+        return [Write(big if request.target == "/many" else http_response(200, b"fine"))]
+
+    origin = scripted_origin(reply=reply)
+    gw = gateway(h2c([origin.address]))
+    with RawH2(gw.port) as client:
+        status, _, _ = client.response(client.request("/many"))
+        assert status == 502
+        assert client.response(client.request("/fine"))[0] == 200

@@ -22,10 +22,13 @@ from bastion.http.header_policy import DROP_RESPONSE, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
 
-# The largest response head (or trailer block) taken from an upstream: the size HTTP/2
-# clients accept by default (SETTINGS_MAX_HEADER_LIST_SIZE in h2, nghttp2, browsers), and the
-# limit the HTTP/2 upstream side has. Without it a hostile upstream grows a head without end.
-MAX_RESPONSE_HEAD = 64 * 1024
+# The largest response head (or trailer block) taken from an upstream, counted as HTTP/2
+# counts a header list (name + value + 32 per field, RFC 7541 section 4.1): HTTP/2 clients
+# take 64 KB by default (h2, nghttp2, browsers) and end the whole connection past it, so a
+# head is held to that, less room for the fields the gateway adds. Without a limit a hostile
+# upstream also grows a head without end.
+MAX_RESPONSE_HEAD = 60 * 1024
+_FIELD_OVERHEAD = 32
 
 
 class _HeadTooLarge(UpstreamError):
@@ -305,7 +308,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += status  # a status line split across reads arrives in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
+        self._head_bytes += len(name) + len(value) + _FIELD_OVERHEAD
         if self._head_bytes > MAX_RESPONSE_HEAD:
             raise _HeadTooLarge()
         name = name.lower()
