@@ -219,6 +219,13 @@ class Gateway:
                     if str(conn.settings.bind) == bind:
                         conn.drain()
                 log.info("listener %s closed", bind)
+        for conn in list(self.connections):
+            # A kept socket whose listener turned from HTTP to tcp/tls_passthrough: its HTTP
+            # connections would serve HTTP there for as long as their clients keep them.
+            settings = conn.settings
+            bind = str(settings.bind)
+            if bind in wanted and wanted[bind].protocol in L4_PROTOCOLS and settings.protocol not in L4_PROTOCOLS:
+                conn.drain()
         self.listeners = wanted
         fronts = dict(self.tls_fronts)
         for bind, listener in wanted.items():

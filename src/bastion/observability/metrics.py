@@ -53,6 +53,11 @@ _REFUSALS = frozenset((401, 403, 429))
 _monotonic = time.monotonic
 
 
+# The grpc-status values counted as themselves; anything else would be a label an upstream
+# could mint at will.
+_GRPC_CODES = frozenset(str(code).encode() for code in range(17))
+
+
 class Histogram:
     """Counts per bucket (not cumulative) and the sum; `counts[-1]` is the +Inf bucket."""
 
@@ -303,7 +308,9 @@ class Metrics:
         elif status in _REFUSALS:  # no upstream was asked: a plugin refused
             stats.refused[status] = stats.refused.get(status, 0) + 1
         grpc: bytes | None = getattr(exchange, "grpc_status", None)  # fakes in tests may lack it
-        if grpc is not None and len(grpc) <= 2:  # 0-16; anything longer is not a status
+        if grpc is not None:
+            if grpc not in _GRPC_CODES:
+                grpc = b"2"  # not a status (an upstream's bytes): UNKNOWN, as its client reads it
             stats.grpc[grpc] = stats.grpc.get(grpc, 0) + 1
         if status >= 500 or exchange._error is not None:
             self._keep_error(exchange, seconds)

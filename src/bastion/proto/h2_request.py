@@ -5,7 +5,9 @@ error): the rules are checked here, in one pass over the fields. Pseudo-header f
 first, once each, and only the four of a request (`:protocol` included: extended CONNECT is
 not offered); names are lower-case tokens; values hold no NUL, CR or LF and no whitespace at
 either end; connection-specific fields are refused and `te` may only be `trailers` (kept:
-gRPC needs it upstream). `:authority` is the host, validated like `Host`; cookies are joined
+gRPC needs it upstream). `:method` is a token and `:path` visible ASCII: both are written
+into an HTTP/1.1 request line upstream, where a space, CR or LF would let the client write
+its own request. `:authority` is the host, validated like `Host`; cookies are joined
 for HTTP/1.1 upstreams.
 """
 
@@ -23,6 +25,9 @@ from bastion.proto.h1 import new_request_id
 
 CONNECTION_SPECIFIC = frozenset((b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"))
 _VALID_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_VALID_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a token (RFC 9110 section 9.1)
+_VALID_PATH = re.compile(rb"[\x21-\x7e]+")  # no space, control or non-ASCII byte (RFC 3986)
+_METHODS = frozenset((b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"))
 _GOOD_NAMES: set[bytes] = set()  # names already checked (a client repeats the same few)
 _WS = b" \t"
 _AUTHORITIES: dict[bytes, Authority] = {}  # :authority -> parsed (clients repeat a few)
@@ -110,11 +115,11 @@ def build_request(fields: HeaderList, drop: frozenset[bytes], listener: Listener
         elif name in drop or b"_" in name:
             continue
         headers.append((name, value))
-    if method is None:
+    if method is None or (method not in _METHODS and not _VALID_METHOD.fullmatch(method)):
         raise Malformed()
     if method == b"CONNECT":
         raise NotImplementedMethod()
-    if not path or scheme is None:
+    if not path or scheme is None or not _VALID_PATH.fullmatch(path):
         raise Malformed()
     if len(headers) > listener.limits.max_headers:
         raise HeadersTooLarge()
@@ -160,6 +165,8 @@ def trailer_fields(fields: HeaderList, drop: frozenset[bytes]) -> HeaderList:
     for name, value in fields:
         if name[:1] == b":" or name in CONNECTION_SPECIFIC or not _VALID_NAME.fullmatch(name):
             raise Malformed()
+        if value and (b"\r" in value or b"\n" in value or b"\0" in value or value[0] in _WS or value[-1] in _WS):
+            raise Malformed()  # written into a chunked body's trailer section upstream: CR LF would end it
         if not is_dropped(name, drop):
             items.append((name, value))
     return items

@@ -22,6 +22,19 @@ from bastion.http.header_policy import DROP_RESPONSE, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
 
+# The largest response head (or trailer block) taken from an upstream, counted as HTTP/2
+# counts a header list (name + value + 32 per field, RFC 7541 section 4.1): HTTP/2 clients
+# take 64 KB by default (h2, nghttp2, browsers) and end the whole connection past it, so a
+# head is held to that, less room for the fields the gateway adds. Without a limit a hostile
+# upstream also grows a head without end.
+MAX_RESPONSE_HEAD = 60 * 1024
+_FIELD_OVERHEAD = 32
+
+
+class _HeadTooLarge(UpstreamError):
+    def __init__(self) -> None:
+        super().__init__("The upstream's response head is too large.")
+
 
 class _BytesAfterResponse(Exception):
     """The upstream sent more after the final response: the connection is not reusable."""
@@ -44,6 +57,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_chunked",
         "_connection",
         "_head_seen",
+        "_head_bytes",
+        "_head_read",
         "_interim",
         "_complete",
         "_trailers",
@@ -73,6 +88,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunked = False
         self._connection: list[bytes] = []
         self._head_seen = False
+        self._head_bytes = 0  # the fields of the head (then of the trailers) so far
+        self._head_read = 0  # bytes read before the head ended (a field httptools still holds)
         self._interim = False
         self._complete = False
         self._trailers: HeaderList | None = None
@@ -103,6 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener = listener
         self.head_only = method == "HEAD"
         self._head_seen = False
+        self._head_bytes = 0  # the fields of the head (then of the trailers) so far
+        self._head_read = 0  # bytes read before the head ended (a field httptools still holds)
         self._interim = False
         self._complete = False
         self._headers = []
@@ -232,6 +251,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._deadline:
             self._deadline = self._loop.time() + self._timeout
+        if not self._head_seen:
+            self._head_read += len(data)
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -249,6 +270,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(UpstreamError("The upstream switched protocols, which this route does not support."))
             else:
                 self._fail(UpstreamError("The upstream sent a malformed response."))
+            return
+        if not self._head_seen and self._head_read > 2 * MAX_RESPONSE_HEAD and self.listener is not None:
+            # httptools holds a field until it ends, so one endless field calls nobody: bound it here.
+            self._fail(_HeadTooLarge())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -283,6 +308,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += status  # a status line split across reads arrives in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + _FIELD_OVERHEAD
+        if self._head_bytes > MAX_RESPONSE_HEAD:
+            raise _HeadTooLarge()
         name = name.lower()
         if self._head_seen:  # after the head: a trailer of a chunked body
             if self._trailers is None:
@@ -322,11 +350,13 @@ class UpstreamConnection(asyncio.Protocol):
                 listener.upstream_head(Response(101, Headers(headers), reason), None)
                 return
             self._interim = True
+            self._head_bytes = self._head_read = 0
             self._content_length = None
             self._chunked = False
             listener.upstream_interim(Response(status, Headers(headers), reason))
             return
         self._head_seen = True
+        self._head_bytes = 0  # trailers have a limit of their own
         keep_alive = self.parser.should_keep_alive()
         listener.upstream_head(Response(status, Headers(headers), reason), self._content_length)
         if self.head_only:
