@@ -137,3 +137,9 @@ def test_a_udp_listener_with_defaults_and_its_keys() -> None:
     udp = load_config_text(text).config.listeners[0].udp
     assert udp is not None and (udp.session_idle, udp.max_sessions, udp.max_datagram) == (2.0, 5, 4096)
     assert any("max_datagram" in p for p in problems(config("protocol: udp, upstream: db, udp: {max_datagram: 100}")))
+
+
+def test_an_http2_protocol_on_an_upstream_only_l4_listeners_use_is_an_error() -> None:
+    upstreams = UPSTREAMS.replace("db: {", "db: {protocol: h2c, ")
+    [problem] = problems(config("protocol: tcp, upstream: db", upstreams))
+    assert "upstreams.db.protocol: h2c is HTTP/2; an L4 upstream (listeners[0].upstream) relays" in problem

@@ -960,4 +960,9 @@ def _l4_problems(config: Config) -> list[tuple[Loc, str]]:
         for key in ("sticky", "tls"):
             if key in upstream.model_fields_set:
                 problems.append((("upstreams", name, key), f"not used by an L4 upstream ({listener_loc})"))
+        if upstream.protocol != "http1":
+            why = (
+                f"{upstream.protocol} is HTTP/2; an L4 upstream ({listener_loc}) relays the client's bytes as they are"
+            )
+            problems.append((("upstreams", name, "protocol"), why))
     return problems
