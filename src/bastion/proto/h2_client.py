@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -44,13 +44,15 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
-from hpack import Encoder
 from hpack.struct import NeverIndexedHeaderTuple
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from bastion.http.header_policy import DROP_RESPONSE
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
+from bastion.proto.h2_connection import FastSendConnection
+from bastion.proto.hpack_in import FastDecoder
+from bastion.proto.hpack_out import StatelessEncoder
 
 log = logging.getLogger("bastion.upstream")
 
@@ -89,7 +91,7 @@ _TE_TRAILERS = (b"te", b"trailers")
 _UNIQUE = frozenset((b"x-request-id", b"traceparent", b"tracestate"))
 
 
-class _ClientH2(H2Connection):
+class _ClientH2(FastSendConnection):
     """h2 treats a received GOAWAY as the end of the connection, but RFC 9113 section 6.8 lets
     the streams up to its last_stream_id finish: stay open for them (no new stream is opened)."""
 
@@ -99,14 +101,6 @@ class _ClientH2(H2Connection):
         if state is ConnectionState.CLIENT_OPEN or state is ConnectionState.IDLE:  # IDLE: no stream sent yet
             self.state_machine.state = state
         return result
-
-
-class _PlainEncoder(Encoder):
-    """HPACK without Huffman-coding literal values: in pure Python the coding costs more CPU
-    than the few header bytes it saves toward a target."""
-
-    def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return bytes(super().encode(headers, huffman=False))
 
 
 def _config() -> H2Configuration:
@@ -133,7 +127,11 @@ class H2ClientConnection(asyncio.Protocol):
         self.scheme = scheme
         self.alpn_required = alpn_required
         self.h2 = _ClientH2(config=_config())
-        self.h2.encoder = _PlainEncoder()
+        # Stateless HPACK toward the target (no dynamic-table search, no Huffman: in pure
+        # Python both cost more CPU than the bytes they save on a request head), and the lean
+        # decoder for responses (h2 still validates the fields it returns).
+        self.h2.encoder = StatelessEncoder()  # type: ignore[assignment]
+        self.h2.decoder = FastDecoder()  # type: ignore[assignment]
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.reserved = 0  # streams handed out by the pool, head not sent yet
@@ -198,10 +196,12 @@ class H2ClientConnection(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def open_stream(self, stream: H2Stream, headers: HeaderList, end_stream: bool) -> None:
+    def open_stream(
+        self, stream: H2Stream, headers: HeaderList, end_stream: bool, method: bytes, authority: bytes
+    ) -> None:
         """Send a reserved stream's head (stream ids must go out in order: allocated here)."""
         stream_id = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        self.h2.fast_open(stream_id, headers, end_stream, method, authority)
         self.reserved -= 1
         self.streams[stream_id] = stream
         stream.stream_id = stream_id
@@ -389,6 +389,8 @@ class H2Stream:
         "waiting_window",
         "_loop",
         "_head",
+        "_method",
+        "_authority",
         "_pending",
         "_end_pending",
         "_ended",
@@ -420,6 +422,8 @@ class H2Stream:
         self.waiting_window = False
         self._loop = asyncio.get_running_loop()
         self._head: HeaderList = []
+        self._method = b""
+        self._authority = b""
         self._pending: deque[bytes | memoryview] = deque()
         self._end_pending = False
         self._ended = False
@@ -454,7 +458,8 @@ class H2Stream:
         self.listener = listener
         self._timeout = timeout
         authority = b""
-        out: HeaderList = [(b":method", method.encode()), (b":scheme", self.conn.scheme), (b":authority", b"")]
+        method_bytes = method.encode()
+        out: HeaderList = [(b":method", method_bytes), (b":scheme", self.conn.scheme), (b":authority", b"")]
         if method != "CONNECT":
             out.append(NeverIndexedHeaderTuple(b":path", target.encode("latin-1")))
         for item in headers:
@@ -471,6 +476,8 @@ class H2Stream:
         if length is not None:
             out.append((b"content-length", str(length).encode()))
         self._head = out
+        self._method = method_bytes
+        self._authority = authority
         for chunk in body:
             if chunk:
                 self._keep(chunk)
@@ -549,7 +556,7 @@ class H2Stream:
             self.on_refused()  # lost between the pool's answer and now: nothing was sent
             return
         try:
-            conn.open_stream(self, self._head, end_now)
+            conn.open_stream(self, self._head, end_now, self._method, self._authority)
         except TooManyStreamsError:
             self.on_refused()  # the target lowered its limit after our reservation
             return
@@ -571,6 +578,7 @@ class H2Stream:
         h2 = conn.h2
         stream_id = self.stream_id
         pending = self._pending
+        ended_now = False
         try:
             while pending and not conn.write_paused:
                 window = h2.local_flow_control_window(stream_id)
@@ -580,11 +588,16 @@ class H2Stream:
                 size = min(window, h2.max_outbound_frame_size)
                 if len(chunk) > size:  # frames cut from a view: no copy of the rest each time
                     view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-                    h2.send_data(stream_id, view[:size])
+                    h2.fast_data(stream_id, view[:size], False)
                     pending[0] = view[size:]
                 else:
-                    h2.send_data(stream_id, chunk)
                     pending.popleft()
+                    # The last chunk carries END_STREAM itself when nothing follows it.
+                    last = not pending and self._end_pending and not self._trailers_out
+                    h2.fast_data(stream_id, chunk, last)
+                    if last:
+                        self._end_pending = False
+                        self._ended = ended_now = True
             if pending:
                 conn.blocked.add(self)
                 if not self.waiting_window:
@@ -601,10 +614,11 @@ class H2Stream:
                 self._end_pending = False
                 trailers = self._trailers_out
                 if trailers:
-                    h2.send_headers(stream_id, trailers, end_stream=True)
+                    h2.fast_headers(stream_id, trailers, True)
                 else:
-                    h2.end_stream(stream_id)
-                self._ended = True
+                    h2.fast_data(stream_id, b"", True)
+                self._ended = ended_now = True
+            if ended_now:
                 self._arm()
                 if self._complete:
                     self._done()

@@ -51,28 +51,22 @@ _SEND_DATA = h2.stream.StreamInputs.SEND_DATA
 _SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
 
 
-class ServerConnection(h2.connection.H2Connection):
-    """h2's connection with two shortcuts on the per-request path.
+_SEND_HEADERS_CONN = h2.connection.ConnectionInputs.SEND_HEADERS
+_CLIENT_IDS = h2.connection.AllowedStreamIDs.ODD
 
-    - Sending a response's HEADERS (one frame) and DATA: h2's `send_headers` and `send_data`
-      normalise, validate and re-encode each field, build frame objects and serialize them;
-      here the stream's state machine gets the same inputs, the windows the same debits, and
-      the frame bytes are appended to h2's output buffer directly. Anything else (trailers,
-      interim responses, a head that needs CONTINUATION frames) goes through h2.
-    - Counting open streams: h2 walks every stream on each new one, and a stream over the
-      limit would end the connection; the limit is H2Server's (a stream error).
+
+class FastSendConnection(h2.connection.H2Connection):
+    """h2's connection with a shorter way to send HEADERS and DATA.
+
+    h2's `send_headers` and `send_data` normalise, validate and re-encode each field, build
+    frame objects and serialize them; here the stream's state machine gets the same inputs,
+    the windows the same debits, and the frame bytes are appended to h2's output buffer
+    directly. The encoder must be a `StatelessEncoder`. A head that needs CONTINUATION frames
+    goes through h2.
     """
 
-    @property
-    def open_inbound_streams(self) -> int:
-        # h2 would make a stream over the limit a connection error; H2Server refuses it alone
-        # (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2). h2's count walks every stream
-        # and sweeps the closed ones: done only once enough have piled up.
-        if len(self.streams) > 2 * self.local_settings.max_concurrent_streams:
-            super().open_inbound_streams  # noqa: B018 - the sweep
-        return 0
-
     def fast_headers(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
+        """HEADERS (a response head or trailers) on a stream h2 knows."""
         block = cast(StatelessEncoder, self.encoder).encode(headers)
         size = len(block)
         stream = self.streams.get(stream_id)
@@ -85,9 +79,35 @@ class ServerConnection(h2.connection.H2Connection):
         if end_stream:
             machine.process_input(_SEND_END_STREAM)
             flags |= _END_STREAM
+        elif machine.trailers_sent:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
         self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
 
-    def fast_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+    def fast_open(self, stream_id: int, headers: HeaderList, end_stream: bool, method: bytes, authority: bytes) -> None:
+        """A client's request HEADERS opening a new stream, as h2's `send_headers` would:
+        the same limit on open streams, the same connection and stream state, the request
+        method kept (h2 needs it to know a HEAD response has no body)."""
+        block = cast(StatelessEncoder, self.encoder).encode(headers)
+        size = len(block)
+        if size > self.max_outbound_frame_size or stream_id in self.streams:
+            self.send_headers(stream_id, headers, end_stream=end_stream)
+            return
+        limit = self.remote_settings.max_concurrent_streams
+        if len(self.streams) + 1 > limit and self.open_outbound_streams + 1 > limit:  # the count walks all streams
+            raise h2.exceptions.TooManyStreamsError(f"Max outbound streams is {limit}")
+        self.state_machine.process_input(_SEND_HEADERS_CONN)
+        stream = self._begin_new_stream(stream_id, _CLIENT_IDS)
+        machine = stream.state_machine
+        machine.process_input(_SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            machine.process_input(_SEND_END_STREAM)
+            flags |= _END_STREAM
+        stream._authority = authority
+        stream.request_method = method
+        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
+
+    def fast_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> None:
         """DATA within the windows (the caller checked them), as h2's `send_data` would."""
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -100,9 +120,28 @@ class ServerConnection(h2.connection.H2Connection):
             machine.process_input(_SEND_END_STREAM)
             flags = _END_STREAM
         size = len(data)
-        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id) + data
+        buffer = self._data_to_send
+        buffer += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id)
+        buffer += data
         self.outbound_flow_control_window -= size
         stream.outbound_flow_control_window -= size
+
+
+class ServerConnection(FastSendConnection):
+    """The server side: h2 with the fast sending path, and a cheaper count of open streams.
+
+    Counting open streams: h2 walks every stream on each new one, and a stream over the
+    limit would end the connection; the limit is H2Server's (a stream error).
+    """
+
+    @property
+    def open_inbound_streams(self) -> int:
+        # h2 would make a stream over the limit a connection error; H2Server refuses it alone
+        # (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2). h2's count walks every stream
+        # and sweeps the closed ones: done only once enough have piled up.
+        if len(self.streams) > 2 * self.local_settings.max_concurrent_streams:
+            super().open_inbound_streams  # noqa: B018 - the sweep
+        return 0
 
 
 def server_connection(limits: ListenerLimits) -> ServerConnection:
