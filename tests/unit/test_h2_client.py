@@ -233,3 +233,69 @@ async def test_a_goaway_fails_streams_above_it_without_a_pool_and_keeps_the_rest
     pair.pump()
     assert one.events == [("head", 201), ("end", None)]
     assert pair.wire.closed  # its last stream done, the connection closes
+
+
+@run
+async def test_a_stream_over_a_limit_the_peer_lowered_is_refused_not_sent() -> None:
+    pair = Pair({3: 2})  # SETTINGS_MAX_CONCURRENT_STREAMS
+    first, second = pair.stream(), pair.stream()  # both reserved under the limit of 2
+    first.send_head(Listener(), "GET", "/", GET, None, (), True, 10.0)
+    pair.pump()
+    pair.server.update_settings({3: 1})
+    pair.pump()
+    late = Listener()
+    second.send_head(late, "GET", "/", GET, None, (), True, 10.0)
+    pair.pump()
+    assert late.events == [("failed", "The upstream refused the stream (HTTP/2 GOAWAY or REFUSED_STREAM).")]
+    assert len(pair.requests()) == 1  # never sent past the target's limit
+
+
+@run
+async def test_many_streams_in_turn_keep_the_connection_state_small() -> None:
+    pair = Pair({3: 4})
+    for _ in range(100):
+        stream = pair.stream()
+        listener = Listener()
+        stream.send_head(listener, "GET", "/", GET, None, (), True, 10.0)
+        pair.pump()
+        sid = pair.requests()[-1]
+        pair.server.send_headers(sid, [(b":status", b"204")], end_stream=True)
+        pair.pump()
+        assert listener.events == [("head", 204), ("end", None)]
+        stream.release()
+    assert len(pair.requests()) == 100
+    assert len(pair.client.h2.streams) <= 2 * 4 + 17  # finished streams are swept, not kept for good
+
+
+@run
+async def test_a_head_response_with_a_content_length_and_no_body_is_whole() -> None:
+    pair = Pair()
+    stream = pair.stream()
+    listener = Listener()
+    stream.send_head(listener, "HEAD", "/", GET, None, (), True, 10.0)
+    pair.pump()
+    (sid,) = pair.requests()
+    pair.server.send_headers(sid, [(b":status", b"200"), (b"content-length", b"5")])
+    pair.server.send_data(sid, b"", end_stream=True)  # h2 holds that to the length, but for HEAD
+    pair.pump()
+    assert listener.events == [("head", 200), ("end", None)]
+
+
+@run
+async def test_a_request_body_ends_with_its_last_data_frame_and_trailers_follow_it() -> None:
+    pair = Pair()
+    plain, trailed = pair.stream(), pair.stream()
+    plain.send_head(Listener(), "POST", "/", GET, 4, (b"ab", b"cd"), True, 10.0)
+    trailed.send_head(Listener(), "POST", "/", GET, None, (b"ef",), False, 10.0)
+    trailed.send_end(Headers([(b"x-sum", b"1")]))
+    pair.pump()
+    sid1, sid2 = pair.requests()
+    body = {sid1: b"", sid2: b""}
+    for event in pair.events:
+        if isinstance(event, DataReceived):
+            body[event.stream_id] += event.data
+    assert body == {sid1: b"abcd", sid2: b"ef"}
+    ended = [e.stream_id for e in pair.events if isinstance(e, StreamEnded)]
+    assert sorted(ended) == [sid1, sid2]
+    trailers = [e for e in pair.events if type(e).__name__ == "TrailersReceived"]
+    assert [(t.stream_id, list(t.headers)) for t in trailers] == [(sid2, [(b"x-sum", b"1")])]

@@ -44,7 +44,6 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
-from hpack.struct import NeverIndexedHeaderTuple
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from bastion.http.header_policy import DROP_RESPONSE
@@ -85,10 +84,6 @@ _DROP_REQUEST = frozenset(
     )
 )
 _TE_TRAILERS = (b"te", b"trailers")
-
-# Values new on (nearly) every request: kept out of the HPACK dynamic table, which they would
-# only churn (the encoder searches that table linearly for every field).
-_UNIQUE = frozenset((b"x-request-id", b"traceparent", b"tracestate"))
 
 
 class _ClientH2(FastSendConnection):
@@ -201,7 +196,7 @@ class H2ClientConnection(asyncio.Protocol):
     ) -> None:
         """Send a reserved stream's head (stream ids must go out in order: allocated here)."""
         stream_id = self.h2.get_next_available_stream_id()
-        self.h2.fast_open(stream_id, headers, end_stream, method, authority)
+        self.h2.fast_open(stream_id, headers, end_stream, method, authority, len(self.streams))
         self.reserved -= 1
         self.streams[stream_id] = stream
         stream.stream_id = stream_id
@@ -461,15 +456,13 @@ class H2Stream:
         method_bytes = method.encode()
         out: HeaderList = [(b":method", method_bytes), (b":scheme", self.conn.scheme), (b":authority", b"")]
         if method != "CONNECT":
-            out.append(NeverIndexedHeaderTuple(b":path", target.encode("latin-1")))
+            out.append((b":path", target.encode("latin-1")))
         for item in headers:
             name = item[0]
             if name in _DROP_REQUEST:
                 if name == b"host":
                     authority = item[1]
                 continue
-            if name in _UNIQUE:
-                item = NeverIndexedHeaderTuple(*item)
             out.append(item)
         out[2] = (b":authority", authority)
         out.append(_TE_TRAILERS)  # the gateway takes trailers (gRPC servers require saying so)

@@ -83,18 +83,26 @@ class FastSendConnection(h2.connection.H2Connection):
             raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
         self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
 
-    def fast_open(self, stream_id: int, headers: HeaderList, end_stream: bool, method: bytes, authority: bytes) -> None:
+    def fast_open(
+        self, stream_id: int, headers: HeaderList, end_stream: bool, method: bytes, authority: bytes, open_now: int
+    ) -> None:
         """A client's request HEADERS opening a new stream, as h2's `send_headers` would:
         the same limit on open streams, the same connection and stream state, the request
-        method kept (h2 needs it to know a HEAD response has no body)."""
+        method kept (h2 needs it to know a HEAD response has no body).
+
+        `open_now` is the caller's count of its open streams. h2 counts by walking every
+        stream it still holds, closed ones included until that walk sweeps them: done here
+        only when the caller's count reaches the limit, or once enough closed ones piled up."""
         block = cast(StatelessEncoder, self.encoder).encode(headers)
         size = len(block)
         if size > self.max_outbound_frame_size or stream_id in self.streams:
             self.send_headers(stream_id, headers, end_stream=end_stream)
             return
         limit = self.remote_settings.max_concurrent_streams
-        if len(self.streams) + 1 > limit and self.open_outbound_streams + 1 > limit:  # the count walks all streams
-            raise h2.exceptions.TooManyStreamsError(f"Max outbound streams is {limit}")
+        if open_now + 1 > limit or len(self.streams) > 2 * limit + 16:
+            count = self.open_outbound_streams  # the walk (and sweep)
+            if count + 1 > limit:
+                raise h2.exceptions.TooManyStreamsError(f"Max outbound streams is {limit}")
         self.state_machine.process_input(_SEND_HEADERS_CONN)
         stream = self._begin_new_stream(stream_id, _CLIENT_IDS)
         machine = stream.state_machine
