@@ -50,6 +50,7 @@ from bastion.http.header_policy import DROP_RESPONSE
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
 from bastion.proto.h2_connection import FastSendConnection
+from bastion.proto.h2_fields import response_fields
 from bastion.proto.hpack_in import FastDecoder
 from bastion.proto.hpack_out import StatelessEncoder
 
@@ -101,9 +102,15 @@ class _ClientH2(FastSendConnection):
 def _config() -> H2Configuration:
     # Outbound fields come from the gateway's parsers (lower-case, trimmed, checked), so h2's
     # per-field checks and normalisation of them are skipped: they cost more than the
-    # encoding. Inbound fields are checked: a target must not smuggle CR/LF to HTTP/1.1 clients.
+    # encoding. Inbound fields are checked by h2_fields.response_fields (the same rules in one
+    # pass): a target must not smuggle CR/LF to HTTP/1.1 clients.
     return H2Configuration(
-        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        client_side=True,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
     )
 
 
@@ -266,21 +273,33 @@ class H2ClientConnection(asyncio.Protocol):
                 elif event.flow_controlled_length:
                     self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, ResponseReceived):
+                fields = response_fields(event.headers, False)
+                if fields is None:
+                    self._malformed()
+                    return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_response(event.headers)
+                    stream.on_response(fields)
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream.on_end()
             elif isinstance(event, TrailersReceived):
+                fields = response_fields(event.headers, True)
+                if fields is None:
+                    self._malformed()
+                    return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_trailers(event.headers)
+                    stream.on_trailers(fields)
             elif isinstance(event, InformationalResponseReceived):
+                fields = response_fields(event.headers, False)
+                if fields is None:
+                    self._malformed()
+                    return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_interim(event.headers)
+                    stream.on_interim(fields)
             elif isinstance(event, StreamReset):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -355,6 +374,11 @@ class H2ClientConnection(asyncio.Protocol):
             self._broken(UpstreamError(f"The upstream closed the HTTP/2 connection ({_code_name(error_code)})."))
         elif not self.streams and not self.reserved:
             self.close()
+
+    def _malformed(self) -> None:
+        """A field h2 would have refused (h2_fields): the protocol error h2 would have raised."""
+        log.info("upstream %s broke HTTP/2: a malformed header field", self.peer)
+        self._broken(UpstreamError("The upstream broke the HTTP/2 protocol (ProtocolError)."))
 
     def _broken(self, error: GatewayError) -> None:
         streams = list(self.streams.values())
