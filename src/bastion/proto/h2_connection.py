@@ -147,9 +147,12 @@ class ServerConnection(FastSendConnection):
         # h2 would make a stream over the limit a connection error; H2Server refuses it alone
         # (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2). h2's count walks every stream
         # and sweeps the closed ones: done only once enough have piled up.
-        if len(self.streams) > 2 * self.local_settings.max_concurrent_streams:
+        if len(self.streams) > self.sweep_at:
             super().open_inbound_streams  # noqa: B018 - the sweep
         return 0
+
+    sweep_at = 200
+    """Twice the listener's SETTINGS_MAX_CONCURRENT_STREAMS (set by `server_connection`)."""
 
 
 def server_connection(limits: ListenerLimits) -> ServerConnection:
@@ -177,6 +180,7 @@ def server_connection(limits: ListenerLimits) -> ServerConnection:
         },
     )
     conn.max_inbound_frame_size = limits.h2_max_frame_size
+    conn.sweep_at = 2 * limits.h2_max_concurrent_streams
     conn.decoder = FastDecoder(limits.max_header_bytes)  # type: ignore[assignment]  # HPACK bomb: stops there
     conn.encoder = StatelessEncoder()  # type: ignore[assignment]
     conn.incoming_buffer = BoundedFrameBuffer(limits.max_header_bytes)  # CONTINUATION flood
