@@ -8,7 +8,8 @@ import pytest
 from h2.exceptions import ProtocolError
 from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
 
-from bastion.proto.h2_fields import response_fields
+from bastion.http.header_policy import DROP_RESPONSE
+from bastion.proto.h2_fields import response_fields, response_parts
 
 S = (b":status", b"200")
 BLOCKS: list[tuple[str, list[tuple[bytes, bytes]], bool]] = [
@@ -67,3 +68,30 @@ def test_the_same_verdict_as_h2(what: str, block: list[tuple[bytes, bytes]], tra
 def test_a_connection_field_is_refused_even_after_other_names_were_cached() -> None:
     for _ in range(3):
         assert response_fields([S, (b"connection", b"close")], False) is None
+
+
+@pytest.mark.parametrize(("what", "block", "trailers"), BLOCKS, ids=[b[0] for b in BLOCKS])
+def test_the_parts_agree_with_h2_and_leave_out_the_dropped_fields(
+    what: str, block: list[tuple[bytes, bytes]], trailers: bool
+) -> None:
+    expected = _h2_verdict(block, trailers)
+    got = response_parts(block, trailers, DROP_RESPONSE)
+    if expected is None:
+        assert got is None, what
+        return
+    assert got is not None, what
+    status, fields, _ = got
+    assert status == (0 if trailers else 200)
+    assert fields == [f for f in expected if f[0][:1] != b":" and f[0] not in DROP_RESPONSE]
+
+
+def test_the_status_and_the_first_content_length_are_taken_out() -> None:
+    block = [(b":status", b"404"), (b"content-length", b"12"), (b"content-length", b"13"), (b"x-a", b"1")]
+    assert response_parts(block, False, DROP_RESPONSE) == (404, [(b"x-a", b"1")], 12)  # the length is framing
+    assert response_parts([S, (b"content-length", b"x")], False, DROP_RESPONSE) == (200, [], None)
+    assert response_parts([S, (b"x-request-id", b"r")], False, frozenset()) == (200, [(b"x-request-id", b"r")], None)
+
+
+@pytest.mark.parametrize("status", [b"20", b"2000", b"abc", b"2 0", b""])
+def test_a_status_that_is_not_three_digits_is_malformed(status: bytes) -> None:
+    assert response_parts([(b":status", status)], False, DROP_RESPONSE) is None

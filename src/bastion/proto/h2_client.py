@@ -50,7 +50,7 @@ from bastion.http.header_policy import DROP_RESPONSE
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
 from bastion.proto.h2_connection import FastSendConnection
-from bastion.proto.h2_fields import response_fields
+from bastion.proto.h2_fields import response_parts
 from bastion.proto.hpack_in import FastDecoder
 from bastion.proto.hpack_out import StatelessEncoder
 
@@ -273,33 +273,33 @@ class H2ClientConnection(asyncio.Protocol):
                 elif event.flow_controlled_length:
                     self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, ResponseReceived):
-                fields = response_fields(event.headers, False)
-                if fields is None:
+                parts = response_parts(event.headers, False, DROP_RESPONSE)
+                if parts is None:
                     self._malformed()
                     return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_response(fields)
+                    stream.on_response(*parts)
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream.on_end()
             elif isinstance(event, TrailersReceived):
-                fields = response_fields(event.headers, True)
-                if fields is None:
+                parts = response_parts(event.headers, True, DROP_RESPONSE)
+                if parts is None:
                     self._malformed()
                     return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_trailers(fields)
+                    stream.on_trailers(parts[1])
             elif isinstance(event, InformationalResponseReceived):
-                fields = response_fields(event.headers, False)
-                if fields is None:
+                parts = response_parts(event.headers, False, DROP_RESPONSE)
+                if parts is None:
                     self._malformed()
                     return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_interim(fields)
+                    stream.on_interim(parts[0], parts[1])
             elif isinstance(event, StreamReset):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -439,7 +439,7 @@ class H2Stream:
         self.closed = False
         self.served = conn.served  # > 0: the connection had served before (stale-connection retries)
         self.waiting_window = False
-        self._loop = asyncio.get_running_loop()
+        self._loop = conn._loop
         self._head: HeaderList = []
         self._method = b""
         self._authority = b""
@@ -648,25 +648,16 @@ class H2Stream:
 
     # --- receiving (called by the connection) --------------------------------------------------
 
-    def on_interim(self, raw: list[Any]) -> None:
-        status, headers = _response_head(raw)
+    def on_interim(self, status: int, headers: HeaderList) -> None:
         self._touch()
         if self.listener is not None and status != 101:
             self.listener.upstream_interim(Response(status, Headers(headers)))
 
-    def on_response(self, raw: list[Any]) -> None:
-        status, headers = _response_head(raw)
+    def on_response(self, status: int, headers: HeaderList, length: int | None) -> None:
+        """A response head (checked, hop-by-hop fields out: h2_fields.response_parts)."""
         self._head_seen = True
         self._replay = None  # answered: never sent again
         self._touch()
-        length = None
-        for name, value in raw:
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = None
-                break
         if self.listener is not None:
             self.listener.upstream_head(Response(status, Headers(headers)), length)
 
@@ -681,8 +672,8 @@ class H2Stream:
         else:
             self.conn.h2.acknowledge_received_data(flow, self.stream_id)
 
-    def on_trailers(self, raw: list[Any]) -> None:
-        self._trailers = [(bytes(n), bytes(v)) for n, v in raw if not n.startswith(b":") and n not in DROP_RESPONSE]
+    def on_trailers(self, trailers: HeaderList) -> None:
+        self._trailers = trailers
 
     def on_end(self) -> None:
         self._complete = True
@@ -820,16 +811,3 @@ class H2Stream:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         self.fail(UpstreamTimeout())
-
-
-def _response_head(raw: list[Any]) -> tuple[int, HeaderList]:
-    """(:status, the fields that cross the gateway) of a response head from h2."""
-    status = 0
-    headers: HeaderList = []
-    for name, value in raw:
-        if name.startswith(b":"):
-            if name == b":status":
-                status = int(value)
-        elif name not in DROP_RESPONSE:
-            headers.append((bytes(name), bytes(value)))
-    return status, headers
