@@ -299,3 +299,57 @@ async def test_a_request_body_ends_with_its_last_data_frame_and_trailers_follow_
     assert sorted(ended) == [sid1, sid2]
     trailers = [e for e in pair.events if type(e).__name__ == "TrailersReceived"]
     assert [(t.stream_id, list(t.headers)) for t in trailers] == [(sid2, [(b"x-sum", b"1")])]
+
+
+def _raw_server(pair: Pair) -> None:
+    """Let the test's server send what h2 would refuse to send (a broken target)."""
+    pair.server.config.validate_outbound_headers = False
+    pair.server.config.normalize_outbound_headers = False
+
+
+@run
+async def test_a_status_that_is_not_a_number_fails_the_connection_not_the_callback() -> None:
+    pair = Pair()
+    _raw_server(pair)
+    stream = pair.stream()
+    listener = Listener()
+    stream.send_head(listener, "GET", "/", GET, None, (), True, 10.0)
+    pair.pump()
+    (sid,) = pair.requests()
+    pair.server.send_headers(sid, [(b":status", b"2x0")], end_stream=True)
+    pair.pump()
+    assert listener.events == [("failed", "The upstream broke the HTTP/2 protocol (ProtocolError).")]
+    assert pair.wire.closed
+
+
+@run
+async def test_trailers_with_a_pseudo_header_or_an_upper_case_name_fail_the_stream() -> None:
+    for bad in ([(b":status", b"200")], [(b"Grpc-Status", b"0")]):
+        pair = Pair()
+        _raw_server(pair)
+        stream = pair.stream()
+        listener = Listener()
+        stream.send_head(listener, "POST", "/", GET, 1, (b"x",), True, 10.0)
+        pair.pump()
+        (sid,) = pair.requests()
+        pair.server.send_headers(sid, [(b":status", b"200")])
+        pair.server.send_headers(sid, bad, end_stream=True)
+        pair.pump()
+        assert listener.events == [
+            ("head", 200),
+            ("failed", "The upstream broke the HTTP/2 protocol (ProtocolError)."),
+        ], bad
+
+
+@run
+async def test_response_trailers_reach_the_listener_without_hop_by_hop_fields() -> None:
+    pair = Pair()
+    stream = pair.stream()
+    listener = Listener()
+    stream.send_head(listener, "POST", "/", GET, 1, (b"x",), True, 10.0)
+    pair.pump()
+    (sid,) = pair.requests()
+    pair.server.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    pair.server.send_headers(sid, [(b"grpc-status", b"0"), (b"x-request-id", b"theirs")], end_stream=True)
+    pair.pump()
+    assert listener.events == [("head", 200), ("end", [(b"grpc-status", b"0")])]
