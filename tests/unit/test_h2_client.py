@@ -353,3 +353,27 @@ async def test_response_trailers_reach_the_listener_without_hop_by_hop_fields() 
     pair.server.send_headers(sid, [(b"grpc-status", b"0"), (b"x-request-id", b"theirs")], end_stream=True)
     pair.pump()
     assert listener.events == [("head", 200), ("end", [(b"grpc-status", b"0")])]
+
+
+@run
+async def test_a_request_head_over_one_frame_goes_out_with_continuation_frames() -> None:
+    pair = Pair()
+    stream = pair.stream()
+    big = b"v" * 40_000  # over the default SETTINGS_MAX_FRAME_SIZE of 16384
+    stream.send_head(Listener(), "GET", "/big", [*GET, (b"x-big", big)], None, (), True, 10.0)
+    pair.pump()
+    (request,) = [e for e in pair.events if isinstance(e, RequestReceived)]
+    assert (b"x-big", big) in list(request.headers)
+    assert any(isinstance(e, StreamEnded) for e in pair.events)
+
+
+@run
+async def test_a_target_that_shrinks_its_header_table_still_reads_our_heads() -> None:
+    pair = Pair({1: 0})  # SETTINGS_HEADER_TABLE_SIZE: 0, acknowledged by a size update in the next block
+    pair.pump()
+    for path in ("/one", "/two"):
+        stream = pair.stream()
+        stream.send_head(Listener(), "GET", path, [*GET, (b"cookie", b"a=1")], None, (), True, 10.0)
+        pair.pump()
+    paths = [dict(e.headers)[b":path"] for e in pair.events if isinstance(e, RequestReceived)]
+    assert paths == [b"/one", b"/two"]
