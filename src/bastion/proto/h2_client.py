@@ -49,7 +49,7 @@ from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, Up
 from bastion.http.header_policy import DROP_RESPONSE
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
-from bastion.proto.h2_connection import FastSendConnection
+from bastion.proto.h2_connection import FastSendConnection, QuietFrameBuffer
 from bastion.proto.h2_fields import response_parts
 from bastion.proto.hpack_in import FastDecoder
 from bastion.proto.hpack_out import StatelessEncoder
@@ -134,6 +134,7 @@ class H2ClientConnection(asyncio.Protocol):
         # decoder for responses (h2 still validates the fields it returns).
         self.h2.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.h2.decoder = FastDecoder()  # type: ignore[assignment]
+        self.h2.incoming_buffer = QuietFrameBuffer(server=False)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.reserved = 0  # streams handed out by the pool, head not sent yet

@@ -16,7 +16,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import Frame
+from hyperframe.frame import DataFrame, Frame, HeadersFrame
 
 from bastion.config.schema import ListenerLimits
 from bastion.http.model import HeaderList
@@ -24,7 +24,36 @@ from bastion.proto.hpack_in import FastDecoder
 from bastion.proto.hpack_out import StatelessEncoder
 
 
-class BoundedFrameBuffer(FrameBuffer):
+class _QuietHeadersFrame(HeadersFrame):
+    def __repr__(self) -> str:
+        return "HeadersFrame"
+
+
+class _QuietDataFrame(DataFrame):
+    def __repr__(self) -> str:
+        return "DataFrame"
+
+
+_QUIET: dict[type[Frame], type[Frame]] = {HeadersFrame: _QuietHeadersFrame, DataFrame: _QuietDataFrame}
+
+
+class QuietFrameBuffer(FrameBuffer):
+    """h2's frame buffer, whose HEADERS and DATA frames have a constant `repr`.
+
+    h2 formats `repr(frame)` of every frame it receives for a trace log it then drops (the
+    call is made before the logger is asked); hyperframe's repr renders the flags and the
+    payload. The frames are the same objects, of a subclass that only answers `repr`
+    cheaply; `FastSendConnection` routes them to h2's own handlers."""
+
+    def __next__(self) -> Frame:
+        frame = super().__next__()
+        quiet = _QUIET.get(frame.__class__)
+        if quiet is not None:
+            frame.__class__ = quiet
+        return frame
+
+
+class BoundedFrameBuffer(QuietFrameBuffer):
     """h2's frame buffer, with the header block being assembled bounded by the header limit.
 
     h2 keeps HEADERS and CONTINUATION frames until END_HEADERS (up to 64 frames, so 1 MB at the
@@ -64,6 +93,12 @@ class FastSendConnection(h2.connection.H2Connection):
     directly. The encoder must be a `StatelessEncoder`. A head that needs CONTINUATION frames
     goes through h2.
     """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        table = self._frame_dispatch_table
+        for plain, quiet in _QUIET.items():
+            table[quiet] = table[plain]  # the frames of a QuietFrameBuffer
 
     def fast_headers(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
         """HEADERS (a response head or trailers) on a stream h2 knows."""
