@@ -61,6 +61,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (its threads included: /proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,6 +172,8 @@ def measure(
         wait_listening(origin_port, processes[0], "the grpcio origin")
         wait_listening(gateway_port, processes[1], "bastion")
         ports = {"direct": origin_port, "bastion": gateway_port}
+        # Whose CPU a run costs: the grpcio origin's for direct, the gateway's through Bastion.
+        pids = {"direct": processes[0].pid, "bastion": processes[1].pid}
         for port in ports.values():
             check_call(port)
             run_h2load(h2load, taskset, load_cpus, port, body, warmup, connections, streams)
@@ -170,14 +181,22 @@ def measure(
         for index in range(rounds):
             order = list(ports) if index % 2 == 0 else list(reversed(ports))
             for name in order:
+                before = cpu_seconds(pids[name])
                 result = run_h2load(h2load, taskset, load_cpus, ports[name], body, duration, connections, streams)
+                spent = cpu_seconds(pids[name]) - before
+                if spent > 0:
+                    result["cpu_s"] = spent
+                    result["per_cpu_s"] = result["requests"] / spent
                 runs[name].append(result)
                 print(
-                    f"  round {index + 1} {name:8} calls/s {result['rps']:>8.0f}  errors {result['errors']:.0f}",
+                    f"  round {index + 1} {name:8} calls/s {result['rps']:>8.0f}  "
+                    f"per CPU-s {result.get('per_cpu_s', 0):>8.0f}  errors {result['errors']:.0f}",
                     flush=True,
                 )
                 time.sleep(0.5)
-        medians = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+        medians = {
+            name: {key: statistics.median(r[key] for r in rs if key in r) for key in rs[0]} for name, rs in runs.items()
+        }
         return {"runs": runs, "medians": medians, "connections": connections, "streams": streams}
     finally:
         for process in processes:
@@ -196,14 +215,15 @@ def report(result: dict[str, Any]) -> str:
         return f"grpc unary: {result['skipped']}"
     direct = result["medians"]["direct"]["rps"]
     lines = [
-        "| grpc unary | c x streams | calls/s | vs direct | mean ms | errors |",
-        "|---|---|---|---|---|---|",
+        "| grpc unary | c x streams | calls/s | vs direct | mean ms | per CPU-s | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in result["medians"].items():
         mean = f"{m['mean_ms']:.2f}" if "mean_ms" in m else ""
+        per_cpu = f"{m['per_cpu_s']:.0f}" if "per_cpu_s" in m else ""
         lines.append(
             f"| {name} | {result['connections']} x {result['streams']} | {m['rps']:.0f} | "
-            f"{m['rps'] / direct:.2f}x | {mean} | {m['errors']:.0f} |"
+            f"{m['rps'] / direct:.2f}x | {mean} | {per_cpu} | {m['errors']:.0f} |"
         )
     return "\n".join(lines)
 

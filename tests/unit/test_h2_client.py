@@ -233,3 +233,147 @@ async def test_a_goaway_fails_streams_above_it_without_a_pool_and_keeps_the_rest
     pair.pump()
     assert one.events == [("head", 201), ("end", None)]
     assert pair.wire.closed  # its last stream done, the connection closes
+
+
+@run
+async def test_a_stream_over_a_limit_the_peer_lowered_is_refused_not_sent() -> None:
+    pair = Pair({3: 2})  # SETTINGS_MAX_CONCURRENT_STREAMS
+    first, second = pair.stream(), pair.stream()  # both reserved under the limit of 2
+    first.send_head(Listener(), "GET", "/", GET, None, (), True, 10.0)
+    pair.pump()
+    pair.server.update_settings({3: 1})
+    pair.pump()
+    late = Listener()
+    second.send_head(late, "GET", "/", GET, None, (), True, 10.0)
+    pair.pump()
+    assert late.events == [("failed", "The upstream refused the stream (HTTP/2 GOAWAY or REFUSED_STREAM).")]
+    assert len(pair.requests()) == 1  # never sent past the target's limit
+
+
+@run
+async def test_many_streams_in_turn_keep_the_connection_state_small() -> None:
+    pair = Pair({3: 4})
+    for _ in range(100):
+        stream = pair.stream()
+        listener = Listener()
+        stream.send_head(listener, "GET", "/", GET, None, (), True, 10.0)
+        pair.pump()
+        sid = pair.requests()[-1]
+        pair.server.send_headers(sid, [(b":status", b"204")], end_stream=True)
+        pair.pump()
+        assert listener.events == [("head", 204), ("end", None)]
+        stream.release()
+    assert len(pair.requests()) == 100
+    assert len(pair.client.h2.streams) <= 2 * 4 + 17  # finished streams are swept, not kept for good
+
+
+@run
+async def test_a_head_response_with_a_content_length_and_no_body_is_whole() -> None:
+    pair = Pair()
+    stream = pair.stream()
+    listener = Listener()
+    stream.send_head(listener, "HEAD", "/", GET, None, (), True, 10.0)
+    pair.pump()
+    (sid,) = pair.requests()
+    pair.server.send_headers(sid, [(b":status", b"200"), (b"content-length", b"5")])
+    pair.server.send_data(sid, b"", end_stream=True)  # h2 holds that to the length, but for HEAD
+    pair.pump()
+    assert listener.events == [("head", 200), ("end", None)]
+
+
+@run
+async def test_a_request_body_ends_with_its_last_data_frame_and_trailers_follow_it() -> None:
+    pair = Pair()
+    plain, trailed = pair.stream(), pair.stream()
+    plain.send_head(Listener(), "POST", "/", GET, 4, (b"ab", b"cd"), True, 10.0)
+    trailed.send_head(Listener(), "POST", "/", GET, None, (b"ef",), False, 10.0)
+    trailed.send_end(Headers([(b"x-sum", b"1")]))
+    pair.pump()
+    sid1, sid2 = pair.requests()
+    body = {sid1: b"", sid2: b""}
+    for event in pair.events:
+        if isinstance(event, DataReceived):
+            body[event.stream_id] += event.data
+    assert body == {sid1: b"abcd", sid2: b"ef"}
+    ended = [e.stream_id for e in pair.events if isinstance(e, StreamEnded)]
+    assert sorted(ended) == [sid1, sid2]
+    trailers = [e for e in pair.events if type(e).__name__ == "TrailersReceived"]
+    assert [(t.stream_id, list(t.headers)) for t in trailers] == [(sid2, [(b"x-sum", b"1")])]
+
+
+def _raw_server(pair: Pair) -> None:
+    """Let the test's server send what h2 would refuse to send (a broken target)."""
+    pair.server.config.validate_outbound_headers = False
+    pair.server.config.normalize_outbound_headers = False
+
+
+@run
+async def test_a_status_that_is_not_a_number_fails_the_connection_not_the_callback() -> None:
+    pair = Pair()
+    _raw_server(pair)
+    stream = pair.stream()
+    listener = Listener()
+    stream.send_head(listener, "GET", "/", GET, None, (), True, 10.0)
+    pair.pump()
+    (sid,) = pair.requests()
+    pair.server.send_headers(sid, [(b":status", b"2x0")], end_stream=True)
+    pair.pump()
+    assert listener.events == [("failed", "The upstream broke the HTTP/2 protocol (ProtocolError).")]
+    assert pair.wire.closed
+
+
+@run
+async def test_trailers_with_a_pseudo_header_or_an_upper_case_name_fail_the_stream() -> None:
+    for bad in ([(b":status", b"200")], [(b"Grpc-Status", b"0")]):
+        pair = Pair()
+        _raw_server(pair)
+        stream = pair.stream()
+        listener = Listener()
+        stream.send_head(listener, "POST", "/", GET, 1, (b"x",), True, 10.0)
+        pair.pump()
+        (sid,) = pair.requests()
+        pair.server.send_headers(sid, [(b":status", b"200")])
+        pair.server.send_headers(sid, bad, end_stream=True)
+        pair.pump()
+        assert listener.events == [
+            ("head", 200),
+            ("failed", "The upstream broke the HTTP/2 protocol (ProtocolError)."),
+        ], bad
+
+
+@run
+async def test_response_trailers_reach_the_listener_without_hop_by_hop_fields() -> None:
+    pair = Pair()
+    stream = pair.stream()
+    listener = Listener()
+    stream.send_head(listener, "POST", "/", GET, 1, (b"x",), True, 10.0)
+    pair.pump()
+    (sid,) = pair.requests()
+    pair.server.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    pair.server.send_headers(sid, [(b"grpc-status", b"0"), (b"x-request-id", b"theirs")], end_stream=True)
+    pair.pump()
+    assert listener.events == [("head", 200), ("end", [(b"grpc-status", b"0")])]
+
+
+@run
+async def test_a_request_head_over_one_frame_goes_out_with_continuation_frames() -> None:
+    pair = Pair()
+    stream = pair.stream()
+    big = b"v" * 40_000  # over the default SETTINGS_MAX_FRAME_SIZE of 16384
+    stream.send_head(Listener(), "GET", "/big", [*GET, (b"x-big", big)], None, (), True, 10.0)
+    pair.pump()
+    (request,) = [e for e in pair.events if isinstance(e, RequestReceived)]
+    assert (b"x-big", big) in list(request.headers)
+    assert any(isinstance(e, StreamEnded) for e in pair.events)
+
+
+@run
+async def test_a_target_that_shrinks_its_header_table_still_reads_our_heads() -> None:
+    pair = Pair({1: 0})  # SETTINGS_HEADER_TABLE_SIZE: 0, acknowledged by a size update in the next block
+    pair.pump()
+    for path in ("/one", "/two"):
+        stream = pair.stream()
+        stream.send_head(Listener(), "GET", path, [*GET, (b"cookie", b"a=1")], None, (), True, 10.0)
+        pair.pump()
+    paths = [dict(e.headers)[b":path"] for e in pair.events if isinstance(e, RequestReceived)]
+    assert paths == [b"/one", b"/two"]

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -44,13 +44,15 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
-from hpack import Encoder
-from hpack.struct import NeverIndexedHeaderTuple
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from bastion.http.header_policy import DROP_RESPONSE
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
+from bastion.proto.h2_connection import FastSendConnection, QuietFrameBuffer
+from bastion.proto.h2_fields import response_parts
+from bastion.proto.hpack_in import FastDecoder
+from bastion.proto.hpack_out import StatelessEncoder
 
 log = logging.getLogger("bastion.upstream")
 
@@ -84,12 +86,8 @@ _DROP_REQUEST = frozenset(
 )
 _TE_TRAILERS = (b"te", b"trailers")
 
-# Values new on (nearly) every request: kept out of the HPACK dynamic table, which they would
-# only churn (the encoder searches that table linearly for every field).
-_UNIQUE = frozenset((b"x-request-id", b"traceparent", b"tracestate"))
 
-
-class _ClientH2(H2Connection):
+class _ClientH2(FastSendConnection):
     """h2 treats a received GOAWAY as the end of the connection, but RFC 9113 section 6.8 lets
     the streams up to its last_stream_id finish: stay open for them (no new stream is opened)."""
 
@@ -101,20 +99,18 @@ class _ClientH2(H2Connection):
         return result
 
 
-class _PlainEncoder(Encoder):
-    """HPACK without Huffman-coding literal values: in pure Python the coding costs more CPU
-    than the few header bytes it saves toward a target."""
-
-    def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return bytes(super().encode(headers, huffman=False))
-
-
 def _config() -> H2Configuration:
     # Outbound fields come from the gateway's parsers (lower-case, trimmed, checked), so h2's
     # per-field checks and normalisation of them are skipped: they cost more than the
-    # encoding. Inbound fields are checked: a target must not smuggle CR/LF to HTTP/1.1 clients.
+    # encoding. Inbound fields are checked by h2_fields.response_fields (the same rules in one
+    # pass): a target must not smuggle CR/LF to HTTP/1.1 clients.
     return H2Configuration(
-        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        client_side=True,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
     )
 
 
@@ -133,7 +129,12 @@ class H2ClientConnection(asyncio.Protocol):
         self.scheme = scheme
         self.alpn_required = alpn_required
         self.h2 = _ClientH2(config=_config())
-        self.h2.encoder = _PlainEncoder()
+        # Stateless HPACK toward the target (no dynamic-table search, no Huffman: in pure
+        # Python both cost more CPU than the bytes they save on a request head), and the lean
+        # decoder for responses (h2 still validates the fields it returns).
+        self.h2.encoder = StatelessEncoder()  # type: ignore[assignment]
+        self.h2.decoder = FastDecoder()  # type: ignore[assignment]
+        self.h2.incoming_buffer = QuietFrameBuffer(server=False)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.reserved = 0  # streams handed out by the pool, head not sent yet
@@ -198,10 +199,12 @@ class H2ClientConnection(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def open_stream(self, stream: H2Stream, headers: HeaderList, end_stream: bool) -> None:
+    def open_stream(
+        self, stream: H2Stream, headers: HeaderList, end_stream: bool, method: bytes, authority: bytes
+    ) -> None:
         """Send a reserved stream's head (stream ids must go out in order: allocated here)."""
         stream_id = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        self.h2.fast_open(stream_id, headers, end_stream, method, authority, len(self.streams))
         self.reserved -= 1
         self.streams[stream_id] = stream
         stream.stream_id = stream_id
@@ -271,21 +274,33 @@ class H2ClientConnection(asyncio.Protocol):
                 elif event.flow_controlled_length:
                     self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, ResponseReceived):
+                parts = response_parts(event.headers, False, DROP_RESPONSE)
+                if parts is None:
+                    self._malformed()
+                    return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_response(event.headers)
+                    stream.on_response(*parts)
             elif isinstance(event, StreamEnded):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream.on_end()
             elif isinstance(event, TrailersReceived):
+                parts = response_parts(event.headers, True, DROP_RESPONSE)
+                if parts is None:
+                    self._malformed()
+                    return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_trailers(event.headers)
+                    stream.on_trailers(parts[1])
             elif isinstance(event, InformationalResponseReceived):
+                parts = response_parts(event.headers, False, DROP_RESPONSE)
+                if parts is None:
+                    self._malformed()
+                    return
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.on_interim(event.headers)
+                    stream.on_interim(parts[0], parts[1])
             elif isinstance(event, StreamReset):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -361,6 +376,11 @@ class H2ClientConnection(asyncio.Protocol):
         elif not self.streams and not self.reserved:
             self.close()
 
+    def _malformed(self) -> None:
+        """A field h2 would have refused (h2_fields): the protocol error h2 would have raised."""
+        log.info("upstream %s broke HTTP/2: a malformed header field", self.peer)
+        self._broken(UpstreamError("The upstream broke the HTTP/2 protocol (ProtocolError)."))
+
     def _broken(self, error: GatewayError) -> None:
         streams = list(self.streams.values())
         self.abort(error)
@@ -389,6 +409,8 @@ class H2Stream:
         "waiting_window",
         "_loop",
         "_head",
+        "_method",
+        "_authority",
         "_pending",
         "_end_pending",
         "_ended",
@@ -418,8 +440,10 @@ class H2Stream:
         self.closed = False
         self.served = conn.served  # > 0: the connection had served before (stale-connection retries)
         self.waiting_window = False
-        self._loop = asyncio.get_running_loop()
+        self._loop = conn._loop
         self._head: HeaderList = []
+        self._method = b""
+        self._authority = b""
         self._pending: deque[bytes | memoryview] = deque()
         self._end_pending = False
         self._ended = False
@@ -454,23 +478,24 @@ class H2Stream:
         self.listener = listener
         self._timeout = timeout
         authority = b""
-        out: HeaderList = [(b":method", method.encode()), (b":scheme", self.conn.scheme), (b":authority", b"")]
+        method_bytes = method.encode()
+        out: HeaderList = [(b":method", method_bytes), (b":scheme", self.conn.scheme), (b":authority", b"")]
         if method != "CONNECT":
-            out.append(NeverIndexedHeaderTuple(b":path", target.encode("latin-1")))
+            out.append((b":path", target.encode("latin-1")))
         for item in headers:
             name = item[0]
             if name in _DROP_REQUEST:
                 if name == b"host":
                     authority = item[1]
                 continue
-            if name in _UNIQUE:
-                item = NeverIndexedHeaderTuple(*item)
             out.append(item)
         out[2] = (b":authority", authority)
         out.append(_TE_TRAILERS)  # the gateway takes trailers (gRPC servers require saying so)
         if length is not None:
             out.append((b"content-length", str(length).encode()))
         self._head = out
+        self._method = method_bytes
+        self._authority = authority
         for chunk in body:
             if chunk:
                 self._keep(chunk)
@@ -549,7 +574,7 @@ class H2Stream:
             self.on_refused()  # lost between the pool's answer and now: nothing was sent
             return
         try:
-            conn.open_stream(self, self._head, end_now)
+            conn.open_stream(self, self._head, end_now, self._method, self._authority)
         except TooManyStreamsError:
             self.on_refused()  # the target lowered its limit after our reservation
             return
@@ -571,6 +596,7 @@ class H2Stream:
         h2 = conn.h2
         stream_id = self.stream_id
         pending = self._pending
+        ended_now = False
         try:
             while pending and not conn.write_paused:
                 window = h2.local_flow_control_window(stream_id)
@@ -580,11 +606,16 @@ class H2Stream:
                 size = min(window, h2.max_outbound_frame_size)
                 if len(chunk) > size:  # frames cut from a view: no copy of the rest each time
                     view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-                    h2.send_data(stream_id, view[:size])
+                    h2.fast_data(stream_id, view[:size], False)
                     pending[0] = view[size:]
                 else:
-                    h2.send_data(stream_id, chunk)
                     pending.popleft()
+                    # The last chunk carries END_STREAM itself when nothing follows it.
+                    last = not pending and self._end_pending and not self._trailers_out
+                    h2.fast_data(stream_id, chunk, last)
+                    if last:
+                        self._end_pending = False
+                        self._ended = ended_now = True
             if pending:
                 conn.blocked.add(self)
                 if not self.waiting_window:
@@ -601,10 +632,11 @@ class H2Stream:
                 self._end_pending = False
                 trailers = self._trailers_out
                 if trailers:
-                    h2.send_headers(stream_id, trailers, end_stream=True)
+                    h2.fast_headers(stream_id, trailers, True)
                 else:
-                    h2.end_stream(stream_id)
-                self._ended = True
+                    h2.fast_data(stream_id, b"", True)
+                self._ended = ended_now = True
+            if ended_now:
                 self._arm()
                 if self._complete:
                     self._done()
@@ -617,25 +649,16 @@ class H2Stream:
 
     # --- receiving (called by the connection) --------------------------------------------------
 
-    def on_interim(self, raw: list[Any]) -> None:
-        status, headers = _response_head(raw)
+    def on_interim(self, status: int, headers: HeaderList) -> None:
         self._touch()
         if self.listener is not None and status != 101:
             self.listener.upstream_interim(Response(status, Headers(headers)))
 
-    def on_response(self, raw: list[Any]) -> None:
-        status, headers = _response_head(raw)
+    def on_response(self, status: int, headers: HeaderList, length: int | None) -> None:
+        """A response head (checked, hop-by-hop fields out: h2_fields.response_parts)."""
         self._head_seen = True
         self._replay = None  # answered: never sent again
         self._touch()
-        length = None
-        for name, value in raw:
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = None
-                break
         if self.listener is not None:
             self.listener.upstream_head(Response(status, Headers(headers)), length)
 
@@ -650,8 +673,8 @@ class H2Stream:
         else:
             self.conn.h2.acknowledge_received_data(flow, self.stream_id)
 
-    def on_trailers(self, raw: list[Any]) -> None:
-        self._trailers = [(bytes(n), bytes(v)) for n, v in raw if not n.startswith(b":") and n not in DROP_RESPONSE]
+    def on_trailers(self, trailers: HeaderList) -> None:
+        self._trailers = trailers
 
     def on_end(self) -> None:
         self._complete = True
@@ -789,16 +812,3 @@ class H2Stream:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         self.fail(UpstreamTimeout())
-
-
-def _response_head(raw: list[Any]) -> tuple[int, HeaderList]:
-    """(:status, the fields that cross the gateway) of a response head from h2."""
-    status = 0
-    headers: HeaderList = []
-    for name, value in raw:
-        if name.startswith(b":"):
-            if name == b":status":
-                status = int(value)
-        elif name not in DROP_RESPONSE:
-            headers.append((bytes(name), bytes(value)))
-    return status, headers

@@ -16,7 +16,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import Frame
+from hyperframe.frame import DataFrame, Frame, HeadersFrame
 
 from bastion.config.schema import ListenerLimits
 from bastion.http.model import HeaderList
@@ -24,7 +24,36 @@ from bastion.proto.hpack_in import FastDecoder
 from bastion.proto.hpack_out import StatelessEncoder
 
 
-class BoundedFrameBuffer(FrameBuffer):
+class _QuietHeadersFrame(HeadersFrame):
+    def __repr__(self) -> str:
+        return "HeadersFrame"
+
+
+class _QuietDataFrame(DataFrame):
+    def __repr__(self) -> str:
+        return "DataFrame"
+
+
+_QUIET: dict[type[Frame], type[Frame]] = {HeadersFrame: _QuietHeadersFrame, DataFrame: _QuietDataFrame}
+
+
+class QuietFrameBuffer(FrameBuffer):
+    """h2's frame buffer, whose HEADERS and DATA frames have a constant `repr`.
+
+    h2 formats `repr(frame)` of every frame it receives for a trace log it then drops (the
+    call is made before the logger is asked); hyperframe's repr renders the flags and the
+    payload. The frames are the same objects, of a subclass that only answers `repr`
+    cheaply; `FastSendConnection` routes them to h2's own handlers."""
+
+    def __next__(self) -> Frame:
+        frame = super().__next__()
+        quiet = _QUIET.get(frame.__class__)
+        if quiet is not None:
+            frame.__class__ = quiet
+        return frame
+
+
+class BoundedFrameBuffer(QuietFrameBuffer):
     """h2's frame buffer, with the header block being assembled bounded by the header limit.
 
     h2 keeps HEADERS and CONTINUATION frames until END_HEADERS (up to 64 frames, so 1 MB at the
@@ -51,28 +80,28 @@ _SEND_DATA = h2.stream.StreamInputs.SEND_DATA
 _SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
 
 
-class ServerConnection(h2.connection.H2Connection):
-    """h2's connection with two shortcuts on the per-request path.
+_SEND_HEADERS_CONN = h2.connection.ConnectionInputs.SEND_HEADERS
+_CLIENT_IDS = h2.connection.AllowedStreamIDs.ODD
 
-    - Sending a response's HEADERS (one frame) and DATA: h2's `send_headers` and `send_data`
-      normalise, validate and re-encode each field, build frame objects and serialize them;
-      here the stream's state machine gets the same inputs, the windows the same debits, and
-      the frame bytes are appended to h2's output buffer directly. Anything else (trailers,
-      interim responses, a head that needs CONTINUATION frames) goes through h2.
-    - Counting open streams: h2 walks every stream on each new one, and a stream over the
-      limit would end the connection; the limit is H2Server's (a stream error).
+
+class FastSendConnection(h2.connection.H2Connection):
+    """h2's connection with a shorter way to send HEADERS and DATA.
+
+    h2's `send_headers` and `send_data` normalise, validate and re-encode each field, build
+    frame objects and serialize them; here the stream's state machine gets the same inputs,
+    the windows the same debits, and the frame bytes are appended to h2's output buffer
+    directly. The encoder must be a `StatelessEncoder`. A head that needs CONTINUATION frames
+    goes through h2.
     """
 
-    @property
-    def open_inbound_streams(self) -> int:
-        # h2 would make a stream over the limit a connection error; H2Server refuses it alone
-        # (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2). h2's count walks every stream
-        # and sweeps the closed ones: done only once enough have piled up.
-        if len(self.streams) > 2 * self.local_settings.max_concurrent_streams:
-            super().open_inbound_streams  # noqa: B018 - the sweep
-        return 0
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        table = self._frame_dispatch_table
+        for plain, quiet in _QUIET.items():
+            table[quiet] = table[plain]  # the frames of a QuietFrameBuffer
 
     def fast_headers(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
+        """HEADERS (a response head or trailers) on a stream h2 knows."""
         block = cast(StatelessEncoder, self.encoder).encode(headers)
         size = len(block)
         stream = self.streams.get(stream_id)
@@ -85,9 +114,43 @@ class ServerConnection(h2.connection.H2Connection):
         if end_stream:
             machine.process_input(_SEND_END_STREAM)
             flags |= _END_STREAM
+        elif machine.trailers_sent:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
         self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
 
-    def fast_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+    def fast_open(
+        self, stream_id: int, headers: HeaderList, end_stream: bool, method: bytes, authority: bytes, open_now: int
+    ) -> None:
+        """A client's request HEADERS opening a new stream, as h2's `send_headers` would:
+        the same limit on open streams, the same connection and stream state, the request
+        method kept (h2 needs it to know a HEAD response has no body).
+
+        `open_now` is the caller's count of its open streams. h2 counts by walking every
+        stream it still holds, closed ones included until that walk sweeps them: done here
+        only when the caller's count reaches the limit, or once enough closed ones piled up."""
+        block = cast(StatelessEncoder, self.encoder).encode(headers)
+        size = len(block)
+        if size > self.max_outbound_frame_size or stream_id in self.streams:
+            self.send_headers(stream_id, headers, end_stream=end_stream)
+            return
+        limit = self.remote_settings.max_concurrent_streams
+        if open_now + 1 > limit or len(self.streams) > 2 * limit + 16:
+            count = self.open_outbound_streams  # the walk (and sweep)
+            if count + 1 > limit:
+                raise h2.exceptions.TooManyStreamsError(f"Max outbound streams is {limit}")
+        self.state_machine.process_input(_SEND_HEADERS_CONN)
+        stream = self._begin_new_stream(stream_id, _CLIENT_IDS)
+        machine = stream.state_machine
+        machine.process_input(_SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            machine.process_input(_SEND_END_STREAM)
+            flags |= _END_STREAM
+        stream._authority = authority
+        stream.request_method = method
+        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _HEADERS, flags, stream_id) + block
+
+    def fast_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool) -> None:
         """DATA within the windows (the caller checked them), as h2's `send_data` would."""
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -100,9 +163,31 @@ class ServerConnection(h2.connection.H2Connection):
             machine.process_input(_SEND_END_STREAM)
             flags = _END_STREAM
         size = len(data)
-        self._data_to_send += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id) + data
+        buffer = self._data_to_send
+        buffer += _FRAME_HEAD.pack(size >> 8, size & 0xFF, _DATA, flags, stream_id)
+        buffer += data
         self.outbound_flow_control_window -= size
         stream.outbound_flow_control_window -= size
+
+
+class ServerConnection(FastSendConnection):
+    """The server side: h2 with the fast sending path, and a cheaper count of open streams.
+
+    Counting open streams: h2 walks every stream on each new one, and a stream over the
+    limit would end the connection; the limit is H2Server's (a stream error).
+    """
+
+    @property
+    def open_inbound_streams(self) -> int:
+        # h2 would make a stream over the limit a connection error; H2Server refuses it alone
+        # (RST_STREAM REFUSED_STREAM, RFC 9113 section 5.1.2). h2's count walks every stream
+        # and sweeps the closed ones: done only once enough have piled up.
+        if len(self.streams) > self.sweep_at:
+            super().open_inbound_streams  # noqa: B018 - the sweep
+        return 0
+
+    sweep_at = 200
+    """Twice the listener's SETTINGS_MAX_CONCURRENT_STREAMS (set by `server_connection`)."""
 
 
 def server_connection(limits: ListenerLimits) -> ServerConnection:
@@ -130,6 +215,7 @@ def server_connection(limits: ListenerLimits) -> ServerConnection:
         },
     )
     conn.max_inbound_frame_size = limits.h2_max_frame_size
+    conn.sweep_at = 2 * limits.h2_max_concurrent_streams
     conn.decoder = FastDecoder(limits.max_header_bytes)  # type: ignore[assignment]  # HPACK bomb: stops there
     conn.encoder = StatelessEncoder()  # type: ignore[assignment]
     conn.incoming_buffer = BoundedFrameBuffer(limits.max_header_bytes)  # CONTINUATION flood

@@ -31,6 +31,11 @@ _METHODS = frozenset((b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b
 _GOOD_NAMES: set[bytes] = set()  # names already checked (a client repeats the same few)
 _WS = b" \t"
 _AUTHORITIES: dict[bytes, Authority] = {}  # :authority -> parsed (clients repeat a few)
+# :path -> (normalised path, query): clients repeat the same short targets; bounded, and only
+# targets that parsed (a refused one raises every time).
+_TARGETS: dict[bytes, tuple[str, str]] = {}
+_TARGETS_SIZE = 1024
+_TARGET_CACHED_LENGTH = 256
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:+/=-]{1,128}$")
 
 
@@ -128,7 +133,15 @@ def build_request(fields: HeaderList, drop: frozenset[bytes], listener: Listener
     if path[:1] != b"/" and path != b"*":
         raise Malformed()
     text_method = method.decode("ascii", "replace")
-    route_path, query, _ = parse_target(path)
+    cached = _TARGETS.get(path)
+    if cached is None:
+        route_path, query, _ = parse_target(path)
+        if len(path) <= _TARGET_CACHED_LENGTH:
+            if len(_TARGETS) >= _TARGETS_SIZE:
+                _TARGETS.clear()
+            _TARGETS[path] = (route_path, query)
+    else:
+        route_path, query = cached
     if route_path == "*" and text_method != "OPTIONS":
         raise BadRequest("The request target * is only valid for OPTIONS.")
     target = None

@@ -594,7 +594,7 @@ class H2Server(asyncio.Protocol):
                     self.flush()  # now, so that a full socket buffer stops this loop (pause_writing)
             if not out and stream.end_pending and not stream.ended:
                 if stream.end_trailers is not None:
-                    conn.send_headers(stream_id, stream.end_trailers, end_stream=True)
+                    conn.fast_headers(stream_id, stream.end_trailers, True)
                 else:
                     conn.fast_data(stream_id, b"", True)
                 stream.ended = True
