@@ -495,6 +495,10 @@ class _Conn(asyncio.Protocol):
                 h2.reset_stream(sid, ErrorCodes.NO_ERROR)  # RFC 9113 8.1: stop sending the body
                 self.flush()
                 return
+            if route == "/near-limit-head":  # under HTTP/2's usual 64 KB, over the gateway's 60 KB
+                h2.send_headers(sid, [(b":status", b"200"), (b"x-big", b"h" * 63_000)], end_stream=True)
+                self.flush()
+                return
             if route == "/huge-head":
                 h2.send_headers(sid, [(b":status", b"200"), (b"x-big", b"h" * 70_000)], end_stream=True)
                 self.flush()

@@ -8,7 +8,7 @@ from bastion.config.build import build_snapshot
 from bastion.config.loader import load_config_text
 from bastion.errors import BadRequest
 from bastion.proto import h2_request
-from bastion.proto.h2_request import Client, build_request
+from bastion.proto.h2_request import Client, Malformed, build_request
 from bastion.upstream.targets import TargetRegistry
 
 CONFIG = """
@@ -54,3 +54,9 @@ def test_the_target_cache_stays_bounded() -> None:
     long_path = b"/" + b"x" * (h2_request._TARGET_CACHED_LENGTH + 1)
     build_request(_head(long_path), SNAPSHOT.request_drop, LISTENER, CLIENT)
     assert long_path not in h2_request._TARGETS
+
+
+def test_an_empty_authority_is_a_malformed_request() -> None:
+    head = [*_head(b"/")[:3], (b":authority", b"")]
+    with pytest.raises(Malformed):
+        build_request(head, SNAPSHOT.request_drop, LISTENER, CLIENT)

@@ -56,6 +56,13 @@ DROP_RESPONSE = HOP_BY_HOP | frozenset((b"x-request-id",))
 # lower-casing on the hot path; other spellings take the general path, with the same result).
 PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))
 
+# The largest response head (or trailer block) taken from an upstream, counted as HTTP/2
+# counts a header list (name + value + 32 per field, RFC 7541 section 4.1): HTTP/2 clients
+# take 64 KB by default (h2, nghttp2, browsers) and end the whole connection past it, so a
+# head is held to that, less room for the fields the gateway adds. Without a limit a hostile
+# upstream also grows a head without end.
+MAX_RESPONSE_HEAD = 60 * 1024
+
 
 def request_drop_set(identity: Iterable[bytes] = ()) -> frozenset[bytes]:
     """Every request field name removed before routing, given the config's identity names."""

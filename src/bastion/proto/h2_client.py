@@ -46,7 +46,7 @@ from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
 
 from bastion.errors import GatewayError, UpstreamConnectError, UpstreamError, UpstreamTimeout
-from bastion.http.header_policy import DROP_RESPONSE
+from bastion.http.header_policy import DROP_RESPONSE, MAX_RESPONSE_HEAD
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
 from bastion.proto.h2_connection import FastSendConnection, QuietFrameBuffer
@@ -133,7 +133,7 @@ class H2ClientConnection(asyncio.Protocol):
         # Python both cost more CPU than the bytes they save on a request head), and the lean
         # decoder for responses (h2 still validates the fields it returns).
         self.h2.encoder = StatelessEncoder()  # type: ignore[assignment]
-        self.h2.decoder = FastDecoder()  # type: ignore[assignment]
+        self.h2.decoder = FastDecoder(MAX_RESPONSE_HEAD)  # type: ignore[assignment]
         self.h2.incoming_buffer = QuietFrameBuffer(server=False)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}

@@ -146,6 +146,8 @@ def build_request(fields: HeaderList, drop: frozenset[bytes], listener: Listener
         raise BadRequest("The request target * is only valid for OPTIONS.")
     target = None
     if authority is not None:
+        if not authority:
+            raise Malformed()  # RFC 9113 section 8.3.1: never empty for http and https
         target = _AUTHORITIES.get(authority)
         if target is None:
             target = parse_authority(authority)  # raises BadRequest: never cached

@@ -18,16 +18,10 @@ from typing import cast
 import httptools
 
 from bastion.errors import GatewayError, UpstreamError, UpstreamTimeout
-from bastion.http.header_policy import DROP_RESPONSE, with_connection_tokens
+from bastion.http.header_policy import DROP_RESPONSE, MAX_RESPONSE_HEAD, with_connection_tokens
 from bastion.http.model import HeaderList, Headers, Response
 from bastion.http.streams import UpstreamListener
 
-# The largest response head (or trailer block) taken from an upstream, counted as HTTP/2
-# counts a header list (name + value + 32 per field, RFC 7541 section 4.1): HTTP/2 clients
-# take 64 KB by default (h2, nghttp2, browsers) and end the whole connection past it, so a
-# head is held to that, less room for the fields the gateway adds. Without a limit a hostile
-# upstream also grows a head without end.
-MAX_RESPONSE_HEAD = 60 * 1024
 _FIELD_OVERHEAD = 32
 
 
