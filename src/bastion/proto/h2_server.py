@@ -365,6 +365,10 @@ class H2Server(asyncio.Protocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        self._lose_streams()
+
+    def _lose_streams(self) -> None:
+        """The connection is gone: every stream's exchange loses its client."""
         for stream in list(self.streams.values()):
             stream.closed = True
             exchange = stream.exchange
@@ -696,13 +700,7 @@ class H2Server(asyncio.Protocol):
         if data and transport is not None and not self._closed:
             transport.write(data)
         self._starting = []
-        for stream in list(self.streams.values()):
-            stream.closed = True
-            exchange = stream.exchange
-            if exchange is not None:
-                exchange.on_client_lost()
-        self.streams.clear()
-        self._blocked.clear()
+        self._lose_streams()
         self._close()
 
     # --- lifecycle --------------------------------------------------------------------------
