@@ -47,6 +47,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
+from bastion.collector import tune_collector
 from bastion.config.loader import load_config
 from bastion.errors import ConfigError
 from bastion.store.memory import WORKERS_ENV
@@ -114,6 +115,7 @@ def run_worker(
     for handler in logging.getLogger().handlers:
         handler.addFilter(Tag())
 
+    tune_collector()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(
             serve(
@@ -344,6 +346,7 @@ def run_gateway(config_path: str, workers: int | None = None, follow: FollowSett
         return supervise(config_path, workers, follow)
     # A log rotation's SIGUSR1 that comes before serve() handles it must not end the process.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    tune_collector()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             return runner.run(serve(config_path, follow=follow))
