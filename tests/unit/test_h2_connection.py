@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.stream
+import pytest
 from hyperframe.frame import DataFrame, HeadersFrame, PingFrame
 
-from bastion.proto.h2_connection import QuietFrameBuffer
+from bastion.config.schema import ListenerLimits
+from bastion.proto.h2_connection import QuietFrameBuffer, server_connection
 
 
 def test_frames_keep_their_kind_and_content_with_a_constant_repr() -> None:
@@ -22,3 +29,44 @@ def test_frames_keep_their_kind_and_content_with_a_constant_repr() -> None:
     assert "END_STREAM" in frames[1].flags
     assert (repr(frames[0]), repr(frames[1])) == ("HeadersFrame", "DataFrame")
     assert "PingFrame" in repr(frames[2])  # other frames are left as they are
+
+
+def _client_bytes(*streams: tuple[int, list[tuple[bytes, bytes]], bool, bytes | None]) -> bytes:
+    """What an h2 client sends: its preface and, per stream, HEADERS (and DATA)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    for stream_id, headers, end_stream, data in streams:
+        client.send_headers(stream_id, headers, end_stream=end_stream)
+        if data is not None:
+            client.send_data(stream_id, data, end_stream=True)
+    return client.data_to_send()
+
+
+REQUEST = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/a"), (b":authority", b"x")]
+
+
+def _summary(events: list[h2.events.Event]) -> list[tuple[str, object, bool]]:
+    return [
+        (type(e).__name__, getattr(e, "headers", None), getattr(e, "stream_ended", None) is not None) for e in events
+    ]
+
+
+def test_request_headers_are_received_without_h2s_inbound_header_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _client_bytes((1, [*REQUEST, (b"x-a", b"1")], True, None), (3, REQUEST, False, b"abc"))
+    h2_events = _summary(server_connection(ListenerLimits()).receive_data(data))
+
+    def pipeline(*args: object) -> None:
+        raise AssertionError("h2's inbound header pipeline ran")
+
+    monkeypatch.setattr(h2.stream.H2Stream, "_build_hdr_validation_flags", pipeline)
+    events = server_connection(ListenerLimits()).receive_data(data)
+    assert _summary(events) == h2_events  # the same events, headers and END_STREAM as h2's own path
+    kinds = [name for name, _, _ in _summary(events)]
+    assert kinds.count("RequestReceived") == 2 and kinds.count("StreamEnded") == 2
+    assert events[[type(e) for e in events].index(h2.events.RequestReceived)].headers[-1] == (b"x-a", b"1")
+
+
+def test_a_body_longer_than_its_content_length_is_still_refused() -> None:
+    data = _client_bytes((1, [*REQUEST, (b"content-length", b"2")], False, b"abcde"))
+    with pytest.raises(h2.exceptions.InvalidBodyLengthError):  # the length was noted on the lean path
+        server_connection(ListenerLimits()).receive_data(data)

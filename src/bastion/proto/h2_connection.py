@@ -1,8 +1,10 @@
 """h2's server connection as the gateway uses it: settings from the listener's limits, the
-lean HPACK coders, a bounded header-block buffer, and two shortcuts on the per-request path.
+lean HPACK coders, a bounded header-block buffer, and three shortcuts on the per-request path
+(sending HEADERS and DATA, receiving a request's HEADERS).
 
-The shortcuts lean on two h2 internals (`H2Connection._data_to_send`, `H2Stream.state_machine`);
-h2 is pinned below 5 and the tests cover both paths.
+The shortcuts lean on h2 internals (`H2Connection._data_to_send`, `_get_or_create_stream`,
+`H2Stream.state_machine`, `H2Stream._initialize_content_length`); h2 is pinned below 5 and
+the tests cover each path.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import h2.connection
 import h2.exceptions
 import h2.settings
 import h2.stream
+from h2.events import Event
 from h2.frame_buffer import FrameBuffer
+from h2.utilities import is_informational_response
 from hyperframe.frame import DataFrame, Frame, HeadersFrame
 
 from bastion.config.schema import ListenerLimits
@@ -170,12 +174,58 @@ class FastSendConnection(h2.connection.H2Connection):
         stream.outbound_flow_control_window -= size
 
 
+_RECV_HEADERS_CONN = h2.connection.ConnectionInputs.RECV_HEADERS
+_RECV_HEADERS = h2.stream.StreamInputs.RECV_HEADERS
+_RECV_END_STREAM = h2.stream.StreamInputs.RECV_END_STREAM
+_SERVER_IDS = h2.connection.AllowedStreamIDs.ODD  # the ids a client opens
+
+
 class ServerConnection(FastSendConnection):
-    """The server side: h2 with the fast sending path, and a cheaper count of open streams.
+    """The server side: h2 with the fast sending path, a shorter way to receive a request's
+    HEADERS, and a cheaper count of open streams.
 
     Counting open streams: h2 walks every stream on each new one, and a stream over the
     limit would end the connection; the limit is H2Server's (a stream error).
     """
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Event]]:
+        """HEADERS opening a stream, as h2's handler would receive it: the same stream limit,
+        the same inputs to the connection's and the stream's state machines, the same
+        expected Content-Length. What it leaves out is h2's inbound header pipeline, which
+        `server_connection` switches off (no validation, normalisation or decoding: the list
+        is used as HPACK decoded it). Trailers, a PRIORITY flag and a `:status` go through h2."""
+        stream_id = frame.stream_id
+        if stream_id in self.streams or "PRIORITY" in frame.flags or not self._lean_inbound:
+            return super()._receive_headers_frame(frame)
+        limit = self.local_settings.max_concurrent_streams
+        count = self.open_inbound_streams
+        if count + 1 > limit:
+            raise h2.exceptions.TooManyStreamsError(f"Max inbound streams is {limit}, {count} open")
+        headers = h2.connection._decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(_RECV_HEADERS_CONN)
+        stream = self._get_or_create_stream(stream_id, _SERVER_IDS)
+        end_stream = "END_STREAM" in frame.flags
+        if is_informational_response(headers):  # h2 makes it an error: let h2 say which
+            frames, stream_events = stream.receive_headers(headers, end_stream, None)
+            return frames, events + stream_events
+        machine = stream.state_machine
+        stream_events = machine.process_input(_RECV_HEADERS)
+        head = stream_events[0]
+        if end_stream:
+            ended = machine.process_input(_RECV_END_STREAM)
+            head.stream_ended = ended[0]  # type: ignore[attr-defined]
+            stream_events += ended
+        stream._initialize_content_length(headers)
+        head.headers = headers if isinstance(headers, list) else list(headers)  # type: ignore[attr-defined]
+        return [], events + stream_events
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self._lean_inbound = not (
+            config.validate_inbound_headers
+            or config.normalize_inbound_headers
+            or isinstance(config.header_encoding, str)
+        )
 
     @property
     def open_inbound_streams(self) -> int:
