@@ -70,3 +70,14 @@ def test_a_body_longer_than_its_content_length_is_still_refused() -> None:
     data = _client_bytes((1, [*REQUEST, (b"content-length", b"2")], False, b"abcde"))
     with pytest.raises(h2.exceptions.InvalidBodyLengthError):  # the length was noted on the lean path
         server_connection(ListenerLimits()).receive_data(data)
+
+
+def test_h2_state_machine_inputs_hash_in_c_and_still_find_their_transitions() -> None:
+    member = h2.stream.StreamInputs.RECV_HEADERS
+    assert hash(member) == object.__hash__(member)  # not Enum.__hash__, which is Python code
+    state = h2.connection.ConnectionState.IDLE
+    assert hash(state) == object.__hash__(state)
+    machine = h2.stream.H2StreamStateMachine(1)
+    assert [type(e) for e in machine.process_input(member)] == [h2.events.RequestReceived]
+    with pytest.raises(h2.exceptions.ProtocolError):  # an input the state does not take still fails
+        h2.stream.H2StreamStateMachine(3).process_input(h2.stream.StreamInputs.SEND_DATA)  # DATA on an idle stream

@@ -28,6 +28,25 @@ from bastion.proto.hpack_in import FastDecoder
 from bastion.proto.hpack_out import StatelessEncoder
 
 
+def _hash_inputs_by_identity() -> None:
+    """Make h2's state-machine lookups hash in C.
+
+    Each stream input (five per request) and connection input looks up `(state, input)` in a
+    transition table; `Enum.__hash__` is Python code (it hashes the member's name). Enum
+    members compare by identity, so identity hashing keeps every lookup's answer; the two
+    tables are rebuilt so their stored hashes match. Idempotent."""
+    stream_machine = h2.stream
+    connection_machine = h2.connection.H2ConnectionStateMachine
+    for kind in (h2.stream.StreamInputs, h2.connection.ConnectionInputs, h2.connection.ConnectionState):
+        if kind.__hash__ is not object.__hash__:
+            kind.__hash__ = object.__hash__  # type: ignore[method-assign]
+    stream_machine._transitions = {key: value for key, value in stream_machine._transitions.items()}
+    connection_machine._transitions = {key: value for key, value in connection_machine._transitions.items()}
+
+
+_hash_inputs_by_identity()
+
+
 class _QuietHeadersFrame(HeadersFrame):
     def __repr__(self) -> str:
         return "HeadersFrame"
