@@ -81,3 +81,31 @@ def test_h2_state_machine_inputs_hash_in_c_and_still_find_their_transitions() ->
     assert [type(e) for e in machine.process_input(member)] == [h2.events.RequestReceived]
     with pytest.raises(h2.exceptions.ProtocolError):  # an input the state does not take still fails
         h2.stream.H2StreamStateMachine(3).process_input(h2.stream.StreamInputs.SEND_DATA)  # DATA on an idle stream
+
+
+def _headers_frame(stream_id: int) -> bytes:
+    block = b"\x82\x87\x84\x41\x01x"  # :method GET, :scheme https, :path /, :authority x
+    return HeadersFrame(stream_id, block, flags=["END_HEADERS", "END_STREAM"]).serialize()
+
+
+@pytest.mark.parametrize("ids", [(2,), (5, 3)], ids=["even id", "lower id"])
+def test_a_client_stream_id_even_or_lower_than_the_last_one_is_a_connection_error(ids: tuple[int, ...]) -> None:
+    conn = server_connection(ListenerLimits())
+    conn.receive_data(_client_bytes())
+    *accepted, refused = ids
+    for stream_id in accepted:
+        conn.receive_data(_headers_frame(stream_id))
+    with pytest.raises(h2.exceptions.ProtocolError):
+        conn.receive_data(_headers_frame(refused))
+    assert refused not in conn.streams
+
+
+def test_a_new_stream_takes_the_announced_window_and_frame_size() -> None:
+    conn = server_connection(ListenerLimits(h2_initial_window_size=1 << 20))
+    conn.receive_data(_client_bytes())
+    conn.receive_data(_headers_frame(1))
+    stream = conn.streams[1]
+    assert stream.inbound_flow_control_window == 1 << 20
+    assert stream.outbound_flow_control_window == 65535  # the client's default
+    assert stream.max_outbound_frame_size == conn.max_outbound_frame_size
+    assert conn.highest_inbound_stream_id == 1

@@ -2,7 +2,7 @@
 lean HPACK coders, a bounded header-block buffer, and three shortcuts on the per-request path
 (sending HEADERS and DATA, receiving a request's HEADERS).
 
-The shortcuts lean on h2 internals (`H2Connection._data_to_send`, `_get_or_create_stream`,
+The shortcuts lean on h2 internals (`H2Connection._data_to_send`, `highest_inbound_stream_id`,
 `H2Stream.state_machine`, `H2Stream._initialize_content_length`); h2 is pinned below 5 and
 the tests cover each path.
 """
@@ -222,7 +222,7 @@ class ServerConnection(FastSendConnection):
             raise h2.exceptions.TooManyStreamsError(f"Max inbound streams is {limit}, {count} open")
         headers = h2.connection._decode_headers(self.decoder, frame.data)
         events = self.state_machine.process_input(_RECV_HEADERS_CONN)
-        stream = self._get_or_create_stream(stream_id, _SERVER_IDS)
+        stream = self._open_inbound(stream_id)
         end_stream = "END_STREAM" in frame.flags
         if is_informational_response(headers):  # h2 makes it an error: let h2 say which
             frames, stream_events = stream.receive_headers(headers, end_stream, None)
@@ -245,6 +245,25 @@ class ServerConnection(FastSendConnection):
             or config.normalize_inbound_headers
             or isinstance(config.header_encoding, str)
         )
+
+    def _open_inbound(self, stream_id: int) -> h2.stream.H2Stream:
+        """A client's new stream, as h2's `_begin_new_stream` makes it (the same id checks,
+        windows and frame size) without its three debug-log calls."""
+        if stream_id % 2 != 1:
+            raise h2.exceptions.ProtocolError("Invalid stream ID for peer.")
+        highest = self.highest_inbound_stream_id
+        if stream_id <= highest:
+            raise h2.exceptions.StreamIDTooLowError(stream_id, highest)
+        stream = h2.stream.H2Stream(
+            stream_id,
+            config=self.config,
+            inbound_window_size=self.local_settings.initial_window_size,
+            outbound_window_size=self.remote_settings.initial_window_size,
+        )
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        self.streams[stream_id] = stream
+        self.highest_inbound_stream_id = stream_id
+        return stream
 
     @property
     def open_inbound_streams(self) -> int:
