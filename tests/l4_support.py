@@ -71,8 +71,8 @@ class TcpOrigin:
         with self.lock:
             conns = list(self.open)
         for conn in conns:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # its handler thread may have closed it meanwhile
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
