@@ -102,7 +102,7 @@ class _ClientH2(FastSendConnection):
 def _config() -> H2Configuration:
     # Outbound fields come from the gateway's parsers (lower-case, trimmed, checked), so h2's
     # per-field checks and normalisation of them are skipped: they cost more than the
-    # encoding. Inbound fields are checked by h2_fields.response_fields (the same rules in one
+    # encoding. Inbound fields are checked by h2_fields.response_parts (the same rules in one
     # pass): a target must not smuggle CR/LF to HTTP/1.1 clients.
     return H2Configuration(
         client_side=True,

@@ -9,8 +9,8 @@ LF and not starting or ending with a space or tab; no connection-specific field,
 `trailers`; pseudo-header fields first, once each, known, `:status` present and no request
 pseudo-header in a head, none at all in trailers. `cookie` fields are joined, as h2 does.
 
-`response_parts` does the same pass and also takes out what the gateway needs of a head (the
-status, the first content-length) and the fields that do not cross it.
+`response_parts` also takes out what the gateway needs of a head (the status, the first
+content-length) and the fields that do not cross it.
 """
 
 from __future__ import annotations
@@ -27,46 +27,9 @@ _GOOD_NAMES_SIZE = 2048
 _WS = (0x20, 0x09)
 
 
-def response_fields(raw: list[Any], trailers: bool) -> HeaderList | None:
-    """The fields of a response head (or trailers) as h2 would return them; None if malformed."""
-    regular = False
-    status = False
-    cookies: list[bytes] | None = None
-    out: HeaderList = []
-    for name, value in raw:
-        if value and (b"\r" in value or b"\n" in value or b"\0" in value or value[0] in _WS or value[-1] in _WS):
-            return None
-        if name[:1] == b":":
-            if regular or trailers or name != b":status" or status:
-                return None  # out of order, in trailers, a request's, unknown or repeated
-            status = True
-            out.append((name, value))
-            continue
-        regular = True
-        if name not in _GOOD_NAMES:
-            if not _NAME.fullmatch(name) or name in _CONNECTION:
-                return None
-            if len(_GOOD_NAMES) < _GOOD_NAMES_SIZE:
-                _GOOD_NAMES.add(name)
-        if name == b"te":
-            if value.lower() != b"trailers":
-                return None
-        elif name == b"cookie":
-            if cookies is None:
-                cookies = []
-            cookies.append(value)
-            continue
-        out.append((name, value))
-    if not status and not trailers:
-        return None
-    if cookies is not None:
-        out.append((b"cookie", b"; ".join(cookies)))
-    return out
-
-
 def response_parts(raw: list[Any], trailers: bool, drop: frozenset[bytes]) -> tuple[int, HeaderList, int | None] | None:
     """(:status, the fields not in `drop`, content-length) of a head, or trailers (status 0);
-    None if malformed (by `response_fields`' rules, or a :status that is not 3 digits)."""
+    None if malformed (the rules above, or a :status that is not 3 digits)."""
     regular = False
     status = 0
     length: int | None = None
