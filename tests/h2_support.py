@@ -51,7 +51,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import h2.config
 import h2.connection
@@ -78,7 +78,32 @@ from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, SettingsFrame
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-class RawH2:
+class _Connected:
+    """What both test clients do with their socket: wait for the gateway to close it, close it."""
+
+    sock: socket.socket
+    timeout: float
+
+    def read(self, wait: float = 0.2) -> bool:
+        raise NotImplementedError
+
+    def wait_closed(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while self.read(0.2):
+            if time.monotonic() > deadline:
+                raise AssertionError("the gateway did not close the connection")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class RawH2(_Connected):
     """An HTTP/2 client connection on 127.0.0.1 (prior knowledge) that records every event."""
 
     def __init__(
@@ -195,23 +220,8 @@ class RawH2:
         found = self.of(h2.events.ConnectionTerminated)
         return found[0] if found else None
 
-    def wait_closed(self, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while self.read(0.2):
-            if time.monotonic() > deadline:
-                raise AssertionError("the gateway did not close the connection")
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawH2:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-
-class FrameClient:
+class FrameClient(_Connected):
     """HTTP/2 as raw frames (hyperframe), for what no client library would send. It encodes
     header blocks with its own HPACK encoder and parses whatever the gateway sends back."""
 
@@ -279,21 +289,6 @@ class FrameClient:
     def goaway(self) -> GoAwayFrame | None:
         found = self.of(GoAwayFrame)
         return found[0] if found else None
-
-    def wait_closed(self, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while self.read(0.2):
-            if time.monotonic() > deadline:
-                raise AssertionError("the gateway did not close the connection")
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> FrameClient:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 class _Stream:
